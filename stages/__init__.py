@@ -1,0 +1,1 @@
+"""brainseg: lower-grade glioma segmentation pipeline stages (one module per DVC stage)."""

@@ -1,0 +1,90 @@
+"""Things every stage shares: params, user-facing errors, atomic outputs, seeding."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+PARAMS = ROOT / "params.yaml"
+
+
+class BrainsegError(Exception):
+    """An error the user can act on: the message names the file and the fix."""
+
+
+def load_params(section: str | None = None, path: Path | str = PARAMS) -> dict:
+    with open(path) as f:
+        params = yaml.safe_load(f)
+    return params if section is None else params[section]
+
+
+def train_config(params: dict) -> dict:
+    """`train` merged with the chosen hardware profile (cpu / gpu / demo), profile wins."""
+    profile = params.get("profile", "cpu")
+    if profile not in params["profiles"]:
+        raise BrainsegError(
+            f"params.yaml: profile '{profile}' is not one of {sorted(params['profiles'])}; "
+            "set it with `dvc exp run -S profile=cpu`")
+    return {**params["train"], **params["profiles"][profile], "profile": profile}
+
+
+@contextlib.contextmanager
+def atomic_path(dest: Path | str, is_dir: bool = False):
+    """Yield a temporary sibling of `dest`; rename it onto `dest` only if the block succeeds.
+
+    A crash, a SIGKILL or a full disk mid-write therefore never leaves a half-written `dest`
+    and never destroys the previous good one.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if is_dir:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+        os.close(fd)
+        tmp = Path(name)
+    try:
+        yield tmp
+        if is_dir:
+            old = dest.with_name(f".{dest.name}.old")
+            if old.exists():
+                shutil.rmtree(old)
+            if dest.exists():
+                dest.rename(old)
+            tmp.rename(dest)
+            if old.exists():
+                shutil.rmtree(old)
+        else:
+            os.replace(tmp, dest)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(dest: Path | str, obj) -> None:
+    with atomic_path(dest) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def write_csv(dest: Path | str, frame) -> None:
+    with atomic_path(dest) as tmp:
+        frame.to_csv(tmp, index=False, lineterminator="\n")
+
+
+def run_main(main) -> None:
+    """Run a stage's main(): a BrainsegError is printed as one clear line, not a traceback."""
+    try:
+        main()
+    except BrainsegError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,105 @@
+"""Reading MRI slices and masks safely: TIFF (Kaggle's, compressed or not), PNG and JPEG.
+
+Every reader checks the declared size before decoding, so a decompression bomb is refused without
+allocating it, and every refusal is a BadImage that names the file, the reason and the fix.
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import cv2
+import numpy as np
+import tifffile
+from PIL import Image
+
+from stages.common import BrainsegError
+
+SLICE_SHAPE = (256, 256)
+MAX_PIXELS = 4096 * 4096  # a sane ceiling for one MRI slice; anything bigger is refused before decoding
+UPLOAD_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
+
+
+class BadImage(BrainsegError):
+    def __init__(self, file, reason: str, fix: str):
+        self.file, self.reason, self.fix = str(file), reason, fix
+        super().__init__(f"{file}: {reason}. Fix: {fix}")
+
+
+def _check_size(file, height: int, width: int) -> None:
+    if height * width > MAX_PIXELS:
+        raise BadImage(file, f"declares {width}x{height} pixels, more than the {MAX_PIXELS} allowed",
+                       "use a single MRI slice (Kaggle's are 256x256)")
+
+
+def _decode_tiff(source, file) -> np.ndarray:
+    try:
+        with tifffile.TiffFile(source) as tif:
+            page = tif.pages[0]
+            shape = page.shape
+            _check_size(file, shape[0], shape[1] if len(shape) > 1 else 1)
+            return page.asarray()
+    except BadImage:
+        raise
+    except Exception as err:  # tifffile raises many types for truncated / foreign files
+        raise BadImage(file, f"is not a readable TIFF ({type(err).__name__}: {err})",
+                       "re-export or re-download the file; it may be truncated or another format") from None
+
+
+def _check_slice(file, image: np.ndarray) -> np.ndarray:
+    if image.dtype != np.uint8:
+        raise BadImage(file, f"has {image.dtype} pixels, 8-bit (uint8) expected",
+                       "convert it to 8-bit, as in the Kaggle data set")
+    if image.ndim != 3 or image.shape[2] != 3:
+        channels = 1 if image.ndim == 2 else image.shape[-1]
+        raise BadImage(file, f"has {channels} channel(s), 3 expected (pre-contrast, FLAIR, post-contrast)",
+                       "supply the 3-channel slice (missing sequences are replaced by FLAIR in Kaggle's data)")
+    return image
+
+
+def read_image(path: Path | str, shape: tuple[int, int] | None = SLICE_SHAPE) -> np.ndarray:
+    """A Kaggle slice: uint8 (H,W,3). `shape` None accepts any size (the predict CLI)."""
+    image = _check_slice(path, _decode_tiff(path, path))
+    if shape is not None and image.shape[:2] != tuple(shape):
+        raise BadImage(path, f"is {image.shape[1]}x{image.shape[0]}, {shape[1]}x{shape[0]} expected",
+                       "use the data set's original slices")
+    return image
+
+
+def read_mask(path: Path | str, shape: tuple[int, int] = SLICE_SHAPE) -> np.ndarray:
+    """A Kaggle mask: uint8 (H,W) with values 0 and 255 only."""
+    mask = _decode_tiff(path, path)
+    if mask.ndim == 3 and mask.shape[2] == 1:
+        mask = mask[..., 0]
+    if mask.dtype != np.uint8 or mask.ndim != 2:
+        raise BadImage(path, f"is a {mask.dtype} array of shape {mask.shape}, a 1-channel uint8 mask expected",
+                       "masks must be binary 1-channel 8-bit TIFFs (0 and 255)")
+    if mask.shape != tuple(shape):
+        raise BadImage(path, f"is {mask.shape[1]}x{mask.shape[0]}, its image is {shape[1]}x{shape[0]}",
+                       "the mask must have its image's size")
+    values = np.unique(mask)
+    if not np.isin(values, (0, 255)).all():
+        odd = [int(v) for v in values if v not in (0, 255)][:5]
+        raise BadImage(path, f"has values {odd}, only 0 and 255 allowed",
+                       "re-export the mask as binary (0 background, 255 tumour)")
+    return mask
+
+
+def decode_upload(data: bytes, name: str) -> np.ndarray:
+    """An uploaded slice of any size (TIFF, PNG or JPEG bytes) -> uint8 (H,W,3) RGB."""
+    suffix = Path(name).suffix.lower()
+    if suffix not in UPLOAD_SUFFIXES:
+        raise BadImage(name, f"has suffix '{suffix}'", f"upload one of {', '.join(UPLOAD_SUFFIXES)}")
+    if suffix in (".tif", ".tiff"):
+        return _check_slice(name, _decode_tiff(io.BytesIO(data), name))
+    try:
+        with Image.open(io.BytesIO(data)) as header:  # reads the header only
+            width, height = header.size
+    except Exception:
+        raise BadImage(name, "is not a readable PNG or JPEG", "upload an image file") from None
+    _check_size(name, height, width)
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise BadImage(name, "could not be decoded", "re-export the image")
+    image = _check_slice(name, image)
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)

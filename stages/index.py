@@ -1,0 +1,178 @@
+"""Stage `index`: pair every slice with its mask, validate both, and join the patients' data.csv.
+
+Outputs data/index.csv (one row per slice), data/slices/{images,masks}.npy (every valid slice decoded
+once, in index order, so later stages never decode TIFFs again), data/index_report.csv (each bad file
+with its problem and fix) and metrics/data.json (counts).
+"""
+from __future__ import annotations
+
+import re
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from stages.common import ROOT, BrainsegError, atomic_path, load_params, run_main, write_csv, write_json
+from stages.images import BadImage, read_image, read_mask
+
+RAW = ROOT / "data" / "raw" / "kaggle_3m"
+INDEX = ROOT / "data" / "index.csv"
+REPORT = ROOT / "data" / "index_report.csv"
+SLICES = ROOT / "data" / "slices"
+CASE_RE = re.compile(r"^TCGA_([A-Z0-9]{2})_([A-Z0-9]{4})_(\d{8})$")
+FILE_RE = re.compile(r"^(TCGA_[A-Z0-9]{2}_[A-Z0-9]{4}_\d{8})_(\d+)(_mask)?\.tif$")
+COLUMNS = ["patient", "case", "institution", "slice", "image", "mask", "tumour", "area"]
+
+
+def problem(file, what: str, fix: str) -> dict:
+    return {"file": str(file), "problem": what, "fix": fix}
+
+
+def pair_folder(folder: Path) -> tuple[list[dict], list[dict]]:
+    """Pair images with masks by name in one patient folder -> (pairs, problems). Reads no pixels."""
+    match = CASE_RE.match(folder.name)
+    if not match:
+        return [], [problem(folder, "folder name is not a Kaggle case ID (TCGA_<inst>_<patient>_<date>)",
+                            "rename it or move it out of kaggle_3m")]
+    inst, pid, _ = match.groups()
+    images, masks, problems = {}, {}, []
+    for path in sorted(folder.iterdir(), key=lambda p: p.name):
+        name = path.name
+        m = FILE_RE.match(name)
+        if not m or m.group(1) != folder.name:
+            problems.append(problem(path, "file name does not follow <CASE>_<slice>[_mask].tif inside its case "
+                                          "folder", "rename it to the Kaggle convention or remove it"))
+            continue
+        number = int(m.group(2))
+        target = masks if m.group(3) else images
+        if number in target:
+            problems.append(problem(path, f"duplicate slice number {number} (also {target[number].name})",
+                                    "keep one file per slice number"))
+            continue
+        target[number] = path
+    if not images and not masks and not problems:
+        problems.append(problem(folder, "empty patient folder", "remove the folder or add its slices"))
+    pairs = []
+    for number in sorted(set(images) | set(masks)):
+        if number not in masks:
+            problems.append(problem(images[number], "image without mask", "add its _mask.tif or remove it"))
+        elif number not in images:
+            problems.append(problem(masks[number], "mask without image", "add its image or remove the mask"))
+        else:
+            pairs.append({"patient": f"TCGA_{inst}_{pid}", "case": folder.name, "institution": inst,
+                          "slice": number, "image": images[number], "mask": masks[number]})
+    return pairs, problems
+
+
+def pair_slices(root: Path) -> tuple[pd.DataFrame, list[dict]]:
+    root = Path(root)
+    if not root.is_dir():
+        raise BrainsegError(f"{root}: no data folder. Fix: run `dvc repro download` first")
+    pairs, problems = [], []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        p, q = pair_folder(folder)
+        pairs += p
+        problems += q
+    frame = pd.DataFrame(pairs, columns=COLUMNS[:6])
+    return frame.sort_values(["patient", "slice"], ignore_index=True), problems
+
+
+def read_pair(row) -> tuple[np.ndarray, np.ndarray]:
+    image = read_image(row.image)
+    return image, read_mask(row.mask, shape=image.shape[:2])
+
+
+def load_slices(frame: pd.DataFrame, progress: bool = True) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """Decode every pair -> (images (N,256,256,3), masks (N,256,256) in {0,1}, problems); bad rows are zero."""
+    n = len(frame)
+    images = np.zeros((n, 256, 256, 3), np.uint8)
+    masks = np.zeros((n, 256, 256), np.uint8)
+    problems = []
+
+    def work(i_row):
+        i, row = i_row
+        try:
+            images[i], mask = read_pair(row)
+            masks[i] = mask // 255
+        except BadImage as err:
+            problems.append({**problem(err.file, err.reason, err.fix), "row": i})
+
+    with ThreadPoolExecutor(max_workers=2) as pool:  # TIFF decoding releases the GIL
+        list(tqdm(pool.map(work, enumerate(frame.itertuples())), total=n, desc="decode", disable=not progress,
+                  unit="slice"))
+    return images, masks, sorted(problems, key=lambda p: p["row"])
+
+
+def read_clinical(csv_path: Path) -> pd.DataFrame:
+    try:
+        clinical = pd.read_csv(csv_path)
+    except FileNotFoundError:
+        raise BrainsegError(f"{csv_path}: missing. Fix: data.csv comes with the Kaggle data set; restore it") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as err:
+        raise BrainsegError(f"{csv_path}: not a readable CSV ({err}). Fix: restore Kaggle's data.csv") from None
+    if "Patient" not in clinical.columns:
+        raise BrainsegError(f"{csv_path}: no 'Patient' column. Fix: restore Kaggle's data.csv")
+    bad = clinical["Patient"].isna() | ~clinical["Patient"].astype(str).str.fullmatch(r"TCGA_[A-Z0-9]{2}_[A-Z0-9]{4}")
+    clinical = clinical[~bad].drop_duplicates("Patient")
+    return clinical.rename(columns={"Patient": "patient"})
+
+
+def build_index(root: Path, on_bad: str = "fail", progress: bool = True):
+    """-> (index DataFrame, images, masks, problems, counts). Raises listing every bad file when on_bad='fail'."""
+    if on_bad not in ("fail", "skip"):
+        raise BrainsegError(f"params.yaml: index.on_bad '{on_bad}' is not fail or skip")
+    frame, problems = pair_slices(root)
+    images, masks, bad = load_slices(frame, progress)
+    problems += bad
+    if problems and on_bad == "fail":
+        listed = "\n".join(f"  {p['file']}: {p['problem']} (fix: {p['fix']})" for p in problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise BrainsegError(f"{len(problems)} bad file(s) in {root}:\n{listed}{more}\n"
+                            "Fix them, or set index.on_bad: skip to leave them out (listed in data/index_report.csv)")
+    keep = np.ones(len(frame), bool)
+    keep[[p["row"] for p in bad]] = False
+    frame, images, masks = frame[keep].reset_index(drop=True), images[keep], masks[keep]
+    frame["area"] = masks.reshape(len(frame), -1).sum(1) if len(frame) else []
+    frame["tumour"] = frame["area"] > 0
+    clinical = read_clinical(Path(root) / "data.csv")
+    missing = sorted(set(frame["patient"]) - set(clinical["patient"]))
+    problems += [problem(Path(root) / "data.csv", f"no row for patient {p} (its clinical columns stay empty)",
+                         "add the patient's row from Kaggle's data.csv") for p in missing]
+    frame = frame.merge(clinical, on="patient", how="left")
+    for col in ("image", "mask"):
+        frame[col] = [str(Path(p).relative_to(ROOT)) if Path(p).is_relative_to(ROOT) else str(p) for p in frame[col]]
+    counts = {
+        "patients": int(frame["patient"].nunique()),
+        "patients_in_csv": int(len(clinical)),
+        "patients_in_csv_without_folder": int(len(set(clinical["patient"]) - set(frame["patient"]))),
+        "slices": int(len(frame)),
+        "tumour_slices": int(frame["tumour"].sum()),
+        "tumour_fraction": round(float(frame["tumour"].mean()), 4) if len(frame) else 0.0,
+        "bad_files": len(problems),
+    }
+    return frame, images, masks, problems, counts
+
+
+def save_arrays(folder: Path, **arrays) -> None:
+    """npy files written into a temporary folder that replaces `folder` only when complete."""
+    with atomic_path(folder, is_dir=True) as tmp:
+        for name, array in arrays.items():
+            np.save(tmp / f"{name}.npy", array)
+
+
+def main() -> None:
+    params = load_params()
+    frame, images, masks, problems, counts = build_index(RAW, params["index"]["on_bad"])
+    source = load_params(path=ROOT / "data" / "raw" / "SOURCE.json")
+    save_arrays(SLICES, images=images, masks=masks)
+    write_csv(REPORT, pd.DataFrame(problems, columns=["file", "problem", "fix"]))
+    write_csv(INDEX, frame)
+    write_json(ROOT / "metrics" / "data.json", {**counts, "source": source["source"]})
+    print(f"{counts['slices']} slices of {counts['patients']} patients, {counts['tumour_slices']} with tumour; "
+          f"{len(problems)} problem(s) in {REPORT.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    run_main(main)

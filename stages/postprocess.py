@@ -1,0 +1,79 @@
+"""Probability maps -> binary tumour masks, driven by the `evaluate` section of params.yaml.
+
+Steps, in order (each one off by default so that `dvc exp run -S evaluate.KEY=VALUE` measures it):
+threshold -> drop small 2D components (`min_component`) -> keep the largest 3D component per patient
+(`largest_3d`). Test-time flip averaging (`tta_flip`) happens before, in stages.inference, because it
+needs the model.
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+# 8-connectivity in 2D and 26-connectivity in 3D: a tumour that shifts by a pixel from one slice to the
+# next, or touches itself only diagonally, is still one object.
+STRUCTURE_2D = ndimage.generate_binary_structure(2, 2)
+STRUCTURE_3D = ndimage.generate_binary_structure(3, 3)
+
+
+def threshold(probs: np.ndarray, level: float = 0.5) -> np.ndarray:
+    """Probability maps -> bool masks: a pixel is tumour when its probability exceeds `level`."""
+    return np.asarray(probs) > level
+
+
+def remove_small_components(masks: np.ndarray, min_size: int) -> np.ndarray:
+    """Drop the 2D connected components with fewer than `min_size` pixels from each slice of (N,H,W)."""
+    masks = np.asarray(masks, dtype=bool)
+    if min_size <= 0:
+        return masks
+    out = np.zeros_like(masks)
+    for i, mask in enumerate(masks):
+        labels, n = ndimage.label(mask, structure=STRUCTURE_2D)
+        if n:
+            sizes = np.bincount(labels.ravel())
+            keep = sizes >= min_size
+            keep[0] = False
+            out[i] = keep[labels]
+    return out
+
+
+def keep_largest_3d(volume: np.ndarray) -> np.ndarray:
+    """Keep only the largest 3D connected component of one patient's stacked slices (S,H,W)."""
+    volume = np.asarray(volume, dtype=bool)
+    labels, n = ndimage.label(volume, structure=STRUCTURE_3D)
+    if n <= 1:
+        return volume
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == sizes.argmax()
+
+
+def largest_3d_per_patient(masks: np.ndarray, patients=None) -> np.ndarray:
+    """Apply keep_largest_3d to each patient's slices.
+
+    `patients` gives each row's patient; a patient's rows must be in slice order (they need not be
+    consecutive). With patients=None every slice is its own volume (it keeps the largest 2D component):
+    unrelated uploads are never joined into one volume.
+    """
+    masks = np.asarray(masks, dtype=bool)
+    if patients is None:
+        return np.stack([keep_largest_3d(m[None])[0] for m in masks]) if len(masks) else masks
+    patients = np.asarray(patients)
+    out = np.zeros_like(masks)
+    for patient in dict.fromkeys(patients.tolist()):
+        rows = np.flatnonzero(patients == patient)
+        out[rows] = keep_largest_3d(masks[rows])
+    return out
+
+
+def postprocess(probs: np.ndarray, params: dict, patients=None) -> np.ndarray:
+    """Probability maps (N,H,W) -> bool masks (N,H,W) with the steps `params` (the evaluate section) turns on.
+
+    Keys used: threshold (default 0.5), min_component (pixels, 0 = off), largest_3d (bool).
+    See largest_3d_per_patient for `patients`.
+    """
+    masks = threshold(probs, params.get("threshold", 0.5))
+    masks = remove_small_components(masks, int(params.get("min_component", 0) or 0))
+    if params.get("largest_3d", False):
+        masks = largest_3d_per_patient(masks, patients)
+    return masks
