@@ -7,16 +7,18 @@ keep their original slices. Output: data/prepared/{train,val,test}_{images,masks
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import cv2
 import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from stages.common import ROOT, BrainsegError, atomic_path, load_params, run_main, write_json
+from stages.common import BrainsegError, atomic_path, load_params, run_main, write_json
 from stages.index import INDEX, SLICES
 from stages.split import SPLIT
 
-PREPARED = ROOT / "data" / "prepared"
+PREPARED = Path("data") / "prepared"
 SEED_GROWTH = 5312 / 3929  # the seed article's balanced total over the full set's slice count
 META = ["patient", "case", "slice", "image", "augmentation", "tumour", "area"]
 
@@ -82,6 +84,7 @@ def balance_train(meta: pd.DataFrame, images, masks, cfg: dict, seed: int):
         row = meta.iloc[src].to_dict()
         rows.append({**row, "augmentation": how, "area": int(out_masks[n + k].sum())})
     out = pd.concat([meta, pd.DataFrame(rows, columns=META)], ignore_index=True)
+    out["area"] = out["area"].astype(np.int64)
     out["tumour"] = (out["area"] > 0).astype(int)
     return out, out_images, out_masks
 
@@ -109,7 +112,7 @@ def main() -> None:
             meta.to_csv(tmp / f"{name}.csv", index=False, lineterminator="\n")
             summary[name] = {"slices": len(meta), "tumour_slices": int(meta["tumour"].sum()),
                              "augmented": int((meta["augmentation"].fillna("") != "").sum())}
-    write_json(ROOT / "metrics" / "balance.json", summary)
+    write_json(Path("metrics") / "balance.json", summary)
     print(summary)
 
 

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import yaml
 
+# Stages run from the project root (DVC runs them there), so every data path is relative to the working
+# directory; ROOT is where the code lives.
 ROOT = Path(__file__).resolve().parent.parent
-PARAMS = ROOT / "params.yaml"
+PARAMS = Path("params.yaml")
 
 
 class BrainsegError(Exception):
@@ -20,6 +22,8 @@ class BrainsegError(Exception):
 
 
 def load_params(section: str | None = None, path: Path | str = PARAMS) -> dict:
+    if not Path(path).is_file():
+        raise BrainsegError(f"{path}: not found. Fix: run stages from the project root (where params.yaml is)")
     with open(path) as f:
         params = yaml.safe_load(f)
     return params if section is None else params[section]

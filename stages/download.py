@@ -10,9 +10,9 @@ import stat
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from stages.common import ROOT, BrainsegError, atomic_path, load_params, run_main, write_json
+from stages.common import BrainsegError, atomic_path, load_params, run_main, write_json
 
-RAW = ROOT / "data" / "raw"
+RAW = Path("data") / "raw"
 MAX_MEMBERS = 20_000          # Kaggle's archive has about 7,900 files per copy
 MAX_TOTAL_BYTES = 8 << 30     # Kaggle's archive expands to about 1.5 GiB (two copies)
 MAX_RATIO = 200               # expansion ratio of one member; TIFF slices compress a few times at most
@@ -133,7 +133,7 @@ def fetch(data: dict, raw: Path = RAW) -> dict:
             materialise(download_kaggle(data["kaggle_dataset"]), tmp)
             record = {"source": "kaggle", "dataset": data["kaggle_dataset"]}
         elif source == "archive":
-            archive = (ROOT / data["archive"]).resolve()
+            archive = Path(data["archive"]).resolve()
             materialise(archive, tmp)
             record = {"source": "archive", "archive": archive.name}
         elif source == "synthetic":

@@ -14,13 +14,13 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from stages.common import ROOT, BrainsegError, atomic_path, load_params, run_main, write_csv, write_json
+from stages.common import BrainsegError, atomic_path, load_params, run_main, write_csv, write_json
 from stages.images import BadImage, read_image, read_mask
 
-RAW = ROOT / "data" / "raw" / "kaggle_3m"
-INDEX = ROOT / "data" / "index.csv"
-REPORT = ROOT / "data" / "index_report.csv"
-SLICES = ROOT / "data" / "slices"
+RAW = Path("data") / "raw" / "kaggle_3m"
+INDEX = Path("data") / "index.csv"
+REPORT = Path("data") / "index_report.csv"
+SLICES = Path("data") / "slices"
 CASE_RE = re.compile(r"^TCGA_([A-Z0-9]{2})_([A-Z0-9]{4})_(\d{8})$")
 FILE_RE = re.compile(r"^(TCGA_[A-Z0-9]{2}_[A-Z0-9]{4}_\d{8})_(\d+)(_mask)?\.tif$")
 COLUMNS = ["patient", "case", "institution", "slice", "image", "mask", "tumour", "area"]
@@ -141,8 +141,7 @@ def build_index(root: Path, on_bad: str = "fail", progress: bool = True):
     problems += [problem(Path(root) / "data.csv", f"no row for patient {p} (its clinical columns stay empty)",
                          "add the patient's row from Kaggle's data.csv") for p in missing]
     frame = frame.merge(clinical, on="patient", how="left")
-    for col in ("image", "mask"):
-        frame[col] = [str(Path(p).relative_to(ROOT)) if Path(p).is_relative_to(ROOT) else str(p) for p in frame[col]]
+    frame["image"], frame["mask"] = frame["image"].map(str), frame["mask"].map(str)
     counts = {
         "patients": int(frame["patient"].nunique()),
         "patients_in_csv": int(len(clinical)),
@@ -165,13 +164,13 @@ def save_arrays(folder: Path, **arrays) -> None:
 def main() -> None:
     params = load_params()
     frame, images, masks, problems, counts = build_index(RAW, params["index"]["on_bad"])
-    source = load_params(path=ROOT / "data" / "raw" / "SOURCE.json")
+    source = load_params(path=Path("data") / "raw" / "SOURCE.json")
     save_arrays(SLICES, images=images, masks=masks)
     write_csv(REPORT, pd.DataFrame(problems, columns=["file", "problem", "fix"]))
     write_csv(INDEX, frame)
-    write_json(ROOT / "metrics" / "data.json", {**counts, "source": source["source"]})
+    write_json(Path("metrics") / "data.json", {**counts, "source": source["source"]})
     print(f"{counts['slices']} slices of {counts['patients']} patients, {counts['tumour_slices']} with tumour; "
-          f"{len(problems)} problem(s) in {REPORT.relative_to(ROOT)}")
+          f"{len(problems)} problem(s) in {REPORT}")
 
 
 if __name__ == "__main__":

@@ -6,14 +6,16 @@ patients into k folds and `fold` picks the validation one.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
-from stages.common import ROOT, BrainsegError, load_params, run_main, write_csv, write_json
+from stages.common import BrainsegError, load_params, run_main, write_csv, write_json
 from stages.index import INDEX
 
-SPLIT = ROOT / "data" / "split.csv"
+SPLIT = Path("data") / "split.csv"
 
 
 def patient_table(index: pd.DataFrame) -> pd.DataFrame:
@@ -80,7 +82,7 @@ def main() -> None:
                       "slices": int(part["slices"].sum()), "tumour_slices": int(part["tumour_slices"].sum()),
                       "institutions": int(part["institution"].nunique())}
                for name in ("train", "val", "test")}
-    write_json(ROOT / "metrics" / "split.json", summary)
+    write_json(Path("metrics") / "split.json", summary)
     print(summary)
 
 

@@ -16,3 +16,33 @@ def dev_zip() -> Path:
             pytest.fail(reason)
         pytest.skip(reason)
     return DEV_ZIP
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch) -> Path:
+    """A fresh project folder holding the repo's params.yaml, made the working directory (as DVC does)."""
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def set_params(project: Path, **changes) -> None:
+    """Set dotted keys in the project's params.yaml, as `dvc exp run -S key=value` does."""
+    import yaml
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    for dotted, value in changes.items():
+        node = params
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    """A small synthetic Kaggle-layout folder (kaggle_3m), made once per session; treat as read-only."""
+    from stages.synthetic import write_dataset
+
+    return write_dataset(tmp_path_factory.mktemp("synthetic") / "kaggle_3m", patients=6, slices=10, seed=1)

@@ -1,0 +1,70 @@
+"""The data stages on the real dev archive (61 of the 110 patients): counts, patient split, balancing."""
+import hashlib
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from stages import balance, download, index, split
+
+OUTPUTS = ["data/index.csv", "data/slices/images.npy", "data/slices/masks.npy", "data/split.csv",
+           "data/prepared/train_images.npy", "data/prepared/train_masks.npy", "data/prepared/train.csv",
+           "data/prepared/test_images.npy", "data/prepared/val.csv", "metrics/data.json"]
+
+
+def digests(root):
+    return {name: hashlib.sha256((root / name).read_bytes()).hexdigest() for name in OUTPUTS}
+
+
+@pytest.fixture(scope="module")
+def real(dev_zip, tmp_path_factory):
+    root = tmp_path_factory.mktemp("real")
+    params = yaml.safe_load(open("params.yaml"))
+    params["data"].update(source="archive", archive=str(dev_zip))
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        for stage in (download, index, split, balance):
+            stage.main()
+        first = digests(root)
+        for stage in (index, split, balance):  # a second run must reproduce every byte
+            stage.main()
+    return root, first
+
+
+def test_dev_archive_counts(real):
+    root, _ = real
+    counts = json.loads((root / "metrics/data.json").read_text())
+    assert (counts["patients"], counts["slices"], counts["tumour_slices"]) == (61, 2190, 735)
+    assert counts["patients_in_csv"] == 110 and counts["patients_in_csv_without_folder"] == 49
+    assert counts["bad_files"] == 0 and counts["source"] == "archive"
+
+
+def test_no_patient_in_two_splits(real):
+    root, _ = real
+    table = pd.read_csv(root / "data/split.csv")
+    assert table["patient"].is_unique and len(table) == 61
+    parts = {name: set(pd.read_csv(root / f"data/prepared/{name}.csv")["patient"]) for name in ("train", "val", "test")}
+    assert not (parts["train"] & parts["val"]) and not (parts["train"] & parts["test"]) and not (parts["val"] & parts["test"])
+    assert parts == {name: set(table[table["split"] == name]["patient"]) for name in parts}
+
+
+def test_no_augmented_slice_outside_train(real):
+    root, _ = real
+    for name in ("val", "test"):
+        meta = pd.read_csv(root / f"data/prepared/{name}.csv")
+        assert meta["augmentation"].isna().all()
+    train = pd.read_csv(root / "data/prepared/train.csv")
+    copies = train[train["augmentation"].notna()]
+    index_rows = pd.read_csv(root / "data/index.csv").set_index("image")
+    assert len(copies) > 0 and (copies["image"].map(index_rows["patient"]) == copies["patient"]).all()
+    assert abs(train["tumour"].mean() - 0.5) < 0.01
+    masks = np.load(root / "data/prepared/train_masks.npy", mmap_mode="r")
+    assert len(masks) == len(train) and ((masks.reshape(len(masks), -1).sum(1)) == train["area"]).all()
+
+
+def test_rerun_is_byte_identical(real):
+    root, first = real
+    assert digests(root) == first
