@@ -52,7 +52,7 @@ case "${1:-demo}" in
     ;;
   app)
     setup
-    streamlit run app/streamlit_app.py --server.headless true
+    streamlit run app/streamlit_app.py --server.headless true --server.maxUploadSize 10
     ;;
   *) echo "usage: $0 [demo|test|setup|app]" >&2; exit 2 ;;
 esac

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import json
 import os
 import shutil
@@ -44,10 +46,14 @@ def atomic_path(dest: Path | str, is_dir: bool = False):
     """Yield a temporary sibling of `dest`; rename it onto `dest` only if the block succeeds.
 
     A crash, a SIGKILL or a full disk mid-write therefore never leaves a half-written `dest`
-    and never destroys the previous good one.
+    and never destroys the previous good one; the next successful write removes what a killed run left.
+    One writer per `dest` at a time (as DVC runs stages).
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    old = dest.with_name(f".{dest.name}.old")
+    if is_dir and old.exists() and not dest.exists():
+        old.rename(dest)  # a run killed between the two renames below: put the last good output back
     if is_dir:
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     else:
@@ -57,7 +63,6 @@ def atomic_path(dest: Path | str, is_dir: bool = False):
     try:
         yield tmp
         if is_dir:
-            old = dest.with_name(f".{dest.name}.old")
             if old.exists():
                 shutil.rmtree(old)
             if dest.exists():
@@ -67,12 +72,26 @@ def atomic_path(dest: Path | str, is_dir: bool = False):
                 shutil.rmtree(old)
         else:
             os.replace(tmp, dest)
-    except BaseException:
+    except BaseException as err:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise BrainsegError(f"{dest.parent.resolve()}: no space left on the device; the previous outputs there "
+                                "are kept. Fix: free some disk space and run again") from err
         raise
+    _remove_stale_temporaries(dest)
+
+
+def _remove_stale_temporaries(dest: Path) -> None:
+    # tempfile's names are the prefix, 8 random characters and the suffix: match exactly that, so the
+    # temporaries of another output whose name starts with dest's (data vs data.csv) are left alone
+    for stale in dest.parent.glob(f".{glob.escape(dest.name)}.{'?' * 8}.tmp"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
 
 
 def write_json(dest: Path | str, obj) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import shutil
 import stat
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 
 from stages.common import BrainsegError, atomic_path, load_params, run_main, write_json
@@ -83,13 +84,18 @@ def extract_zip(zip_path: Path, dest: Path) -> None:
             if not info.filename.startswith(prefix) or info.is_dir():
                 continue
             target = dest / info.filename[len(prefix):]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with zf.open(info) as src, open(target, "wb") as out:
-                # read at most the declared size + 1: a member lying about its size is caught, not obeyed
-                data = src.read(info.file_size + 1)
-                if len(data) > info.file_size:
-                    raise BrainsegError(f"{zip_path}: member '{info.filename}' is larger than declared; refused")
-                out.write(data)
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(info) as src, open(target, "wb") as out:
+                    # read at most the declared size + 1: a member lying about its size is caught, not obeyed
+                    data = src.read(info.file_size + 1)
+                    if len(data) > info.file_size:
+                        raise BrainsegError(f"{zip_path}: member '{info.filename}' is larger than declared; refused")
+                    out.write(data)
+            except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, FileExistsError,
+                    NotADirectoryError, IsADirectoryError) as err:  # a damaged download or a malformed zip
+                raise BrainsegError(f"{zip_path}: member '{info.filename}' cannot be extracted "
+                                    f"({type(err).__name__}: {err}). Fix: download the archive again") from None
 
 
 def copy_folder(folder: Path, dest: Path) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import logging
+import warnings
 from pathlib import Path
 
 import cv2
@@ -20,6 +21,7 @@ SLICE_SHAPE = (256, 256)
 MAX_PIXELS = 4096 * 4096  # a sane ceiling for one MRI slice; anything bigger is refused before decoding
 UPLOAD_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 logging.getLogger("tifffile").setLevel(logging.CRITICAL)  # its parse warnings duplicate our BadImage message
+cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)  # so do OpenCV's (and libtiff's) decode errors
 
 
 class BadImage(BrainsegError):
@@ -104,8 +106,13 @@ def decode_upload(data: bytes, name: str) -> np.ndarray:
     if suffix in (".tif", ".tiff"):
         return _check_slice(name, _decode_tiff(io.BytesIO(data), name))
     try:
-        with Image.open(io.BytesIO(data)) as header:  # reads the header only
-            width, height = header.size
+        with warnings.catch_warnings():  # Pillow warns of big images; _check_size refuses them itself
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as header:  # reads the header only
+                width, height = header.size
+    except Image.DecompressionBombError as err:  # Pillow's own ceiling, far above ours
+        raise BadImage(name, f"is far bigger than the {MAX_PIXELS} pixels allowed ({err})",
+                       "use a single MRI slice (Kaggle's are 256x256)") from None
     except Exception:
         raise BadImage(name, "is not a readable PNG or JPEG", "upload an image file") from None
     _check_size(name, height, width)

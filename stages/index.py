@@ -6,6 +6,7 @@ with its problem and fix) and metrics/data.json (counts).
 """
 from __future__ import annotations
 
+import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,31 +15,37 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from stages.common import BrainsegError, atomic_path, load_params, run_main, write_csv, write_json
+from stages.common import BrainsegError, atomic_path, load_params, run_main, write_json
 from stages.images import BadImage, read_image, read_mask
 
 RAW = Path("data") / "raw" / "kaggle_3m"
 INDEX = Path("data") / "index.csv"
 REPORT = Path("data") / "index_report.csv"
 SLICES = Path("data") / "slices"
+SOURCE = Path("data") / "raw" / "SOURCE.json"
 CASE_RE = re.compile(r"^TCGA_([A-Z0-9]{2})_([A-Z0-9]{4})_(\d{8})$")
 FILE_RE = re.compile(r"^(TCGA_[A-Z0-9]{2}_[A-Z0-9]{4}_\d{8})_(\d+)(_mask)?\.tif$")
 COLUMNS = ["patient", "case", "institution", "slice", "image", "mask", "tumour", "area"]
 
 
 def problem(file, what: str, fix: str) -> dict:
-    return {"file": str(file), "problem": what, "fix": fix}
+    # bytes invalid in UTF-8 reach Python as surrogates, which no CSV or terminal accepts: show them as \xNN
+    return {"file": os.fsencode(str(file)).decode("utf-8", "backslashreplace"), "problem": what, "fix": fix}
 
 
 def pair_folder(folder: Path) -> tuple[list[dict], list[dict]]:
-    """Pair images with masks by name in one patient folder -> (pairs, problems). Reads no pixels."""
+    """Pair images with masks by name in one patient folder -> (pairs, problems). Reads no pixels.
+
+    A slice number given twice (_7.tif and _07.tif) is ambiguous: that slice is left out, not guessed.
+    """
     match = CASE_RE.match(folder.name)
     if not match:
         return [], [problem(folder, "folder name is not a Kaggle case ID (TCGA_<inst>_<patient>_<date>)",
                             "rename it or move it out of kaggle_3m")]
     inst, pid, _ = match.groups()
-    images, masks, problems = {}, {}, []
-    for path in sorted(folder.iterdir(), key=lambda p: p.name):
+    images, masks, problems, duplicates = {}, {}, [], set()
+    # hidden files (.DS_Store, editor swap files) are not slices and not errors
+    for path in sorted((p for p in folder.iterdir() if not p.name.startswith(".")), key=lambda p: p.name):
         name = path.name
         m = FILE_RE.match(name)
         if not m or m.group(1) != folder.name:
@@ -48,14 +55,17 @@ def pair_folder(folder: Path) -> tuple[list[dict], list[dict]]:
         number = int(m.group(2))
         target = masks if m.group(3) else images
         if number in target:
-            problems.append(problem(path, f"duplicate slice number {number} (also {target[number].name})",
-                                    "keep one file per slice number"))
+            problems.append(problem(path, f"duplicate slice number {number} (also {target[number].name}); "
+                                          "the slice is left out", "keep one file per slice number"))
+            duplicates.add(number)
             continue
         target[number] = path
     if not images and not masks and not problems:
         problems.append(problem(folder, "empty patient folder", "remove the folder or add its slices"))
     pairs = []
     for number in sorted(set(images) | set(masks)):
+        if number in duplicates:
+            continue
         if number not in masks:
             problems.append(problem(images[number], "image without mask", "add its _mask.tif or remove it"))
         elif number not in images:
@@ -71,7 +81,7 @@ def pair_slices(root: Path) -> tuple[pd.DataFrame, list[dict]]:
     if not root.is_dir():
         raise BrainsegError(f"{root}: no data folder. Fix: run `dvc repro download` first")
     pairs, problems = [], []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         p, q = pair_folder(folder)
         pairs += p
         problems += q
@@ -105,7 +115,8 @@ def load_slices(frame: pd.DataFrame, progress: bool = True) -> tuple[np.ndarray,
     return images, masks, sorted(problems, key=lambda p: p["row"])
 
 
-def read_clinical(csv_path: Path) -> pd.DataFrame:
+def read_clinical(csv_path: Path) -> tuple[pd.DataFrame, list[dict]]:
+    """data.csv -> (one row per patient, problems). A malformed or repeated row is reported, not used."""
     try:
         clinical = pd.read_csv(csv_path)
     except FileNotFoundError:
@@ -114,9 +125,14 @@ def read_clinical(csv_path: Path) -> pd.DataFrame:
         raise BrainsegError(f"{csv_path}: not a readable CSV ({err}). Fix: restore Kaggle's data.csv") from None
     if "Patient" not in clinical.columns:
         raise BrainsegError(f"{csv_path}: no 'Patient' column. Fix: restore Kaggle's data.csv")
-    bad = clinical["Patient"].isna() | ~clinical["Patient"].astype(str).str.fullmatch(r"TCGA_[A-Z0-9]{2}_[A-Z0-9]{4}")
-    clinical = clinical[~bad].drop_duplicates("Patient")
-    return clinical.rename(columns={"Patient": "patient"})
+    ids = clinical["Patient"].fillna("").astype(str)
+    bad = ~ids.str.fullmatch(r"TCGA_[A-Z0-9]{2}_[A-Z0-9]{4}")
+    again = ~bad & ids.duplicated()
+    problems = [problem(csv_path, f"row '{ids[i]}' has no TCGA patient ID (TCGA_<inst>_<patient>); row ignored",
+                        "correct or delete the row") for i in clinical.index[bad]]
+    problems += [problem(csv_path, f"patient {ids[i]} has a second row; the first is used",
+                         "delete the duplicate row") for i in clinical.index[again]]
+    return clinical[~bad & ~again].rename(columns={"Patient": "patient"}), problems
 
 
 def build_index(root: Path, on_bad: str = "fail", progress: bool = True):
@@ -136,7 +152,8 @@ def build_index(root: Path, on_bad: str = "fail", progress: bool = True):
     frame, images, masks = frame[keep].reset_index(drop=True), images[keep], masks[keep]
     frame["area"] = masks.reshape(len(frame), -1).sum(1) if len(frame) else []
     frame["tumour"] = frame["area"] > 0
-    clinical = read_clinical(Path(root) / "data.csv")
+    clinical, csv_problems = read_clinical(Path(root) / "data.csv")
+    problems += csv_problems
     missing = sorted(set(frame["patient"]) - set(clinical["patient"]))
     problems += [problem(Path(root) / "data.csv", f"no row for patient {p} (its clinical columns stay empty)",
                          "add the patient's row from Kaggle's data.csv") for p in missing]
@@ -154,20 +171,19 @@ def build_index(root: Path, on_bad: str = "fail", progress: bool = True):
     return frame, images, masks, problems, counts
 
 
-def save_arrays(folder: Path, **arrays) -> None:
-    """npy files written into a temporary folder that replaces `folder` only when complete."""
-    with atomic_path(folder, is_dir=True) as tmp:
-        for name, array in arrays.items():
-            np.save(tmp / f"{name}.npy", array)
-
-
 def main() -> None:
     params = load_params()
     frame, images, masks, problems, counts = build_index(RAW, params["index"]["on_bad"])
-    source = load_params(path=Path("data") / "raw" / "SOURCE.json")
-    save_arrays(SLICES, images=images, masks=masks)
-    write_csv(REPORT, pd.DataFrame(problems, columns=["file", "problem", "fix"]))
-    write_csv(INDEX, frame)
+    if not SOURCE.is_file():  # the download was interrupted after the data and before its record
+        raise BrainsegError(f"{SOURCE}: missing. Fix: run `dvc repro download` again")
+    source = load_params(path=SOURCE)
+    # each output goes to its temporary and all are renamed together at the end, so a failure (a full disk)
+    # keeps the previous slices, report and index whole: never new slices beside an old index
+    with atomic_path(SLICES, is_dir=True) as slices, atomic_path(REPORT) as report, atomic_path(INDEX) as table:
+        np.save(slices / "images.npy", images)
+        np.save(slices / "masks.npy", masks)
+        pd.DataFrame(problems, columns=["file", "problem", "fix"]).to_csv(report, index=False, lineterminator="\n")
+        frame.to_csv(table, index=False, lineterminator="\n")
     write_json(Path("metrics") / "data.json", {**counts, "source": source["source"]})
     print(f"{counts['slices']} slices of {counts['patients']} patients, {counts['tumour_slices']} with tumour; "
           f"{len(problems)} problem(s) in {REPORT}")

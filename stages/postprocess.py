@@ -66,6 +66,15 @@ def largest_3d_per_patient(masks: np.ndarray, patients=None) -> np.ndarray:
     return out
 
 
+def tumour_present(masks: np.ndarray, params: dict) -> np.ndarray:
+    """Slice-level detection from masks (N,H,W): True where the predicted area is non-zero and reaches
+    `detection_min_area`, given in pixels of a 256x256 slice and scaled to the slices' size."""
+    masks = np.asarray(masks, dtype=bool)
+    area = masks.reshape(len(masks), -1).sum(axis=1)
+    min_area = params.get("detection_min_area", 1) * masks.shape[1] * masks.shape[2] / (256 * 256)
+    return (area > 0) & (area >= min_area)
+
+
 def postprocess(probs: np.ndarray, params: dict, patients=None) -> np.ndarray:
     """Probability maps (N,H,W) -> bool masks (N,H,W) with the steps `params` (the evaluate section) turns on.
 

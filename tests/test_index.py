@@ -113,3 +113,10 @@ def test_data_csv_problems(raw, project):
 def test_missing_folder_says_which_stage_makes_it(project):
     with pytest.raises(BrainsegError, match="dvc repro download"):
         index.main()
+
+
+def test_hidden_files_are_neither_slices_nor_errors(raw, project):
+    (raw / CASE / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (raw / ".Trash").mkdir()
+    index.main()
+    assert len(pd.read_csv(project / "data/index.csv")) == 60

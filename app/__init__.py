@@ -1,0 +1,1 @@
+"""The brainseg web app (streamlit_app.py)."""

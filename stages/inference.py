@@ -1,0 +1,123 @@
+"""Load a trained model and run it: the one inference path of evaluation, the predict CLI and the web app.
+
+    model = load_model("models/model.keras")
+    masks, probs = segment(model, images, load_params("evaluate"), patients)
+
+Images are uint8 (N,H,W,3) slices at any size; they are resized to the model's input size by
+stages.preprocess and the probabilities come back at the images' own size.
+"""
+from __future__ import annotations
+
+import importlib
+import zipfile
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from stages import postprocess, preprocess
+from stages.common import BrainsegError
+
+RETRAIN = "run `dvc repro` to train it (or `dvc exp run -S model=NAME` for another architecture)"
+
+
+def _register_custom_objects() -> None:
+    """Import the modules whose custom layers / losses are registered with Keras, if they exist yet."""
+    for name in ("stages.models", "stages.losses"):
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name != name:  # a missing dependency inside the module is a real error
+                raise
+
+
+def load_model(path: Path | str) -> keras.Model:
+    """Load a .keras model in safe mode (no arbitrary code), for inference only (not compiled).
+
+    Raises BrainsegError naming the file when it is missing, unreadable or unsafe (a Lambda layer).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BrainsegError(f"{path}: no trained model there; {RETRAIN}")
+    if not zipfile.is_zipfile(path):
+        raise BrainsegError(f"{path}: not a Keras .keras file (corrupt or truncated); delete it and {RETRAIN}")
+    _register_custom_objects()
+    try:
+        return keras.models.load_model(path, safe_mode=True, compile=False)
+    except Exception as err:
+        if "Lambda" in str(err):
+            raise BrainsegError(f"{path}: holds a Lambda layer, which safe mode refuses to load (it could run "
+                                f"arbitrary code); build the model without Lambda layers and {RETRAIN}") from err
+        raise BrainsegError(f"{path}: cannot be loaded as a Keras model ({type(err).__name__}: {err}); "
+                            f"delete it and {RETRAIN}") from err
+
+
+def _final_output(model: keras.Model):
+    """The prediction output: the last one of a multi-output model (DoubleU-Net's second mask)."""
+    return model.outputs[-1]
+
+
+def model_kind(model: keras.Model) -> str:
+    """'segmenter' for a (H,W,1) probability-map output, 'classifier' for a (1,) probability output."""
+    return "segmenter" if len(_final_output(model).shape) == 4 else "classifier"
+
+
+def input_size(model: keras.Model) -> int | None:
+    """The square input size the model was built for; None if it accepts any size."""
+    return model.inputs[0].shape[1]
+
+
+def _predict(model: keras.Model, images: np.ndarray, batch_size: int, progress: bool) -> np.ndarray:
+    size = input_size(model)
+    segmenter = model_kind(model) == "segmenter"
+    n, h, w = images.shape[:3]
+    batches = range(0, n, batch_size)
+    if progress:
+        from tqdm import tqdm
+        batches = tqdm(batches, desc="predict", unit="batch")
+    out = []
+    for start in batches:
+        batch = images[start:start + batch_size]
+        x = preprocess.to_model_input(batch, size or h)
+        y = model.predict_on_batch(x)
+        y = np.asarray(y[-1] if isinstance(y, (list, tuple)) else y, dtype=np.float32)
+        out.append(preprocess.to_native(y, h, w) if segmenter else y.reshape(len(batch)))
+    if not out:
+        return np.zeros((0, h, w) if segmenter else (0,), np.float32)
+    return np.concatenate(out)
+
+
+def predict_probs(model: keras.Model, images: np.ndarray, batch_size: int = 32, tta_flip: bool = False,
+                  progress: bool = False) -> np.ndarray:
+    """Tumour probabilities for uint8 slices (N,H,W,3) (or one slice (H,W,3), returned as N=1).
+
+    Segmenter: float32 (N,H,W) at the images' size. Classifier: float32 (N,) tumour probability.
+    tta_flip averages with the prediction on the left-right mirrored slices (mirrored back):
+    0.5 * (p(x) + flip(p(flip(x)))).
+    """
+    images = np.asarray(images)
+    if images.ndim == 3:
+        images = images[None]
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise BrainsegError(f"expected RGB slices shaped (N,H,W,3), got {images.shape}")
+    probs = _predict(model, images, batch_size, progress)
+    if tta_flip:
+        flipped = _predict(model, images[:, :, ::-1], batch_size, progress)
+        probs = 0.5 * (probs + (flipped[:, :, ::-1] if probs.ndim == 3 else flipped))
+    return probs
+
+
+def segment(model: keras.Model, images: np.ndarray, params: dict, patients=None,
+            batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Predict and post-process as the `evaluate` params say (threshold, min_component, largest_3d, tta_flip).
+
+    Returns (masks, probs). Segmenter: masks bool (N,H,W), probs float32 (N,H,W).
+    Classifier: masks bool (N,) 'tumour present' (probability above the threshold), probs float32 (N,).
+    `patients` (one id per slice, each patient's slices in slice order) lets largest_3d work per patient
+    volume; without it every slice is its own volume.
+    """
+    probs = predict_probs(model, images, batch_size or params.get("batch_size", 32),
+                          tta_flip=params.get("tta_flip", False))
+    if probs.ndim == 1:
+        return probs > params.get("threshold", 0.5), probs
+    return postprocess.postprocess(probs, params, patients), probs

@@ -1,0 +1,174 @@
+import json
+
+import cv2
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+
+from stages import evaluate
+from stages.common import BrainsegError
+
+SIZE = 32
+EVALUATE = {"threshold": 0.5, "min_component": 0, "largest_3d": False, "tta_flip": False,
+            "detection_min_area": 10, "batch_size": 4}
+SEGMENTER_KEYS = {"dice_volume_mean", "dice_volume_median", "dice_slice_mean", "dice_slice_tumour_mean",
+                  "dice_pixel", "iou", "precision", "recall", "tversky", "detection", "postprocess",
+                  "postprocess_compare", "model", "data", "data_source"}
+HEADLINE = ["dice_volume_mean", "dice_volume_median", "dice_slice_mean", "dice_slice_tumour_mean", "dice_pixel",
+            "iou", "precision", "recall", "tversky"]
+
+
+def flair_model(name="unet"):
+    """A perfect 'segmenter' for the data below: tumour where the FLAIR (middle) channel is 255."""
+    inputs = keras.Input((None, None, 3))
+    conv = keras.layers.Conv2D(1, 1, activation="sigmoid")
+    model = keras.Model(inputs, conv(inputs), name=name)
+    conv.set_weights([np.array([0.0, 40.0, 0.0]).reshape(1, 1, 3, 1), np.array([-20.0])])
+    return model
+
+
+def untrained_model(name="unet"):
+    inputs = keras.Input((SIZE, SIZE, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu")(inputs)
+    return keras.Model(inputs, keras.layers.Conv2D(1, 1, activation="sigmoid")(x), name=name)
+
+
+def classifier_model():
+    inputs = keras.Input((SIZE, SIZE, 3))
+    x = keras.layers.GlobalMaxPooling2D()(inputs)
+    return keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(x), name="cnn")
+
+
+def make_root(tmp_path, model):
+    """A repository-like folder: models/model.keras and a prepared test split of 3 patients x 4 slices.
+
+    Each patient's tumour is a 10x10 square on its slices 1 and 2; slices 0 and 3 are empty. A last row,
+    an augmented copy with a wrong mask, must be left out of the scores.
+    """
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 100, (13, SIZE, SIZE, 3), dtype=np.uint8)
+    masks = np.zeros((13, SIZE, SIZE), np.uint8)
+    rows = []
+    for p in range(3):
+        for s in range(4):
+            i = 4 * p + s
+            if s in (1, 2):
+                masks[i, 4 + 6 * p:14 + 6 * p, 10:20] = 1
+            images[i, ..., 1][masks[i] == 1] = 255
+            rows.append({"patient": f"TCGA_CS_{4941 + p}", "case": f"TCGA_CS_{4941 + p}_19960909", "slice": s + 1,
+                         "image": "x.tif", "augmentation": "", "tumour": int(s in (1, 2)),
+                         "area": int(masks[i].sum())})
+    masks[12, :8] = 1
+    rows.append({**rows[0], "augmentation": "rotate 10"})
+    prepared = tmp_path / "data/prepared"
+    prepared.mkdir(parents=True)
+    np.save(prepared / "test_images.npy", images)
+    np.save(prepared / "test_masks.npy", masks)
+    pd.DataFrame(rows).to_csv(prepared / "test.csv", index=False)
+    (tmp_path / "models").mkdir()
+    model.save(tmp_path / "models/model.keras")
+    (tmp_path / "data/raw").mkdir()
+    (tmp_path / "data/raw/SOURCE.json").write_text(json.dumps({"source": "synthetic"}))
+    return tmp_path
+
+
+def run(tmp_path, model, name="unet", **evaluate_params):
+    root = make_root(tmp_path, model)
+    evaluate.run_stage({"model": name, "evaluate": {**EVALUATE, **evaluate_params}}, root)
+    return root, json.loads((root / "metrics/eval.json").read_text())
+
+
+def test_perfect_model_scores_one_everywhere(tmp_path):
+    root, result = run(tmp_path, flair_model(), largest_3d=True)
+    assert set(result) == SEGMENTER_KEYS
+    assert all(result[k] == pytest.approx(1.0) for k in HEADLINE)
+    detection = result["detection"]
+    assert [detection[k] for k in ("accuracy", "sensitivity", "specificity", "roc_auc")] == [1, 1, 1, 1]
+    assert (detection["tp"], detection["tn"]) == (6, 6)
+    assert set(result["postprocess_compare"]) == {"threshold", "min_component", "largest_3d", "tta_flip"}
+    assert all(v["dice_volume_mean"] == pytest.approx(1.0) for v in result["postprocess_compare"].values())
+    assert result["postprocess"]["largest_3d"] is True and result["postprocess"]["compare_min_component"] == 64
+    assert result["data"] == {"patients": 3, "slices": 12, "tumour_slices": 6}
+    assert result["data_source"] == "synthetic"
+    assert result["model"]["name"] == "unet" and result["model"]["parameters"] == 4
+    assert result["model"]["slices_per_second"] > 0
+
+    per_patient = pd.read_csv(root / "metrics/per_patient.csv")
+    assert per_patient.columns.tolist() == ["patient", "slices", "dice", "true_volume", "predicted_volume"]
+    assert per_patient.slices.tolist() == [4, 4, 4] and (per_patient.true_volume == 200).all()
+    roc = pd.read_csv(root / "plots/roc.csv")
+    assert roc.columns.tolist() == ["fpr", "tpr"] and len(roc) >= 2
+    confusion = pd.read_csv(root / "plots/confusion.csv")
+    assert len(confusion) == 12 and (confusion.actual == confusion.predicted).all()
+    for name in ("best", "median", "worst"):
+        image = cv2.imread(str(root / f"plots/overlays/{name}.png"))
+        assert image is not None and image.shape[1] == 2 * SIZE
+        # the true outline is green; the red prediction is drawn on top of it, on the same pixels
+        assert ((image[..., 2] == 255) & (image[..., 1] == 0)).any()
+
+
+def test_every_segmenter_writes_the_same_keys(tmp_path):
+    _, perfect = run(tmp_path / "a", flair_model())
+    _, untrained = run(tmp_path / "b", untrained_model(), tta_flip=True, min_component=5)
+
+    def keys(d, prefix=""):
+        return {k for key, v in d.items() for k in (keys(v, f"{prefix}{key}.") if isinstance(v, dict)
+                                                     else [prefix + key])}
+    assert keys(perfect) == keys(untrained)
+    assert untrained["postprocess_compare"]["min_component"] is not None
+    assert untrained["postprocess"]["compare_min_component"] == 5
+
+
+def test_headline_matches_inference_segment(tmp_path):
+    """Evaluation's streamed, de-duplicated post-processing is the same as the one inference.segment."""
+    from stages import inference, metrics
+    model = untrained_model()
+    params = {**EVALUATE, "tta_flip": True, "largest_3d": True, "threshold": 0.45}
+    root, result = run(tmp_path, model, **params)
+    images, masks, table = evaluate.load_prepared_test(root / "data/prepared")
+    masks_pred, _ = inference.segment(model, images[table.index], params, table.patient.to_numpy())
+    counts = metrics.slice_counts(masks[table.index], masks_pred, table.patient)
+    assert result["dice_volume_mean"] == pytest.approx(metrics.segmentation_scores(counts)["dice_volume_mean"])
+
+
+def test_classifier_writes_classifier_keys(tmp_path):
+    root, result = run(tmp_path, classifier_model(), name="cnn", tta_flip=True)
+    assert {"classifier_accuracy", "classifier_sensitivity", "classifier_specificity", "classifier_roc_auc",
+            "classifier_confusion", "model", "data", "data_source", "postprocess"} == set(result)
+    assert result["model"]["kind"] == "classifier"
+    assert pd.read_csv(root / "metrics/per_patient.csv").columns[2] == "accuracy"
+    assert len(list((root / "plots/overlays").glob("*.png"))) == 3
+
+
+def test_model_name_must_match_params(tmp_path):
+    root = make_root(tmp_path, flair_model("resunet"))
+    with pytest.raises(BrainsegError, match="resunet.*dvc repro"):
+        evaluate.run_stage({"model": "unet", "evaluate": EVALUATE}, root)
+
+
+def test_missing_prepared_data_says_run_dvc_repro(tmp_path):
+    (tmp_path / "models").mkdir()
+    flair_model().save(tmp_path / "models/model.keras")
+    with pytest.raises(BrainsegError, match="test_images.npy.*dvc repro"):
+        evaluate.run_stage({"model": "unet", "evaluate": EVALUATE}, tmp_path)
+
+
+def test_cli_needs_model_data_and_out_together(tmp_path):
+    with pytest.raises(SystemExit):
+        evaluate.main(["--model", str(tmp_path / "m.keras")])
+
+
+def test_cli_scores_a_kaggle_layout_folder(tmp_path, monkeypatch):
+    synthetic = pytest.importorskip("stages.synthetic")
+    data = synthetic.write_dataset(tmp_path / "kaggle_3m", patients=2, slices=6, seed=1)
+    flair_model().save(tmp_path / "model.keras")
+    monkeypatch.setattr(evaluate, "load_params", lambda: {"model": "unet", "evaluate": EVALUATE,
+                                                         "index": {"on_bad": "fail"}})
+    out = tmp_path / "out/dev.json"
+    evaluate.main(["--model", str(tmp_path / "model.keras"), "--data", str(data), "--out", str(out),
+                   "--per-patient", str(tmp_path / "out/per_patient.csv")])
+    result = json.loads(out.read_text())
+    assert set(result) == SEGMENTER_KEYS and result["data"]["slices"] == 12
+    assert result["data_source"] == str(data)
+    assert len(pd.read_csv(tmp_path / "out/per_patient.csv")) == 2

@@ -1,0 +1,121 @@
+import zipfile
+
+import keras
+import numpy as np
+import pytest
+
+from stages import inference
+from stages.common import BrainsegError
+
+
+def flair_model(size=None, name="unet"):
+    """A 'segmenter' that calls a pixel tumour when its FLAIR (middle) channel is bright: sigmoid(40 x - 20)."""
+    inputs = keras.Input((size, size, 3))
+    conv = keras.layers.Conv2D(1, 1, activation="sigmoid", name="mask")
+    model = keras.Model(inputs, conv(inputs), name=name)
+    conv.set_weights([np.array([0.0, 40.0, 0.0]).reshape(1, 1, 3, 1), np.array([-20.0])])
+    return model
+
+
+def left_model(size=16):
+    """Depends on position (not mirror-symmetric): probability = the red channel of the pixel to its left."""
+    inputs = keras.Input((size, size, 3))
+    conv = keras.layers.Conv2D(1, (1, 3), padding="same", use_bias=False, name="mask")
+    model = keras.Model(inputs, conv(inputs), name="unet")
+    kernel = np.zeros((1, 3, 3, 1))
+    kernel[0, 0, 0, 0] = 1.0
+    conv.set_weights([kernel])
+    return model
+
+
+def classifier(size=16):
+    inputs = keras.Input((size, size, 3))
+    x = keras.layers.GlobalAveragePooling2D()(inputs)
+    return keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(x), name="cnn")
+
+
+def images(n=5, size=16, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 100, (n, size, size, 3), dtype=np.uint8)
+    x[:, 4:10, 5:9, 1] = 255
+    return x
+
+
+def test_load_model_round_trip(tmp_path):
+    path = tmp_path / "model.keras"
+    flair_model(16).save(path)
+    model = inference.load_model(path)
+    assert model.name == "unet" and inference.input_size(model) == 16
+    assert inference.model_kind(model) == "segmenter"
+
+
+def test_missing_model_says_run_dvc_repro(tmp_path):
+    with pytest.raises(BrainsegError, match=r"model\.keras.*dvc repro"):
+        inference.load_model(tmp_path / "model.keras")
+
+
+@pytest.mark.parametrize("content", ["garbage", "zip"])
+def test_corrupt_model_names_the_file(tmp_path, content):
+    path = tmp_path / "model.keras"
+    if content == "zip":
+        with zipfile.ZipFile(path, "w") as zf:
+            zf.writestr("config.json", "{not json")
+    else:
+        path.write_bytes(b"not a model")
+    with pytest.raises(BrainsegError, match=str(path)):
+        inference.load_model(path)
+
+
+def test_lambda_layer_is_refused(tmp_path):
+    path = tmp_path / "model.keras"
+    inputs = keras.Input((8, 8, 3))
+    keras.Model(inputs, keras.layers.Lambda(lambda x: x * 2)(inputs)).save(path)
+    with pytest.raises(BrainsegError, match=f"{path}.*Lambda"):
+        inference.load_model(path)
+
+
+def test_predict_probs_resizes_to_native_and_batches():
+    x = images(5, size=32)
+    x[:, 8:24, 8:24, 1] = 255
+    probs = inference.predict_probs(flair_model(16), x, batch_size=2)
+    assert probs.shape == (5, 32, 32) and probs.dtype == np.float32
+    assert probs[:, 10:22, 10:22].min() > 0.9 and probs[:, 26:, 26:].max() < 0.1
+    one = inference.predict_probs(flair_model(16), x[0])
+    assert one.shape == (1, 32, 32)
+
+
+def test_tta_flip_averages_with_the_mirrored_prediction():
+    x = images(3)
+    model = left_model()
+    plain = inference.predict_probs(model, x)
+    mirrored = inference.predict_probs(model, x[:, :, ::-1])[:, :, ::-1]
+    assert not np.allclose(plain, mirrored)
+    assert np.allclose(inference.predict_probs(model, x, tta_flip=True), (plain + mirrored) / 2)
+
+
+def test_multi_output_model_uses_the_last_output():
+    inputs = keras.Input((16, 16, 3))
+    first = keras.layers.Conv2D(1, 1, activation="sigmoid", kernel_initializer="zeros", name="mask1")(inputs)
+    second = keras.layers.Conv2D(1, 1, activation="sigmoid", kernel_initializer="zeros",
+                                 bias_initializer=keras.initializers.Constant(2.0), name="mask2")(inputs)
+    model = keras.Model(inputs, [first, second], name="doubleunet")
+    assert inference.model_kind(model) == "segmenter"
+    assert np.allclose(inference.predict_probs(model, images(2)), 1 / (1 + np.exp(-2.0)))
+
+
+def test_classifier_gives_one_probability_per_slice():
+    model = classifier()
+    assert inference.model_kind(model) == "classifier"
+    probs = inference.predict_probs(model, images(3, size=32), tta_flip=True)
+    assert probs.shape == (3,)
+    present, same = inference.segment(model, images(3, size=32), {"threshold": 0.5})
+    assert present.shape == (3,) and present.dtype == bool and np.allclose(same, probs, atol=1e-6)
+
+
+def test_segment_post_processes_with_params():
+    x = images(2)
+    x[:, 0, 0, 1] = 255                  # a stray bright pixel
+    params = {"threshold": 0.5, "min_component": 5, "largest_3d": False, "tta_flip": False, "batch_size": 4}
+    masks, probs = inference.segment(flair_model(), x, params)
+    assert masks.dtype == bool and masks.shape == probs.shape == (2, 16, 16)
+    assert not masks[:, 0, 0].any() and masks[:, 4:10, 5:9].all() and masks.sum() == 2 * 24

@@ -1,0 +1,83 @@
+import keras
+import numpy as np
+import pytest
+
+from stages.common import BrainsegError
+from stages.models import CLASSIFIERS, SEGMENTERS, build_model
+from stages.train import compile_model
+
+CFG = {"loss": "focal_tversky", "learning_rate": 1e-3, "lr_schedule": "constant", "epochs": 1}
+
+
+def all_layers(model):
+    for layer in model.layers:
+        yield layer
+        if isinstance(layer, keras.Model):
+            yield from all_layers(layer)
+
+
+def check_outputs(model, size):
+    if model.name in CLASSIFIERS:
+        assert [tuple(o.shape) for o in model.outputs] == [(None, 1)]
+    else:
+        assert [tuple(o.shape) for o in model.outputs] == [(None, size, size, 1)] * (2 if model.name == "doubleunet" else 1)
+    assert all(o.dtype == "float32" for o in model.outputs)
+
+
+@pytest.mark.parametrize("name", SEGMENTERS + CLASSIFIERS)
+def test_builds_at_seed_size_without_lambda_layers(name):
+    model = build_model(name, (256, 256, 3), filters=16)
+    print(f"{name}: {model.count_params():,} parameters at 256x256x3, filters=16")
+    assert model.name == name
+    check_outputs(model, 256)
+    assert not any(isinstance(layer, keras.layers.Lambda) for layer in all_layers(model))
+
+
+@pytest.mark.parametrize("name", SEGMENTERS + CLASSIFIERS)
+def test_trains_one_step_and_reloads_in_safe_mode_with_same_predictions(name, tmp_path):
+    model = compile_model(build_model(name, (64, 64, 3), filters=4), CFG)
+    model.run_eagerly = True  # tracing the big graphs costs a minute each on 2 cores; test_train covers fit()
+    check_outputs(model, 64)
+    rng = np.random.default_rng(0)
+    x = rng.random((2, 64, 64, 3), dtype=np.float32)
+    mask = (rng.random((2, 64, 64, 1)) > 0.7).astype(np.float32)
+    y = np.array([[1.0], [0.0]], np.float32) if name in CLASSIFIERS else mask
+    logs = model.train_on_batch(x, [y, y] if name == "doubleunet" else y, return_dict=True)
+    assert np.isfinite(logs["loss"])
+
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path, safe_mode=True)
+    assert loaded.name == name
+    for before, after in zip(keras.tree.flatten(model(x, training=False)),
+                             keras.tree.flatten(loaded(x, training=False))):
+        np.testing.assert_allclose(before, after, atol=1e-5)
+
+
+def test_output_stays_float32_under_mixed_precision():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = build_model("unet", (32, 32, 3), filters=2)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert model.layers[1].compute_dtype == "float16"
+    assert model.outputs[0].dtype == "float32"
+
+
+def test_safe_mode_refuses_a_lambda_layer(tmp_path):
+    inputs = keras.Input((8, 8, 3))
+    model = keras.Model(inputs, keras.layers.Lambda(lambda x: x * 2.0)(inputs))
+    model.save(tmp_path / "lambda.keras")
+    with pytest.raises(ValueError, match="(?i)lambda"):
+        keras.models.load_model(tmp_path / "lambda.keras", safe_mode=True)
+
+
+@pytest.mark.parametrize("name, shape", [("unet", (72, 72, 3)), ("efficientunet", (48, 48, 3)), ("unet", (64, 64, 1))])
+def test_rejects_input_shapes_the_architecture_cannot_take(name, shape):
+    with pytest.raises(BrainsegError, match="multiples of"):
+        build_model(name, shape)
+
+
+def test_rejects_unknown_model_name():
+    with pytest.raises(BrainsegError, match="model 'vnet'"):
+        build_model("vnet", (64, 64, 3))

@@ -1,0 +1,65 @@
+import numpy as np
+
+from stages import postprocess
+
+
+def blank(n=1, size=8):
+    return np.zeros((n, size, size), bool)
+
+
+def test_threshold_is_strictly_above():
+    assert postprocess.threshold(np.array([0.2, 0.5, 0.51]), 0.5).tolist() == [False, False, True]
+
+
+def test_remove_small_components_keeps_big_ones_and_joins_diagonals():
+    masks = blank(2)
+    masks[0, 0, 0] = True                # 1 px: dropped
+    masks[0, 4:6, 4:6] = True            # 4 px: kept
+    masks[1, 0, 0] = masks[1, 1, 1] = True  # diagonal neighbours: one 2 px component, kept
+    out = postprocess.remove_small_components(masks, 2)
+    assert out[0].sum() == 4 and out[0, 4:6, 4:6].all()
+    assert out[1].sum() == 2
+    assert (postprocess.remove_small_components(masks, 0) == masks).all()
+
+
+def test_keep_largest_3d_joins_slices():
+    volume = blank(3)
+    volume[0, 1:3, 1:3] = True   # 4 px ...
+    volume[1, 3:5, 3:5] = True   # ... touching diagonally across slices: one 8-voxel object
+    volume[2, 5:8, 6:8] = True   # 6 px, the biggest 2D piece but the smaller 3D object
+    out = postprocess.keep_largest_3d(volume)
+    assert out[:2].sum() == 8 and not out[2].any()
+
+
+def test_largest_3d_per_patient_keeps_one_object_per_patient():
+    masks = blank(4)
+    masks[0, 0:2, 0:2] = True    # patient a: 4 px
+    masks[2, 5:6, 5:6] = True    # patient a: 1 px, dropped
+    masks[1, 0, 0] = True        # patient b: 1 px, dropped
+    masks[3, 4:8, 4:8] = True    # patient b: 16 px, not touching row 1's pixel
+    out = postprocess.largest_3d_per_patient(masks, ["a", "b", "a", "b"])
+    assert out[0].sum() == 4 and not out[2].any()
+    assert not out[1].any() and out[3].sum() == 16
+    # without patients every slice is its own volume
+    assert (postprocess.largest_3d_per_patient(masks) == masks).all()
+
+
+def test_postprocess_applies_the_params_steps():
+    probs = np.zeros((2, 8, 8), np.float32)
+    probs[0, 0, 0] = 0.9                 # isolated pixel
+    probs[0, 3:6, 3:6] = 0.8             # 9 px object
+    probs[1, 3:6, 3:6] = 0.4             # below threshold
+    params = {"threshold": 0.5, "min_component": 0, "largest_3d": False}
+    assert postprocess.postprocess(probs, params).sum() == 10
+    assert postprocess.postprocess(probs, {**params, "min_component": 2}).sum() == 9
+    assert postprocess.postprocess(probs, {**params, "largest_3d": True}, ["p", "p"]).sum() == 9
+    assert postprocess.postprocess(probs, {**params, "threshold": 0.3}, ["p", "p"]).sum() == 19
+
+
+def test_tumour_present_scales_the_minimum_area_to_the_slice_size():
+    masks = blank(3, size=512)
+    masks[1, :2, :10] = True                       # 20 px
+    masks[2, :4, :10] = True                       # 40 px: the 10 px of a 256 px slice are 40 px here
+    params = {"detection_min_area": 10}
+    assert postprocess.tumour_present(masks, params).tolist() == [False, False, True]
+    assert postprocess.tumour_present(masks, {"detection_min_area": 0}).tolist() == [False, True, True]

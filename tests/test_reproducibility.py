@@ -1,0 +1,69 @@
+"""Same params and seed, same bytes: the synthetic data, index, split and balanced arrays of two separate runs
+are identical; another seed gives another split. (tests/test_real_data.py checks a rerun on the real archive.)"""
+import hashlib
+import zipfile
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from stages import balance, download, index, split
+from tests.conftest import ROOT, set_params
+
+TINY = {"data.source": "synthetic", "data.synthetic.patients": 8, "data.synthetic.slices": 6}
+
+
+def digests(project: Path) -> dict:
+    """sha256 of every file the pipeline wrote (data/ and metrics/), by path."""
+    return {str(p.relative_to(project)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for folder in ("data", "metrics") for p in sorted((project / folder).rglob("*")) if p.is_file()}
+
+
+def run_pipeline(project: Path, **changes) -> dict:
+    project.mkdir()
+    (project / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    set_params(project, **{**TINY, **changes})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(project)
+        for stage in (download, index, split, balance):
+            stage.main()
+    return digests(project)
+
+
+@pytest.fixture(scope="module")
+def first(tmp_path_factory):
+    root = tmp_path_factory.mktemp("repro")
+    return root, run_pipeline(root / "first")
+
+
+def test_same_params_and_seed_give_identical_bytes(first, tmp_path):
+    _, expected = first
+    again = run_pipeline(tmp_path / "again")
+    assert again == expected
+    for name in ("data/index.csv", "data/slices/images.npy", "data/split.csv", "data/prepared/train_images.npy",
+                 "data/prepared/train_masks.npy", "data/prepared/train.csv", "data/prepared/test_images.npy"):
+        assert name in again
+
+
+def test_another_seed_gives_another_split(first, tmp_path):
+    root, expected = first
+    other = run_pipeline(tmp_path / "other", seed=7)
+    assert other["data/index.csv"] == expected["data/index.csv"]  # the index does not depend on the seed
+    assert other["data/split.csv"] != expected["data/split.csv"]
+    assert other["data/prepared/train_images.npy"] != expected["data/prepared/train_images.npy"]
+    a, b = (pd.read_csv(p / "data/split.csv").set_index("patient")["split"]
+            for p in (root / "first", tmp_path / "other"))
+    assert (a != b).any() and a.value_counts().equals(b.value_counts())  # same sizes, other patients
+
+
+def test_the_same_data_by_another_route_gives_the_same_bytes(first, tmp_path):
+    """The synthetic folder zipped as Kaggle's archive.zip: everything downstream of the download is identical."""
+    root, expected = first
+    raw = root / "first/data/raw/kaggle_3m"
+    with zipfile.ZipFile(tmp_path / "archive.zip", "w") as zf:
+        for file in sorted(raw.rglob("*"), reverse=True):  # another member order, too
+            zf.write(file, "kaggle_3m/" + file.relative_to(raw).as_posix())
+    other = run_pipeline(tmp_path / "zipped",
+                         **{"data.source": "archive", "data.archive": str(tmp_path / "archive.zip")})
+    differ = {name for name in expected if other.get(name) != expected[name]}
+    assert differ == {"data/raw/SOURCE.json", "metrics/data.json"}  # they record the source, as they should

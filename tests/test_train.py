@@ -1,0 +1,158 @@
+import json
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+
+import stages.train as train_stage
+from stages.common import ROOT, BrainsegError, load_params, train_config
+from stages.train import callbacks, compile_model, learning_rate, make_datasets, summarize, train
+
+SIZE = 64
+
+
+def write_prepared(folder, counts=(("train", 8), ("val", 4))):
+    """A tiny data/prepared folder in the balance stage's format; every other slice has a bright 'tumour'."""
+    rng = np.random.default_rng(0)
+    for split, n in counts:
+        images = rng.integers(0, 120, (n, SIZE, SIZE, 3), dtype=np.uint8)
+        masks = np.zeros((n, SIZE, SIZE), np.uint8)
+        masks[::2, 16:40, 20:44] = 1
+        images[masks.astype(bool)] = 230
+        np.save(folder / f"{split}_images.npy", images)
+        np.save(folder / f"{split}_masks.npy", masks)
+        area = masks.reshape(n, -1).sum(axis=1)
+        pd.DataFrame({"patient": "TCGA_XX_0001", "case": "TCGA_XX_0001_20000101", "slice": range(1, n + 1),
+                      "image": "", "augmentation": "", "tumour": (area > 0).astype(int), "area": area}
+                     ).to_csv(folder / f"{split}.csv", index=False)
+    return folder
+
+
+@pytest.fixture
+def prepared(tmp_path):
+    return write_prepared(tmp_path)
+
+
+@pytest.fixture
+def cfg():
+    """params.yaml's train section under the demo profile, shrunk to one epoch of a 4-filter model."""
+    params = load_params()
+    params["profile"] = "demo"
+    return {**train_config(params), "epochs": 1, "batch_size": 4, "filters": 4, "image_size": SIZE}
+
+
+def test_train_saves_a_loadable_best_model_summary_and_live_plots(prepared, cfg, tmp_path):
+    model_path = tmp_path / "models/model.keras"
+    summary = train("unet", cfg, 0, prepared, model_path, tmp_path / "live")
+
+    model = keras.models.load_model(model_path, safe_mode=True)
+    assert model.name == "unet" and model.input_shape == (None, SIZE, SIZE, 3)
+    assert summary["model"] == "unet" and summary["profile"] == "demo"
+    assert summary["params"] == model.count_params() and summary["train_slices"] == 8
+    assert summary["epochs"] == summary["best_epoch"] == 1
+    assert 0 <= summary["best_val_dice"] <= 1 and np.isfinite(summary["best_val_loss"])
+    assert summary["train_slices_per_s"] > 0
+    assert [p.name for p in model_path.parent.iterdir()] == ["model.keras"]  # no temp folder left behind
+    plots = tmp_path / "live/plots/metrics"
+    for name in ("train/loss.tsv", "train/dice.tsv", "eval/loss.tsv", "eval/dice.tsv", "eval/tversky.tsv",
+                 "train/learning_rate.tsv"):
+        assert (plots / name).is_file(), name
+
+
+def test_main_writes_metrics_with_data_source_and_restores_float32(prepared, cfg, tmp_path, monkeypatch):
+    params = load_params()
+    params.update(model="cnn", profile="demo")
+    params["profiles"]["demo"].update(epochs=1, filters=4, image_size=SIZE, batch_size=4,
+                                      mixed_precision="mixed_float16")
+    source = tmp_path / "SOURCE.json"
+    source.write_text('{"source": "synthetic"}')
+    for name, value in dict(DATA=prepared, MODEL=tmp_path / "model.keras", LIVE=tmp_path / "live",
+                            METRICS=tmp_path / "train.json", SOURCE=source, load_params=lambda: params).items():
+        monkeypatch.setattr(train_stage, name, value)
+
+    train_stage.main()
+
+    metrics = json.loads((tmp_path / "train.json").read_text())
+    assert metrics["model"] == "cnn" and metrics["data_source"] == {"source": "synthetic"}
+    assert {"best_val_loss", "best_val_accuracy", "best_val_auc", "train_seconds"} <= metrics.keys()
+    assert keras.mixed_precision.global_policy().name == "float32"
+    assert keras.models.load_model(tmp_path / "model.keras", safe_mode=True).name == "cnn"
+
+
+def test_interrupted_training_keeps_the_previous_model(prepared, cfg, tmp_path, monkeypatch):
+    model_path = tmp_path / "model.keras"
+    model_path.write_bytes(b"previous model")
+
+    class Kill(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):  # after ModelCheckpoint has written its file
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_stage, "callbacks", lambda *args: [*callbacks(*args), Kill()])
+    with pytest.raises(KeyboardInterrupt):
+        train("cnn", cfg, 0, prepared, model_path, None)
+    assert model_path.read_bytes() == b"previous model"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".train.")] == []
+
+
+def test_make_datasets_labels_filters_and_targets(prepared):
+    train_ds, val_ds, n = make_datasets(prepared, 32, 16, classifier=True)
+    x, y = next(iter(train_ds))
+    assert n == 8 and x.shape == (8, 32, 32, 3) and x.dtype == "float32" and float(np.max(x)) <= 1
+    assert sorted(np.asarray(y).ravel()) == [0] * 4 + [1] * 4
+
+    train_ds, val_ds, n = make_datasets(prepared, 32, 16, tumour_slices_only=True, outputs=2)
+    x, (y1, y2) = next(iter(train_ds))
+    assert n == 4 and y1.shape == (4, 32, 32, 1) and np.asarray(y1).reshape(4, -1).max(axis=1).min() > 0
+    assert next(iter(val_ds))[0].shape[0] == 4  # validation keeps its tumour-free slices
+
+
+def test_missing_or_inconsistent_prepared_data_names_the_file_and_fix(tmp_path):
+    with pytest.raises(BrainsegError, match="train_images.npy not found.*dvc repro"):
+        make_datasets(tmp_path, 32, 4)
+    write_prepared(tmp_path)
+    pd.DataFrame({"patient": ["x"]}).to_csv(tmp_path / "val.csv", index=False)
+    with pytest.raises(BrainsegError, match="1 csv rows"):
+        make_datasets(tmp_path, 32, 4)
+
+
+def test_learning_rate_schedules_and_optimizer_checks(cfg, tmp_path):
+    cosine = learning_rate({**cfg, "lr_schedule": "cosine", "epochs": 3}, steps_per_epoch=10)
+    assert isinstance(cosine, keras.optimizers.schedules.CosineDecay) and cosine.decay_steps == 30
+    assert learning_rate({**cfg, "lr_schedule": "constant"}, 10) == cfg["learning_rate"]
+    kinds = [type(c).__name__ for c in callbacks({**cfg, "lr_schedule": "plateau"}, tmp_path / "m.keras")]
+    assert kinds == ["ReduceLROnPlateau", "EarlyStopping", "ModelCheckpoint"]
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, activation="sigmoid")], name="cnn")
+    for key, value, match in [("lr_schedule", "step", "lr_schedule"), ("optimizer", "sgd", "optimizer")]:
+        with pytest.raises(BrainsegError, match=match):
+            compile_model(model, {**cfg, key: value})
+
+
+def test_summary_reports_doubleunet_total_loss_and_mask2_metrics(cfg):
+    history = {"loss": [2.0, 1.5], "val_loss": [1.8, 1.2], "val_mask1_loss": [0.9, 0.7],
+               "val_mask2_loss": [0.9, 0.5], "val_mask2_dice": [0.2, 0.6]}
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    summary = summarize("doubleunet", cfg, model, history, n_train=10, seconds=4.0, train_step_seconds=2.0)
+    assert summary["best_epoch"] == 2 and summary["best_val_loss"] == 1.2 and summary["best_val_dice"] == 0.6
+    assert summary["train_slices_per_s"] == 10.0 and "best_val_mask1_loss" not in summary
+
+
+def test_mirrored_strategy_trains_on_two_logical_cpus(prepared, cfg, tmp_path):
+    script = """
+import json, sys
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from stages.train import train
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+summary = train("unet", json.loads(sys.argv[1]), 0, sys.argv[2], sys.argv[3], None, strategy)
+print("replicas", strategy.num_replicas_in_sync, "epochs", summary["epochs"])
+"""
+    small = {**cfg, "image_size": 32, "filters": 2}
+    result = subprocess.run([sys.executable, "-c", script, json.dumps(small), str(prepared),
+                             str(tmp_path / "model.keras")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "replicas 2 epochs 1" in result.stdout
+    assert (tmp_path / "model.keras").is_file()
