@@ -28,7 +28,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from stages import inference, metrics
-from stages.common import ROOT, BrainsegError, atomic_path, load_params, run_main, write_csv, write_json
+from stages.common import BrainsegError, atomic_path, load_params, run_main, write_csv, write_json
 from stages.postprocess import postprocess, tumour_present
 
 MODEL = Path("models/model.keras")
@@ -276,7 +276,7 @@ def write_outputs(evaluation: Evaluation, root: Path) -> None:
                 raise BrainsegError(f"{root / OVERLAYS / name}.png: could not be written")
 
 
-def run_stage(params: dict, root: Path = ROOT) -> Evaluation:
+def run_stage(params: dict, root: Path = Path(".")) -> Evaluation:
     """The DVC stage: models/model.keras on data/prepared/test*, outputs under `root`."""
     model = inference.load_model(root / MODEL)
     if model.name != params["model"]:

@@ -25,11 +25,11 @@ import pandas as pd
 import tifffile
 from tqdm import tqdm
 
-from stages.common import ROOT, BrainsegError, atomic_path, load_params, run_main, write_csv
+from stages.common import BrainsegError, atomic_path, load_params, run_main, write_csv
 from stages.images import UPLOAD_SUFFIXES, BadImage, decode_upload
 from stages.index import FILE_RE
 
-DEFAULT_MODEL = ROOT / "models" / "model.keras"
+DEFAULT_MODEL = Path("models/model.keras")
 EXIT_OK, EXIT_FATAL, EXIT_SKIPPED = 0, 2, 3
 MAX_FILE_BYTES = 64 << 20  # far above any MRI slice; refused before it is read into memory
 OUTLINE_RGB = (255, 0, 0)

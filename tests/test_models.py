@@ -20,7 +20,8 @@ def check_outputs(model, size):
     if model.name in CLASSIFIERS:
         assert [tuple(o.shape) for o in model.outputs] == [(None, 1)]
     else:
-        assert [tuple(o.shape) for o in model.outputs] == [(None, size, size, 1)] * (2 if model.name == "doubleunet" else 1)
+        outputs = 2 if model.name == "doubleunet" else 1
+        assert [tuple(o.shape) for o in model.outputs] == [(None, size, size, 1)] * outputs
     assert all(o.dtype == "float32" for o in model.outputs)
 
 

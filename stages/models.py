@@ -1,0 +1,222 @@
+"""Model architectures: four tumour segmenters and two tumour/no-tumour slice classifiers.
+
+Every model takes float32 (H, W, 3) slices in [0, 1] (stages.preprocess.to_model_input) and ends in a
+float32 sigmoid, so mixed precision never reaches the probabilities. Segmenters output an (H, W, 1) tumour
+probability map; `doubleunet` outputs [mask1, mask2] and its prediction is mask2. Classifiers output (1,),
+the probability that the slice shows tumour. Pretrained encoders receive the input range their ImageNet
+weights expect through Rescaling layers, never Lambda layers, so saved models load with safe_mode=True
+once this module is imported (it registers the custom layer and, via stages.losses, the losses).
+"""
+from __future__ import annotations
+
+import keras
+from keras import layers, ops
+
+import stages.losses  # noqa: F401  registers the losses and metrics a saved model's compile config names
+from stages.common import BrainsegError
+
+SEGMENTERS = ("unet", "resunet", "efficientunet", "doubleunet")
+CLASSIFIERS = ("cnn", "xception")
+# Input side must be a multiple of the encoder's total downsampling so skips line up with upsampled maps.
+DOWNSAMPLING = {"unet": 16, "resunet": 16, "efficientunet": 32, "doubleunet": 16, "cnn": 16, "xception": 1}
+XCEPTION_MIN_SIZE = 71  # keras.applications.Xception refuses smaller inputs
+VGG_BGR_MEAN = (103.939, 116.779, 123.68)  # Caffe-style ImageNet preprocessing of keras' VGG weights
+
+
+@keras.saving.register_keras_serializable(package="brainseg")
+class ReverseChannels(layers.Layer):
+    """RGB -> BGR, the channel order of keras' VGG ImageNet weights."""
+
+    def call(self, x):
+        return ops.flip(x, axis=-1)
+
+
+# ---------------------------------------------------------------- shared blocks
+
+def conv_bn_relu(x, filters, kernel_size=3, dilation_rate=1):
+    x = layers.Conv2D(filters, kernel_size, padding="same", dilation_rate=dilation_rate, use_bias=False)(x)
+    x = layers.BatchNormalization()(x)
+    return layers.Activation("relu")(x)
+
+
+def conv_block(x, filters):
+    """The U-Net double convolution."""
+    x = conv_bn_relu(x, filters)
+    return conv_bn_relu(x, filters)
+
+
+def residual_block(x, filters):
+    """The seed ResUNet's block: 1x1 -> 3x3 convolutions plus a 1x1-projected shortcut."""
+    shortcut = layers.Conv2D(filters, 1, use_bias=False)(x)
+    shortcut = layers.BatchNormalization()(shortcut)
+    x = conv_bn_relu(x, filters, kernel_size=1)
+    x = layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
+    x = layers.BatchNormalization()(x)
+    x = layers.Add()([x, shortcut])
+    return layers.Activation("relu")(x)
+
+
+def squeeze_excite(x, ratio=8):
+    """Reweight channels by a gate computed from their global average."""
+    channels = x.shape[-1]
+    se = layers.GlobalAveragePooling2D(keepdims=True)(x)
+    se = layers.Dense(max(channels // ratio, 1), activation="relu", use_bias=False)(se)
+    se = layers.Dense(channels, activation="sigmoid", use_bias=False)(se)
+    return layers.Multiply()([x, se])
+
+
+def conv_se_block(x, filters):
+    """DoubleU-Net's block: the double convolution followed by squeeze-and-excite."""
+    return squeeze_excite(conv_block(x, filters))
+
+
+def aspp(x, filters):
+    """Atrous spatial pyramid pooling: image-level features plus dilations 1, 6, 12, 18."""
+    height, width = x.shape[1:3]
+    pooled = layers.GlobalAveragePooling2D(keepdims=True)(x)
+    pooled = conv_bn_relu(pooled, filters, kernel_size=1)
+    pooled = layers.UpSampling2D((height, width))(pooled)
+    branches = [conv_bn_relu(x, filters, kernel_size=1)]
+    branches += [conv_bn_relu(x, filters, dilation_rate=rate) for rate in (6, 12, 18)]
+    x = layers.Concatenate()([pooled, *branches])
+    return conv_bn_relu(x, filters, kernel_size=1)
+
+
+def encoder(x, widths, block):
+    """`block` then 2x2 max pooling per stage; returns the bottom and the pre-pooling skips."""
+    skips = []
+    for width in widths:
+        x = block(x, width)
+        skips.append(x)
+        x = layers.MaxPooling2D()(x)
+    return x, skips
+
+
+def decoder(x, widths, block, *skip_lists):
+    """Per stage, deepest first: upsample x2, concatenate the same-resolution skips of every encoder, `block`."""
+    for width, skips in zip(widths, reversed(list(zip(*skip_lists)))):
+        x = layers.UpSampling2D(interpolation="bilinear")(x)
+        x = layers.Concatenate()([x, *skips])
+        x = block(x, width)
+    return x
+
+
+def mask_head(x, name="mask"):
+    return layers.Conv2D(1, 1, activation="sigmoid", dtype="float32", name=name)(x)
+
+
+def tumour_head(x):
+    return layers.Dense(1, activation="sigmoid", dtype="float32", name="tumour")(x)
+
+
+def pretrained(application, input_shape, weights):
+    """A keras.applications backbone without its classifier; a clear error when ImageNet weights can't load."""
+    try:
+        return application(include_top=False, weights=weights, input_shape=input_shape)
+    except Exception as err:  # keras.utils.get_file raises a bare Exception when offline
+        if weights != "imagenet":
+            raise
+        raise BrainsegError(
+            f"could not load ImageNet weights for {application.__name__}: {err}. Run once with network "
+            "access (Keras caches them in ~/.keras/models) or set `train.weights: null` in params.yaml") from err
+
+
+def feature_extractor(base, names):
+    """The backbone as one layer returning the named layers' outputs (skips first, bottom last)."""
+    return keras.Model(base.input, [base.get_layer(n).output for n in names], name=f"{base.name}_encoder")
+
+
+# ---------------------------------------------------------------- segmenters
+
+def unet(inputs, filters, weights=None):
+    """Ronneberger et al. 2015: four encoder stages (f, 2f, 4f, 8f), a 16f bottleneck, a mirrored decoder."""
+    widths = [filters * 2**i for i in range(4)]
+    x, skips = encoder(inputs, widths, conv_block)
+    x = conv_block(x, filters * 16)
+    x = decoder(x, widths[::-1], conv_block, skips)
+    return mask_head(x)
+
+
+def resunet(inputs, filters, weights=None):
+    """The seed article's ResUNet: a U-Net whose stages after the first are residual blocks."""
+    widths = [filters * 2**i for i in range(4)]
+    first = conv_block(inputs, widths[0])
+    x, skips = encoder(layers.MaxPooling2D()(first), widths[1:], residual_block)
+    x = residual_block(x, filters * 16)
+    x = decoder(x, widths[::-1], residual_block, [first, *skips])
+    return mask_head(x)
+
+
+def efficientunet(inputs, filters, weights=None):
+    """U-Net decoder on an EfficientNetB0 encoder; the raw input is the full-resolution skip."""
+    names = ["block2a_expand_activation", "block3a_expand_activation", "block4a_expand_activation",
+             "block6a_expand_activation", "top_activation"]
+    base = pretrained(keras.applications.EfficientNetB0, inputs.shape[1:], weights)
+    # EfficientNetB0 rescales and normalises internally and expects pixels in 0-255.
+    *skips, x = feature_extractor(base, names)(layers.Rescaling(255.0)(inputs))
+    x = decoder(x, [filters * 2**i for i in range(4, -1, -1)], conv_block, [inputs, *skips])
+    return mask_head(x)
+
+
+def doubleunet(inputs, filters, weights=None):
+    """DoubleU-Net (Jha et al. 2020). Network 1: VGG19 encoder, ASPP, decoder -> mask1. Network 2 sees the
+    input multiplied by mask1: its own encoder, ASPP, and a decoder fed by the skips of both encoders -> mask2.
+
+    `filters` scales every non-VGG width; the paper's widths are filters=32.
+    """
+    widths = [filters * 2**i for i in range(4)]
+    names = ["block1_conv2", "block2_conv2", "block3_conv4", "block4_conv4", "block5_conv4"]
+    base = pretrained(keras.applications.VGG19, inputs.shape[1:], weights)
+    x = ReverseChannels()(inputs)
+    x = layers.Rescaling(255.0, offset=[-m for m in VGG_BGR_MEAN])(x)
+    *skips1, x = feature_extractor(base, names)(x)
+    x = aspp(x, filters * 2)
+    mask1 = mask_head(decoder(x, widths[::-1], conv_se_block, skips1), name="mask1")
+
+    x = layers.Multiply()([inputs, mask1])
+    x, skips2 = encoder(x, widths, conv_se_block)
+    x = aspp(x, filters * 2)
+    mask2 = mask_head(decoder(x, widths[::-1], conv_se_block, skips1, skips2), name="mask2")
+    return [mask1, mask2]
+
+
+# ---------------------------------------------------------------- classifiers
+
+def cnn(inputs, filters, weights=None):
+    """The seed's simple classifier: two convolutions (each followed by 4x4 pooling), flatten, dense."""
+    x = layers.Conv2D(filters, 3, padding="same", activation="relu")(inputs)
+    x = layers.MaxPooling2D(4)(x)
+    x = layers.Conv2D(filters * 2, 3, padding="same", activation="relu")(x)
+    x = layers.MaxPooling2D(4)(x)
+    return tumour_head(layers.Flatten()(x))
+
+
+def xception(inputs, filters=None, weights=None):
+    """Xception backbone, global average pooling, dense. Inputs under 71 px are upsampled to 71 px."""
+    x = inputs
+    size = max(inputs.shape[1], inputs.shape[2])
+    if size < XCEPTION_MIN_SIZE:
+        x = layers.Resizing(XCEPTION_MIN_SIZE, XCEPTION_MIN_SIZE)(x)
+    x = layers.Rescaling(2.0, offset=-1.0)(x)  # Xception's ImageNet weights expect [-1, 1]
+    base = pretrained(keras.applications.Xception, x.shape[1:], weights)
+    x = layers.GlobalAveragePooling2D()(base(x))
+    return tumour_head(layers.Dropout(0.2)(x))
+
+
+BUILDERS = {"unet": unet, "resunet": resunet, "efficientunet": efficientunet, "doubleunet": doubleunet,
+            "cnn": cnn, "xception": xception}
+
+
+def build_model(name: str, input_shape=(128, 128, 3), filters: int = 16, weights: str | None = None) -> keras.Model:
+    """A freshly initialised `name` model (model.name == name). `weights` ("imagenet" or None) only
+    concerns the pretrained encoders of efficientunet, doubleunet and xception."""
+    if name not in BUILDERS:
+        raise BrainsegError(f"params.yaml: model '{name}' is not one of {SEGMENTERS + CLASSIFIERS}; "
+                            "set it with `dvc exp run -S model=unet`")
+    height, width, channels = input_shape
+    step = DOWNSAMPLING[name]
+    if height % step or width % step or channels != 3:
+        raise BrainsegError(f"{name} needs (H, W, 3) inputs with H and W multiples of {step}, got {input_shape}; "
+                            "fix image_size in params.yaml's profiles")
+    inputs = keras.Input(tuple(input_shape), name="image")
+    return keras.Model(inputs, BUILDERS[name](inputs, filters=filters, weights=weights), name=name)

@@ -1,0 +1,212 @@
+"""DVC stage `train`: fit params.yaml's `model` on data/prepared and keep the best epoch.
+
+Outputs: models/model.keras (the epoch with the lowest val loss; replaced atomically), metrics/train.json,
+and DVCLive per-epoch curves in dvclive/train/plots/metrics/{train,eval}/<metric>.tsv.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+from stages.common import BrainsegError, load_params, run_main, train_config, write_json
+from stages.losses import get_loss, segmentation_metrics
+from stages.models import CLASSIFIERS, build_model
+from stages.preprocess import mask_to_model_size, to_model_input
+
+DATA = Path("data/prepared")
+MODEL = Path("models/model.keras")
+LIVE = Path("dvclive/train")
+METRICS = Path("metrics/train.json")
+SOURCE = Path("data/raw/SOURCE.json")
+
+
+def main() -> None:
+    params = load_params()
+    cfg = train_config(params)
+    summary = train(params["model"], cfg, params["seed"], DATA, MODEL, LIVE)
+    summary["data_source"] = json.loads(SOURCE.read_text()) if SOURCE.is_file() else "unknown"
+    write_json(METRICS, summary)
+
+
+def load_split(data_dir: Path, split: str):
+    """(images, masks) memory-mapped from `{split}_images.npy` / `{split}_masks.npy`, checked against `{split}.csv`."""
+    paths = [data_dir / f"{split}_images.npy", data_dir / f"{split}_masks.npy", data_dir / f"{split}.csv"]
+    for path in paths:
+        if not path.is_file():
+            raise BrainsegError(f"{path} not found: run `dvc repro balance` to prepare the data")
+    images, masks = (np.load(p, mmap_mode="r") for p in paths[:2])
+    rows = len(pd.read_csv(paths[2]))
+    if not len(images) == len(masks) == rows:
+        raise BrainsegError(f"{data_dir}: {split} has {len(images)} images, {len(masks)} masks and {rows} csv rows; "
+                            "the files are from different runs: run `dvc repro balance --force`")
+    return images, masks
+
+
+def make_datasets(data_dir: Path, image_size: int, batch_size: int, classifier: bool = False,
+                  tumour_slices_only: bool = False, seed: int = 0, outputs: int = 1):
+    """Batched (train, val) tf.data datasets of model-size inputs and targets, plus the training slice count.
+
+    Slices are resized and scaled once here, not per batch. Targets are (size, size, 1) masks, or for a
+    classifier 1.0 when the slice's mask has any tumour; a model with several `outputs` gets the target
+    once per output. `tumour_slices_only` filters training slices only.
+    """
+    datasets = []
+    for split in ("train", "val"):
+        images, masks = load_split(data_dir, split)
+        tumour = masks.reshape(len(masks), -1).max(axis=1) > 0
+        if split == "train" and tumour_slices_only:
+            keep = np.flatnonzero(tumour)
+            images, masks, tumour = images[keep], masks[keep], tumour[keep]
+        if len(images) == 0:
+            raise BrainsegError(f"{data_dir}: no {split} slices to train on; check params.yaml split / "
+                                "train.tumour_slices_only and rerun `dvc repro`")
+        x = to_model_input(images, image_size)
+        y = tumour.astype(np.float32)[:, None] if classifier else mask_to_model_size(masks, image_size)
+        ds = tf.data.Dataset.from_tensor_slices((x, y))
+        if split == "train":
+            ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+            n_train = len(x)
+        ds = ds.batch(batch_size)
+        if outputs > 1:
+            ds = ds.map(lambda image, target: (image, (target,) * outputs))
+        datasets.append(ds.prefetch(tf.data.AUTOTUNE))
+    return *datasets, n_train
+
+
+def learning_rate(cfg: dict, steps_per_epoch: int):
+    schedule = cfg.get("lr_schedule", "constant")
+    if schedule == "cosine":
+        return keras.optimizers.schedules.CosineDecay(cfg["learning_rate"], max(cfg["epochs"] * steps_per_epoch, 1))
+    if schedule in ("plateau", "constant"):  # plateau: ReduceLROnPlateau lowers it, see callbacks()
+        return cfg["learning_rate"]
+    raise BrainsegError(f"params.yaml: train.lr_schedule '{schedule}' is not plateau, cosine or constant")
+
+
+def compile_model(model: keras.Model, cfg: dict, steps_per_epoch: int = 1) -> keras.Model:
+    """Adam + the configured loss. Classifiers: binary cross-entropy, accuracy and AUC.
+    doubleunet: the same loss on both outputs (summed), metrics on mask2, the prediction."""
+    if cfg.get("optimizer", "adam") != "adam":
+        raise BrainsegError(f"params.yaml: train.optimizer '{cfg['optimizer']}' is not supported; use adam")
+    if model.name in CLASSIFIERS:
+        loss = keras.losses.BinaryCrossentropy()
+        metrics = [keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")]
+    else:
+        loss, metrics = get_loss(cfg), segmentation_metrics()
+    if len(model.outputs) == 2:
+        loss, metrics = [loss, loss], [[], metrics]
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate(cfg, steps_per_epoch)), loss=loss,
+                  metrics=metrics, jit_compile=cfg.get("jit_compile", "auto"))
+    return model
+
+
+class TrainTimer(keras.callbacks.Callback):
+    """Seconds spent in training steps, validation excluded, for the slices/s figure."""
+
+    def __init__(self):
+        super().__init__()
+        self.seconds, self._start = 0.0, None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_test_begin(self, logs=None):
+        self._stop()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._stop()
+
+    def _stop(self):
+        if self._start is not None:
+            self.seconds += time.perf_counter() - self._start
+            self._start = None
+
+
+def callbacks(cfg: dict, checkpoint: Path, live=None) -> list:
+    """Plateau LR (first, so DVCLive logs the new rate), early stopping, best-epoch checkpoint, DVCLive."""
+    result = []
+    if cfg.get("lr_schedule") == "plateau":
+        result.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, min_lr=1e-6, verbose=1,
+                                                        patience=max(1, cfg["patience"] // 2)))
+    result += [keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg["patience"],
+                                             restore_best_weights=True, verbose=1),
+               keras.callbacks.ModelCheckpoint(str(checkpoint), monitor="val_loss", save_best_only=True)]
+    if live is not None:
+        from dvclive.keras import DVCLiveCallback
+        result.append(DVCLiveCallback(live=live))
+    return result
+
+
+def distribution_strategy() -> tf.distribute.Strategy:
+    """MirroredStrategy over all GPUs when there are several, else the default (single device) strategy."""
+    if len(tf.config.list_logical_devices("GPU")) > 1:
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def train(name: str, cfg: dict, seed: int = 42, data_dir: Path = DATA, model_path: Path = MODEL,
+          live_dir: Path | None = LIVE, strategy: tf.distribute.Strategy | None = None) -> dict:
+    """Fit `name` with the merged train/profile config `cfg`; save the best epoch to `model_path`
+    and return the summary written to metrics/train.json. `live_dir=None` turns DVCLive off."""
+    keras.utils.set_random_seed(seed)
+    size, batch = cfg["image_size"], cfg["batch_size"]
+    previous_policy = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(cfg.get("mixed_precision") or "float32")
+    try:
+        with (strategy or distribution_strategy()).scope():
+            model = build_model(name, (size, size, 3), cfg["filters"], cfg.get("weights"))
+            train_ds, val_ds, n_train = make_datasets(Path(data_dir), size, batch, name in CLASSIFIERS,
+                                                      cfg.get("tumour_slices_only", False), seed, len(model.outputs))
+            compile_model(model, cfg, math.ceil(n_train / batch))
+    finally:
+        keras.mixed_precision.set_global_policy(previous_policy)
+
+    live = None
+    if live_dir is not None:
+        from dvclive import Live
+        live = Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None)
+    model_path = Path(model_path)
+    model_path.parent.mkdir(parents=True, exist_ok=True)
+    timer = TrainTimer()
+    # ModelCheckpoint writes into a private folder; only a finished run renames its file onto model_path.
+    with tempfile.TemporaryDirectory(prefix=".train.", dir=model_path.parent) as tmp:
+        checkpoint = Path(tmp) / model_path.name
+        start = time.perf_counter()
+        history = model.fit(train_ds, validation_data=val_ds, epochs=cfg["epochs"],
+                            callbacks=[*callbacks(cfg, checkpoint, live), timer], shuffle=False,
+                            verbose=1 if sys.stdout.isatty() else 2).history
+        seconds = time.perf_counter() - start
+        if not checkpoint.is_file():
+            raise BrainsegError(f"{name} never reached a finite val_loss, so {model_path} was not written: "
+                                "lower train.learning_rate in params.yaml and rerun `dvc repro train`")
+        os.replace(checkpoint, model_path)
+    return summarize(name, cfg, model, history, n_train, seconds, timer.seconds)
+
+
+def summarize(name, cfg, model, history, n_train, seconds, train_step_seconds) -> dict:
+    """Run facts plus the validation loss and metrics at the best epoch (doubleunet: its total loss and
+    mask2's metrics, without the `mask2_` prefix, so every segmenter reports best_val_dice)."""
+    best = int(np.nanargmin(history["val_loss"]))
+    epochs = len(history["val_loss"])
+    summary = {"model": name, "profile": cfg["profile"], "params": model.count_params(),
+               "image_size": cfg["image_size"], "batch_size": cfg["batch_size"], "filters": cfg["filters"],
+               "train_slices": n_train, "epochs": epochs, "best_epoch": best + 1,
+               "train_seconds": round(seconds, 1),
+               "train_slices_per_s": round(n_train * epochs / max(train_step_seconds, 1e-9), 2)}
+    for key, values in history.items():
+        if key == "val_loss" or key.startswith("val_") and not key.endswith("_loss"):
+            summary["best_" + key.replace("mask2_", "")] = float(values[best])
+    return summary
+
+
+if __name__ == "__main__":
+    run_main(main)
