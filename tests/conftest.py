@@ -1,4 +1,5 @@
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -46,3 +47,12 @@ def synthetic_root(tmp_path_factory) -> Path:
     from stages.synthetic import write_dataset
 
     return write_dataset(tmp_path_factory.mktemp("synthetic") / "kaggle_3m", patients=6, slices=10, seed=1)
+
+
+@pytest.fixture
+def raw(project, synthetic_root):
+    """The project's data/raw/kaggle_3m as a writable copy of the synthetic data set (6 patients x 10 slices)."""
+    dest = project / "data/raw/kaggle_3m"
+    shutil.copytree(synthetic_root, dest)
+    (project / "data/raw/SOURCE.json").write_text('{"source": "synthetic"}')
+    return dest

@@ -30,14 +30,6 @@ from tests.conftest import ROOT, set_params
 CASE = "TCGA_CS_7000_19950101"
 
 
-@pytest.fixture
-def raw(project, synthetic_root):
-    """The project's data/raw/kaggle_3m as a writable copy of the synthetic data set (6 patients x 10 slices)."""
-    dest = project / "data/raw/kaggle_3m"
-    shutil.copytree(synthetic_root, dest)
-    (project / "data/raw/SOURCE.json").write_text('{"source": "synthetic"}')
-    return dest
-
 
 def shown(path: Path) -> str:
     """A path as messages and the report show it: relative, bytes invalid in UTF-8 as \\xNN."""

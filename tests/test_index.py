@@ -1,5 +1,4 @@
 import json
-import shutil
 
 import numpy as np
 import pandas as pd
@@ -12,14 +11,6 @@ from tests.conftest import set_params
 
 CASE = "TCGA_CS_7000_19950101"
 
-
-@pytest.fixture
-def raw(project, synthetic_root):
-    """The project's data/raw/kaggle_3m as a writable copy of the synthetic data set."""
-    dest = project / "data/raw/kaggle_3m"
-    shutil.copytree(synthetic_root, dest)
-    (project / "data/raw/SOURCE.json").write_text('{"source": "synthetic"}')
-    return dest
 
 
 def test_pairs_every_slice_sorted_by_patient_and_number(synthetic_root):

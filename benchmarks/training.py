@@ -1,0 +1,116 @@
+"""Benchmark: training and inference speed of the default segmenter at the CPU size.
+
+Prints, in one run on this machine:
+- the matrix-multiply peak (float32 GEMM through TensorFlow, 2048x2048, best of several),
+- training slices/s of params.yaml's model at the CPU profile in plain float32 Keras with default settings
+  (the baseline), and in the pipeline's recipe (params.yaml's mixed_precision and jit_compile), with the
+  convolution FLOPs they achieve as a share of the measured peak,
+- inference slices/s through stages.inference.predict_probs (what evaluation and the CLI use).
+
+    python -m benchmarks.training [--steps 20] [--profile cpu]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import numpy as np
+
+
+def matmul_peak_gflops(tf, n: int = 2048, repeats: int = 5) -> float:
+    a = tf.random.uniform((n, n), dtype=tf.float32)
+    b = tf.random.uniform((n, n), dtype=tf.float32)
+    tf.linalg.matmul(a, b).numpy()
+    best = min(_time(lambda: tf.linalg.matmul(a, b).numpy()) for _ in range(repeats))
+    return 2 * n ** 3 / best / 1e9
+
+
+def _time(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def conv_flops(model) -> float:
+    """Multiply-adds x2 of every convolution in one forward pass of one slice."""
+    import keras
+
+    total = 0.0
+    for layer in model._flatten_layers(include_self=False):
+        if isinstance(layer, (keras.layers.Conv2D, keras.layers.Conv2DTranspose)):
+            kh, kw, cin, cout = layer.kernel.shape
+            if isinstance(layer, keras.layers.Conv2DTranspose):
+                h, w = layer.input.shape[1:3]
+            else:
+                h, w = layer.output.shape[1:3]
+            total += 2.0 * h * w * kh * kw * cin * cout
+    return total
+
+
+def train_rate(name, cfg, steps: int, policy: str, jit) -> tuple[float, float]:
+    """(slices/s, forward GFLOP per slice) over `steps` training steps on random data."""
+    import keras
+    import tensorflow as tf
+
+    from stages.models import build_model
+    from stages.train import compile_model
+
+    keras.utils.set_random_seed(0)
+    keras.mixed_precision.set_global_policy(policy)
+    size, batch = cfg["image_size"], cfg["batch_size"]
+    model = compile_model(build_model(name, (size, size, 3), cfg["filters"]), {**cfg, "jit_compile": jit})
+    rng = np.random.default_rng(0)
+    x = rng.random((batch * 4, size, size, 3), dtype=np.float32)
+    y = (rng.random((batch * 4, size, size, 1)) > 0.9).astype(np.float32)
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).repeat().batch(batch).prefetch(tf.data.AUTOTUNE)
+    model.fit(ds, steps_per_epoch=3, epochs=1, verbose=0)  # trace and warm up
+    seconds = _time(lambda: model.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0))
+    keras.mixed_precision.set_global_policy("float32")
+    return steps * batch / seconds, conv_flops(model) / 1e9
+
+
+def inference_rate(name, cfg, n: int = 512) -> float:
+    import keras
+
+    from stages.inference import predict_probs
+    from stages.models import build_model
+
+    keras.utils.set_random_seed(0)
+    model = build_model(name, (cfg["image_size"],) * 2 + (3,), cfg["filters"])
+    images = np.random.default_rng(0).integers(0, 255, (n, 256, 256, 3), dtype=np.uint8)
+    predict_probs(model, images[:64], batch_size=64)
+    return n / _time(lambda: predict_probs(model, images, batch_size=64))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--profile", default="cpu")
+    args = parser.parse_args()
+    import tensorflow as tf
+
+    from stages.common import load_params, train_config
+
+    params = load_params()
+    cfg = train_config({**params, "profile": args.profile})
+    name = params["model"]
+    peak = matmul_peak_gflops(tf)
+    base, gflop = train_rate(name, cfg, args.steps, "float32", False)
+    policy = cfg.get("mixed_precision") or "float32"
+    jit = cfg.get("jit_compile", "auto")
+    ours, _ = train_rate(name, cfg, args.steps, policy, jit)
+    infer = inference_rate(name, cfg)
+    achieved = lambda rate: 3 * gflop * rate  # training ~ 3 forward passes of FLOPs  # noqa: E731
+    print(f"\nmachine: {os.cpu_count()} cores; model {name}, {cfg['image_size']} px, filters {cfg['filters']}, "
+          f"batch {cfg['batch_size']}; {gflop:.2f} conv GFLOP per slice forward")
+    print(f"matmul peak (float32, 2048^3)        {peak:8.1f} GFLOP/s")
+    print(f"train, plain float32 Keras defaults  {base:8.1f} slices/s  ({achieved(base):6.1f} GFLOP/s, "
+          f"{achieved(base) / peak:5.1%} of peak)")
+    print(f"train, recipe (policy {policy}, jit {jit})  {ours:8.1f} slices/s  ({achieved(ours):6.1f} GFLOP/s, "
+          f"{achieved(ours) / peak:5.1%} of peak)   speed-up {ours / base:.2f}x (target >= 1.5x, >= 60% of peak)")
+    print(f"inference (predict_probs, 256->{cfg['image_size']} px)  {infer:8.1f} slices/s  (target >= 150)")
+
+
+if __name__ == "__main__":
+    main()

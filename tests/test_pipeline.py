@@ -1,0 +1,64 @@
+"""The whole DVC pipeline on synthetic data with the demo profile, as `./run.sh demo` runs it:
+`dvc exp run`, then another architecture as an experiment, then the comparison commands."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TRACKED = ["stages", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", ".gitignore", "data/.gitignore"]
+
+
+def run(cmd, cwd, env):
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    repo = tmp_path_factory.mktemp("pipeline")
+    for name in TRACKED:
+        src, dest = ROOT / name, repo / name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, dest)
+    shutil.rmtree(repo / "stages/__pycache__", ignore_errors=True)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONPATH": str(repo),
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.org", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@example.org", "DVC_NO_ANALYTICS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    run(["git", "init", "-q"], repo, env)
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "pipeline"], repo, env)
+    demo = ["-S", "data.source=synthetic", "-S", "profile=demo", "-S", "data.synthetic.patients=6",
+            "-S", "data.synthetic.slices=12", "-S", "profiles.demo.epochs=1"]
+    run(["dvc", "exp", "run", "-n", "demo-unet", *demo], repo, env)
+    return repo, env, demo
+
+
+def test_demo_pipeline_writes_every_output(repo):
+    repo, env, _ = repo
+    for path in ["data/raw/kaggle_3m/data.csv", "data/index.csv", "data/split.csv", "data/prepared/train.csv",
+                 "models/model.keras", "metrics/train.json", "metrics/per_patient.csv", "plots/roc.csv",
+                 "plots/confusion.csv", "plots/overlays/worst.png", "dvclive/train/plots/metrics/eval/loss.tsv"]:
+        assert (repo / path).exists(), path
+    scores = json.loads((repo / "metrics/eval.json").read_text())
+    assert 0 <= scores["dice_volume_mean"] <= 1 and scores["data_source"].startswith("synthetic")
+    assert json.loads((repo / "metrics/data.json").read_text())["source"] == "synthetic"
+    assert "up to date" in run(["dvc", "status"], repo, env)
+
+
+def test_another_architecture_as_an_experiment_and_comparisons(repo):
+    repo, env, demo = repo
+    run(["dvc", "exp", "run", "-n", "demo-resunet", *demo, "-S", "model=resunet"], repo, env)
+    table = json.loads(run(["dvc", "exp", "show", "--json"], repo, env))
+    names = json.dumps(table)
+    assert "demo-unet" in names and "demo-resunet" in names and "dice_volume_mean" in names
+    assert json.loads((repo / "metrics/train.json").read_text())["model"] == "resunet"
+    diff = run(["dvc", "metrics", "diff", "demo-unet", "demo-resunet", "--json"], repo, env)
+    assert "dice_volume_mean" in diff
+    html = run(["dvc", "plots", "show", "-o", str(repo / "dvc_plots")], repo, env)
+    assert (repo / "dvc_plots/index.html").is_file(), html
