@@ -12,7 +12,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import tifffile
+import cv2
 import yaml
 
 from stages import balance, download, index, split
@@ -26,9 +26,10 @@ def timed(fn) -> float:
 
 
 def decode_all(folder: Path) -> None:
-    files = sorted(folder.rglob("*.tif"))
-    with ThreadPoolExecutor(max_workers=2) as pool:  # as the index stage does
-        list(pool.map(tifffile.imread, files))
+    """Pixels only, with the fastest decoder here (OpenCV's libtiff), no checks, 2 threads."""
+    files = [str(f) for f in sorted(folder.rglob("*.tif"))]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        list(pool.map(lambda f: cv2.imread(f, cv2.IMREAD_UNCHANGED), files))
 
 
 def main() -> None:
