@@ -67,3 +67,19 @@ def test_the_same_data_by_another_route_gives_the_same_bytes(first, tmp_path):
                          **{"data.source": "archive", "data.archive": str(tmp_path / "archive.zip")})
     differ = {name for name in expected if other.get(name) != expected[name]}
     assert differ == {"data/raw/SOURCE.json", "metrics/data.json"}  # they record the source, as they should
+
+
+def test_training_twice_with_the_same_seed_gives_the_same_metrics_within_tolerance(tmp_path):
+    """CPU training is seeded (keras.utils.set_random_seed): two runs agree to 1e-4 on every val metric
+    (oneDNN may reorder float sums between runs, so bitwise equality is not promised)."""
+    from stages.common import load_params, train_config
+    from stages.train import train
+    from tests.test_train import write_prepared
+
+    params = load_params()
+    cfg = {**train_config({**params, "profile": "demo"}), "epochs": 2, "batch_size": 4, "filters": 4,
+           "image_size": 64}
+    data = write_prepared(tmp_path)
+    runs = [train("unet", cfg, 5, data, tmp_path / f"m{k}.keras", None) for k in range(2)]
+    keys = [k for k in runs[0] if k.startswith("best_val_")]
+    assert keys and all(abs(runs[0][k] - runs[1][k]) <= 1e-4 for k in keys), runs
