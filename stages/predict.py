@@ -81,13 +81,6 @@ def write_bytes(dest: Path, data: bytes) -> None:
 
 # ---------------------------------------------------------------- prediction (shared with the app)
 
-def tumour_present(area: int, shape: tuple[int, int], params_evaluate: dict) -> bool:
-    """Evaluation's slice-level rule: the predicted area reaches detection_min_area (given at 256x256,
-    scaled to this slice's size so a 512 px slice needs the same fraction of the image)."""
-    min_area = params_evaluate.get("detection_min_area", 1) * (shape[0] * shape[1]) / (256 * 256)
-    return area > 0 and area >= min_area
-
-
 def analyse(model, images: np.ndarray, params_evaluate: dict, patients=None) -> list[dict]:
     """Segment same-sized uint8 slices (N,H,W,3) -> per slice: mask (uint8 0/255), tumour, area, max_probability.
 
@@ -95,19 +88,17 @@ def analyse(model, images: np.ndarray, params_evaluate: dict, patients=None) -> 
     A classifier model gives no mask: mask and area are None, tumour is its probability above the threshold.
     """
     from stages.inference import segment  # TensorFlow loads only when a prediction is made
+    from stages.postprocess import tumour_present
 
     masks, probs = segment(model, images, params_evaluate, patients=patients)
     masks, probs = np.asarray(masks), np.asarray(probs)
     if masks.ndim == 1:
         return [{"mask": None, "area": None, "tumour": bool(m), "max_probability": float(p)}
                 for m, p in zip(masks, probs)]
-    results = []
-    for mask, prob in zip(masks, probs):
-        area = int(np.count_nonzero(mask))
-        results.append({"mask": np.where(mask, 255, 0).astype(np.uint8), "area": area,
-                        "tumour": tumour_present(area, mask.shape, params_evaluate),
-                        "max_probability": float(prob.max())})
-    return results
+    present = tumour_present(masks, params_evaluate)  # evaluation's detection rule, the same function
+    return [{"mask": np.where(mask, 255, 0).astype(np.uint8), "area": int(np.count_nonzero(mask)),
+             "tumour": bool(tumour), "max_probability": float(prob.max())}
+            for mask, tumour, prob in zip(masks, present, probs)]
 
 
 # ---------------------------------------------------------------- inputs
