@@ -52,14 +52,16 @@ def atomic_path(dest: Path | str, is_dir: bool = False):
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     old = dest.with_name(f".{dest.name}.old")
-    if is_dir and old.exists() and not dest.exists():
-        old.rename(dest)  # a run killed between the two renames below: put the last good output back
     if is_dir:
+        if old.exists() and not dest.exists():
+            old.rename(dest)  # a run killed between the two renames below: put the last good output back
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+        tmp.chmod(0o755)  # mkdtemp's 0700 would make outputs private to their writer
     else:
         fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
         os.close(fd)
         tmp = Path(name)
+        tmp.chmod(0o644)  # mkstemp's 0600 would make outputs private to their writer
     try:
         yield tmp
         if is_dir:

@@ -173,10 +173,10 @@ def build_index(root: Path, on_bad: str = "fail", progress: bool = True):
 
 def main() -> None:
     params = load_params()
-    frame, images, masks, problems, counts = build_index(RAW, params["index"]["on_bad"])
     if not SOURCE.is_file():  # the download was interrupted after the data and before its record
         raise BrainsegError(f"{SOURCE}: missing. Fix: run `dvc repro download` again")
     source = load_params(path=SOURCE)
+    frame, images, masks, problems, counts = build_index(RAW, params["index"]["on_bad"])
     # each output goes to its temporary and all are renamed together at the end, so a failure (a full disk)
     # keeps the previous slices, report and index whole: never new slices beside an old index
     with atomic_path(SLICES, is_dir=True) as slices, atomic_path(REPORT) as report, atomic_path(INDEX) as table:
