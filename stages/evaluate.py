@@ -7,7 +7,8 @@
 Stage outputs (metric definitions in stages.metrics):
 - metrics/eval.json: segmentation scores (headline dice_volume_mean), slice detection, post-processing
   measured off and on (postprocess_compare), model facts and the data source. Classifiers write
-  classifier_* keys instead.
+  classifier_* keys instead. `validation` holds the same headline on the validation patients; with
+  evaluate.choose_on_validation the post-processing that scores best there is the one applied to test.
 - metrics/per_patient.csv: one row per test patient, worst first.
 - plots/roc.csv (fpr,tpr), plots/confusion.csv (actual,predicted per slice),
   plots/overlays/{best,median,worst}.png: the slice with the largest true tumour of the best, median and worst
@@ -170,7 +171,7 @@ def _overlays(per_patient: pd.DataFrame, views: dict, column: str, label: str) -
 
 
 def evaluate_model(model, images: np.ndarray, masks: np.ndarray, table: pd.DataFrame, params: dict,
-                   progress: bool = True) -> Evaluation:
+                   progress: bool = True, desc: str = "evaluate") -> Evaluation:
     """Score `model` on the slices listed in `table`.
 
     images uint8 (N,H,W,3) and masks (N,H,W) in {0,1} may be memory-mapped; `table` has columns patient
@@ -191,7 +192,7 @@ def evaluate_model(model, images: np.ndarray, masks: np.ndarray, table: pd.DataF
     if len(table):
         _warm_up(model, images, table.index.to_numpy(), batch_size)
     patients = list(_patient_rows(table))
-    for patient, rows in tqdm(patients, desc="evaluate", unit="patient", disable=not progress):
+    for patient, rows in tqdm(patients, desc=desc, unit="patient", disable=not progress):
         x, truth = np.asarray(images[rows]), np.asarray(masks[rows]).astype(bool)
         start = time.perf_counter()
         probs = inference.predict_probs(model, x, batch_size)
@@ -248,17 +249,17 @@ def data_source(root: Path) -> str:
     return f"{source} ({record['archive']})" if record.get("archive") else source
 
 
-def load_prepared_test(folder: Path) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
-    """The test split (memory-mapped arrays) and its table, original slices only."""
-    paths = [folder / f"test_{k}.npy" for k in ("images", "masks")] + [folder / "test.csv"]
+def load_prepared_test(folder: Path, split: str = "test") -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+    """A prepared split (memory-mapped arrays) and its table, original slices only."""
+    paths = [folder / f"{split}_{k}.npy" for k in ("images", "masks")] + [folder / f"{split}.csv"]
     for path in paths:
         if not path.is_file():
             raise BrainsegError(f"{path}: missing; run `dvc repro` to prepare the data")
     images, masks = (np.load(p, mmap_mode="r") for p in paths[:2])
     table = pd.read_csv(paths[2], dtype={"patient": str}, keep_default_na=False)
     if not len(images) == len(masks) == len(table):
-        raise BrainsegError(f"{folder}: test_images.npy ({len(images)}), test_masks.npy ({len(masks)}) and "
-                            f"test.csv ({len(table)}) disagree; run `dvc repro` to rebuild them")
+        raise BrainsegError(f"{folder}: {split}_images.npy ({len(images)}), {split}_masks.npy ({len(masks)}) and "
+                            f"{split}.csv ({len(table)}) disagree; run `dvc repro` to rebuild them")
     if "augmentation" in table:
         table = table[table["augmentation"].astype(str) == ""]
     return images, masks, table
@@ -276,14 +277,43 @@ def write_outputs(evaluation: Evaluation, root: Path) -> None:
                 raise BrainsegError(f"{root / OVERLAYS / name}.png: could not be written")
 
 
+def choose_postprocess(validation: Evaluation, params: dict) -> tuple[str, dict]:
+    """The postprocess_compare setting with the best per-volume Dice on the validation patients
+    (ties go to the one with fewer steps) and the evaluate params that apply it."""
+    scores = {name: v["dice_volume_mean"] for name, v in validation.metrics["postprocess_compare"].items()}
+    name = max(scores, key=lambda n: (scores[n], -list(scores).index(n)))
+    chosen = compare_settings(params)[name]
+    return name, {**params, **{k: chosen[k] for k in ("min_component", "largest_3d", "tta_flip")}}
+
+
+def validation_summary(validation: Evaluation) -> dict:
+    """The validation patients' headline (and post-processing comparison), nested under `validation`."""
+    m = validation.metrics
+    if m["model"]["kind"] == "classifier":
+        return {"patients": m["data"]["patients"], "classifier_accuracy": m["classifier_accuracy"]}
+    return {"patients": m["data"]["patients"], "dice_volume_mean": m["dice_volume_mean"],
+            "dice_volume_median": m["dice_volume_median"], "postprocess_compare": m["postprocess_compare"]}
+
+
 def run_stage(params: dict, root: Path = Path(".")) -> Evaluation:
-    """The DVC stage: models/model.keras on data/prepared/test*, outputs under `root`."""
+    """The DVC stage: models/model.keras on data/prepared/val* then test*, outputs under `root`.
+
+    Validation patients are scored first; with `evaluate.choose_on_validation` (segmenters) the
+    post-processing that is best on them is applied to the test patients, so test is looked at once.
+    """
     model = inference.load_model(root / MODEL)
     if model.name != params["model"]:
         raise BrainsegError(f"{root / MODEL} holds a '{model.name}' model but params.yaml says model: "
                             f"{params['model']}; run `dvc repro` to train it")
     images, masks, table = load_prepared_test(root / PREPARED)
-    evaluation = evaluate_model(model, images, masks, table, params["evaluate"])
+    settings = params["evaluate"]
+    validation = evaluate_model(model, *load_prepared_test(root / PREPARED, "val"), settings, desc="validation")
+    chosen = None
+    if settings.get("choose_on_validation") and inference.model_kind(model) == "segmenter":
+        chosen, settings = choose_postprocess(validation, settings)
+    evaluation = evaluate_model(model, images, masks, table, settings, desc="test")
+    evaluation.metrics["postprocess"]["chosen_on_validation"] = chosen
+    evaluation.metrics["validation"] = validation_summary(validation)
     evaluation.metrics["data_source"] = data_source(root)
     write_outputs(evaluation, root)
     return evaluation

@@ -31,6 +31,30 @@ class ReverseChannels(layers.Layer):
         return ops.flip(x, axis=-1)
 
 
+@keras.saving.register_keras_serializable(package="brainseg")
+class BrainStandardise(layers.Layer):
+    """Per slice and channel, z-score the head pixels (any channel above `threshold`) and zero the rest.
+
+    MRI intensities have no absolute scale: the same tissue is brighter or dimmer by scanner, institution and
+    slice. Standardising inside the model puts every slice on one scale wherever the model is used (training,
+    evaluation, the predict CLI, the web app) without a separate preprocessing step to keep in sync.
+    """
+
+    def __init__(self, threshold=10 / 255, **kwargs):
+        super().__init__(**kwargs)
+        self.threshold = float(threshold)
+
+    def call(self, x):
+        head = ops.cast(ops.max(x, axis=-1, keepdims=True) > self.threshold, x.dtype)
+        count = ops.maximum(ops.sum(head, axis=(1, 2), keepdims=True), 1.0)
+        mean = ops.sum(x * head, axis=(1, 2), keepdims=True) / count
+        var = ops.sum(ops.square((x - mean) * head), axis=(1, 2), keepdims=True) / count
+        return (x - mean) * ops.rsqrt(var + 1e-6) * head
+
+    def get_config(self):
+        return {**super().get_config(), "threshold": self.threshold}
+
+
 # ---------------------------------------------------------------- shared blocks
 
 def conv_bn_relu(x, filters, kernel_size=3, dilation_rate=1):
@@ -207,9 +231,11 @@ BUILDERS = {"unet": unet, "resunet": resunet, "efficientunet": efficientunet, "d
             "cnn": cnn, "xception": xception}
 
 
-def build_model(name: str, input_shape=(128, 128, 3), filters: int = 16, weights: str | None = None) -> keras.Model:
+def build_model(name: str, input_shape=(128, 128, 3), filters: int = 16, weights: str | None = None,
+                input_norm: str | None = None) -> keras.Model:
     """A freshly initialised `name` model (model.name == name). `weights` ("imagenet" or None) only
-    concerns the pretrained encoders of efficientunet, doubleunet and xception."""
+    concerns the pretrained encoders of efficientunet, doubleunet and xception. `input_norm="slice"` puts
+    BrainStandardise in front of the network (ImageNet encoders then no longer see the range they expect)."""
     if name not in BUILDERS:
         raise BrainsegError(f"params.yaml: model '{name}' is not one of {SEGMENTERS + CLASSIFIERS}; "
                             "set it with `dvc exp run -S model=unet`")
@@ -218,5 +244,8 @@ def build_model(name: str, input_shape=(128, 128, 3), filters: int = 16, weights
     if height % step or width % step or channels != 3:
         raise BrainsegError(f"{name} needs (H, W, 3) inputs with H and W multiples of {step}, got {input_shape}; "
                             "fix image_size in params.yaml's profiles")
+    if input_norm not in (None, "none", "slice"):
+        raise BrainsegError(f"params.yaml: train.input_norm '{input_norm}' is not none or slice")
     inputs = keras.Input(tuple(input_shape), name="image")
-    return keras.Model(inputs, BUILDERS[name](inputs, filters=filters, weights=weights), name=name)
+    x = BrainStandardise(dtype="float32", name="standardise")(inputs) if input_norm == "slice" else inputs
+    return keras.Model(inputs, BUILDERS[name](x, filters=filters, weights=weights), name=name)

@@ -33,7 +33,9 @@ SOURCE = Path("data/raw/SOURCE.json")
 def main() -> None:
     params = load_params()
     cfg = train_config(params)
-    summary = train(params["model"], cfg, params["seed"], DATA, MODEL, LIVE)
+    seed = params["seed"] if cfg.get("seed") is None else cfg["seed"]
+    summary = train(params["model"], cfg, seed, DATA, MODEL, LIVE)
+    summary["seed"] = seed
     summary["data_source"] = json.loads(SOURCE.read_text()) if SOURCE.is_file() else "unknown"
     write_json(METRICS, summary)
 
@@ -163,7 +165,7 @@ def train(name: str, cfg: dict, seed: int = 42, data_dir: Path = DATA, model_pat
     keras.mixed_precision.set_global_policy(cfg.get("mixed_precision") or "float32")
     try:
         with (strategy or distribution_strategy()).scope():
-            model = build_model(name, (size, size, 3), cfg["filters"], cfg.get("weights"))
+            model = build_model(name, (size, size, 3), cfg["filters"], cfg.get("weights"), cfg.get("input_norm"))
             train_ds, val_ds, n_train = make_datasets(Path(data_dir), size, batch, name in CLASSIFIERS,
                                                       cfg.get("tumour_slices_only", False), seed, len(model.outputs))
             compile_model(model, cfg, math.ceil(n_train / batch))

@@ -14,7 +14,7 @@ EVALUATE = {"threshold": 0.5, "min_component": 0, "largest_3d": False, "tta_flip
             "detection_min_area": 10, "batch_size": 4}
 SEGMENTER_KEYS = {"dice_volume_mean", "dice_volume_median", "dice_slice_mean", "dice_slice_tumour_mean",
                   "dice_pixel", "iou", "precision", "recall", "tversky", "detection", "postprocess",
-                  "postprocess_compare", "model", "data", "data_source"}
+                  "postprocess_compare", "model", "data", "data_source", "validation"}
 HEADLINE = ["dice_volume_mean", "dice_volume_median", "dice_slice_mean", "dice_slice_tumour_mean", "dice_pixel",
             "iou", "precision", "recall", "tversky"]
 
@@ -63,9 +63,10 @@ def make_root(tmp_path, model):
     rows.append({**rows[0], "augmentation": "rotate 10"})
     prepared = tmp_path / "data/prepared"
     prepared.mkdir(parents=True)
-    np.save(prepared / "test_images.npy", images)
-    np.save(prepared / "test_masks.npy", masks)
-    pd.DataFrame(rows).to_csv(prepared / "test.csv", index=False)
+    for split in ("val", "test"):  # the same slices, so validation and test scores must agree
+        np.save(prepared / f"{split}_images.npy", images)
+        np.save(prepared / f"{split}_masks.npy", masks)
+        pd.DataFrame(rows).to_csv(prepared / f"{split}.csv", index=False)
     (tmp_path / "models").mkdir()
     model.save(tmp_path / "models/model.keras")
     (tmp_path / "data/raw").mkdir()
@@ -135,10 +136,43 @@ def test_headline_matches_inference_segment(tmp_path):
 def test_classifier_writes_classifier_keys(tmp_path):
     root, result = run(tmp_path, classifier_model(), name="cnn", tta_flip=True)
     assert {"classifier_accuracy", "classifier_sensitivity", "classifier_specificity", "classifier_roc_auc",
-            "classifier_confusion", "model", "data", "data_source", "postprocess"} == set(result)
+            "classifier_confusion", "model", "data", "data_source", "postprocess", "validation"} == set(result)
+    assert result["validation"]["classifier_accuracy"] == result["classifier_accuracy"]
     assert result["model"]["kind"] == "classifier"
     assert pd.read_csv(root / "metrics/per_patient.csv").columns[2] == "accuracy"
     assert len(list((root / "plots/overlays").glob("*.png"))) == 3
+
+
+def test_validation_scores_sit_beside_test_scores(tmp_path):
+    _, result = run(tmp_path, untrained_model(), tta_flip=True)
+    assert result["validation"]["patients"] == 3
+    assert result["validation"]["dice_volume_mean"] == pytest.approx(result["dice_volume_mean"])
+    assert result["validation"]["postprocess_compare"] == result["postprocess_compare"]
+    assert result["postprocess"]["chosen_on_validation"] is None
+
+
+def fake_validation(scores: dict) -> evaluate.Evaluation:
+    compare = {name: {"dice_volume_mean": v, "dice_slice_mean": v} for name, v in scores.items()}
+    return evaluate.Evaluation({"postprocess_compare": compare}, pd.DataFrame(), pd.DataFrame(), pd.DataFrame())
+
+
+def test_choose_postprocess_takes_the_best_validation_setting():
+    steps = ["threshold", "min_component", "largest_3d", "tta_flip"]
+    name, params = evaluate.choose_postprocess(fake_validation(dict(zip(steps, [0.6, 0.6, 0.7, 0.65]))), EVALUATE)
+    assert name == "largest_3d"
+    assert (params["min_component"], params["largest_3d"], params["tta_flip"]) == (64, True, False)
+    name, params = evaluate.choose_postprocess(fake_validation(dict.fromkeys(steps, 0.5)), EVALUATE)
+    assert name == "threshold"  # a tie keeps the fewest steps
+    assert (params["min_component"], params["largest_3d"], params["tta_flip"]) == (0, False, False)
+
+
+def test_choose_on_validation_applies_the_choice_to_test(tmp_path):
+    _, result = run(tmp_path, untrained_model(), choose_on_validation=True)
+    chosen = result["postprocess"]["chosen_on_validation"]
+    best = max(v["dice_volume_mean"] for v in result["validation"]["postprocess_compare"].values())
+    assert result["validation"]["postprocess_compare"][chosen]["dice_volume_mean"] == best
+    # val and test hold the same slices here, so the test headline is the chosen setting's test score
+    assert result["dice_volume_mean"] == pytest.approx(result["postprocess_compare"][chosen]["dice_volume_mean"])
 
 
 def test_model_name_must_match_params(tmp_path):
@@ -169,6 +203,6 @@ def test_cli_scores_a_kaggle_layout_folder(tmp_path, monkeypatch):
     evaluate.main(["--model", str(tmp_path / "model.keras"), "--data", str(data), "--out", str(out),
                    "--per-patient", str(tmp_path / "out/per_patient.csv")])
     result = json.loads(out.read_text())
-    assert set(result) == SEGMENTER_KEYS and result["data"]["slices"] == 12
+    assert set(result) == SEGMENTER_KEYS - {"validation"} and result["data"]["slices"] == 12  # no split here
     assert result["data_source"] == str(data)
     assert len(pd.read_csv(tmp_path / "out/per_patient.csv")) == 2

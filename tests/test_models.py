@@ -82,3 +82,29 @@ def test_rejects_input_shapes_the_architecture_cannot_take(name, shape):
 def test_rejects_unknown_model_name():
     with pytest.raises(BrainsegError, match="model 'vnet'"):
         build_model("vnet", (64, 64, 3))
+
+
+def test_brain_standardise_zscores_the_head_and_zeroes_the_background():
+    from stages.models import BrainStandardise
+    rng = np.random.default_rng(0)
+    x = np.zeros((2, 16, 16, 3), np.float32)
+    x[:, 4:12, 4:12] = rng.uniform(0.2, 0.9, (2, 8, 8, 3))
+    x[1] *= 0.3  # a dimmer scan of the same kind of slice
+    out = keras.ops.convert_to_numpy(BrainStandardise()(x))
+    head = out[:, 4:12, 4:12].reshape(2, -1, 3)
+    np.testing.assert_allclose(head.mean(axis=1), 0, atol=1e-5)
+    np.testing.assert_allclose(head.std(axis=1), 1, atol=1e-3)
+    assert not out[:, :4].any() and not out[:, 12:].any()
+    empty = keras.ops.convert_to_numpy(BrainStandardise()(np.zeros((1, 8, 8, 3), np.float32)))
+    assert np.isfinite(empty).all() and not empty.any()
+
+
+def test_input_norm_model_reloads_in_safe_mode(tmp_path):
+    model = build_model("unet", (32, 32, 3), filters=4, input_norm="slice")
+    assert model.get_layer("standardise") is not None
+    x = np.random.default_rng(1).random((2, 32, 32, 3), dtype=np.float32)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras", safe_mode=True)
+    np.testing.assert_allclose(model(x), loaded(x), atol=1e-6)
+    with pytest.raises(BrainsegError, match="input_norm"):
+        build_model("unet", (32, 32, 3), filters=4, input_norm="volume")

@@ -62,3 +62,20 @@ def test_another_architecture_as_an_experiment_and_comparisons(repo):
     assert "dice_volume_mean" in diff
     html = run(["dvc", "plots", "show", "-o", str(repo / "dvc_plots")], repo, env)
     assert (repo / "dvc_plots/index.html").is_file(), html
+
+
+def test_architecture_table_lists_each_experiment_with_its_metrics(repo):
+    repo, env, demo = repo
+    if "demo-resunet" not in run(["dvc", "exp", "list", "--name-only"], repo, env):
+        run(["dvc", "exp", "run", "-n", "demo-resunet", *demo, "-S", "model=resunet"], repo, env)
+    table = run([sys.executable, "-m", "benchmarks.architectures", "--repo", str(repo)], ROOT, env)
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()[2:]}
+    assert set(rows) == {"demo-unet", "demo-resunet"}
+    for name in rows:
+        scores = json.loads(run(["git", "show", f"{exp_ref(repo, env, name)}:metrics/eval.json"], repo, env))
+        assert f"**{scores['dice_volume_mean']:.3f}**" in rows[name]
+
+
+def exp_ref(repo, env, name):
+    refs = run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], repo, env).split()
+    return next(ref for ref in refs if ref.endswith("/" + name))

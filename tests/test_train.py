@@ -81,6 +81,19 @@ def test_main_writes_metrics_with_data_source_and_restores_float32(prepared, cfg
     assert keras.mixed_precision.global_policy().name == "float32"
     # Inference loads uncompiled: a mixed-precision run saved a loss-scaling optimizer float32 Adam can't take.
     assert keras.models.load_model(tmp_path / "model.keras", safe_mode=True, compile=False).name == "cnn"
+    assert metrics["seed"] == params["seed"]  # train.seed null: the top-level seed
+
+
+def test_train_seed_overrides_the_top_level_seed(monkeypatch, tmp_path):
+    params = load_params()
+    params["train"]["seed"] = 7
+    seen = {}
+    monkeypatch.setattr(train_stage, "load_params", lambda: params)
+    monkeypatch.setattr(train_stage, "train", lambda name, cfg, seed, *a: seen.setdefault("seed", seed) and {})
+    monkeypatch.setattr(train_stage, "METRICS", tmp_path / "train.json")
+    monkeypatch.setattr(train_stage, "SOURCE", tmp_path / "missing.json")
+    train_stage.main()
+    assert seen["seed"] == 7 and json.loads((tmp_path / "train.json").read_text())["seed"] == 7
 
 
 def test_interrupted_training_keeps_the_previous_model(prepared, cfg, tmp_path, monkeypatch):
