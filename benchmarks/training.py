@@ -3,8 +3,9 @@
 Prints, in one run on this machine:
 - the matrix-multiply peak (float32 GEMM through TensorFlow, 2048x2048, best of several),
 - training slices/s of params.yaml's model at the CPU profile in plain float32 Keras with default settings
-  (the baseline), and in the pipeline's recipe (params.yaml's mixed_precision and jit_compile), with the
-  convolution FLOPs they achieve as a share of the measured peak,
+  (the baseline), in the pipeline's recipe (params.yaml's mixed_precision and jit_compile), with the
+  convolution FLOPs they achieve as a share of the measured peak, and in the mixed precision this hardware
+  offers (mixed_float16 on a GPU, mixed_bfloat16 on a CPU),
 - inference slices/s through stages.inference.predict_probs (what evaluation and the CLI use).
 
     python -m benchmarks.training [--steps 20] [--profile cpu]
@@ -100,6 +101,9 @@ def main() -> None:
     policy = cfg.get("mixed_precision") or "float32"
     jit = cfg.get("jit_compile", "auto")
     ours, _ = train_rate(name, cfg, args.steps, policy, jit)
+    # the other precision a user of this hardware would try: float16 on a GPU, bfloat16 on a CPU
+    other = "mixed_float16" if tf.config.list_logical_devices("GPU") else "mixed_bfloat16"
+    mixed = train_rate(name, cfg, args.steps, other, jit)[0] if other != policy else None
     infer = inference_rate(name, cfg)
     achieved = lambda rate: 3 * gflop * rate  # training ~ 3 forward passes of FLOPs  # noqa: E731
     print(f"\nmachine: {os.cpu_count()} cores; model {name}, {cfg['image_size']} px, filters {cfg['filters']}, "
@@ -109,6 +113,8 @@ def main() -> None:
           f"{achieved(base) / peak:5.1%} of peak)")
     print(f"train, recipe (policy {policy}, jit {jit})  {ours:8.1f} slices/s  ({achieved(ours):6.1f} GFLOP/s, "
           f"{achieved(ours) / peak:5.1%} of peak)   speed-up {ours / base:.2f}x (target >= 1.5x, >= 60% of peak)")
+    if mixed is not None:
+        print(f"train, {other} (jit {jit})  {mixed:8.1f} slices/s  ({mixed / base:.2f}x plain float32)")
     print(f"inference (predict_probs, 256->{cfg['image_size']} px)  {infer:8.1f} slices/s  (target >= 150)")
 
 

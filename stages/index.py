@@ -147,9 +147,10 @@ def build_index(root: Path, on_bad: str = "fail", progress: bool = True):
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
         raise BrainsegError(f"{len(problems)} bad file(s) in {root}:\n{listed}{more}\n"
                             "Fix them, or set index.on_bad: skip to leave them out (listed in data/index_report.csv)")
-    keep = np.ones(len(frame), bool)
-    keep[[p["row"] for p in bad]] = False
-    frame, images, masks = frame[keep].reset_index(drop=True), images[keep], masks[keep]
+    if bad:  # only then: boolean indexing copies every slice
+        keep = np.ones(len(frame), bool)
+        keep[[p["row"] for p in bad]] = False
+        frame, images, masks = frame[keep].reset_index(drop=True), images[keep], masks[keep]
     frame["area"] = masks.reshape(len(frame), -1).sum(1) if len(frame) else []
     frame["tumour"] = frame["area"] > 0
     clinical, csv_problems = read_clinical(Path(root) / "data.csv")
