@@ -65,11 +65,13 @@ def test_another_architecture_as_an_experiment_and_comparisons(repo):
     # each experiment carries its curves, ROC and confusion (git) and overlays (DVC cache), so they compare
     plots = json.loads(run(["dvc", "plots", "diff", "demo-unet", "demo-resunet", "--json"], repo, env))
     assert not plots.get("errors"), plots.get("errors")
-    for name in ("Loss per epoch", "Dice per epoch", "ROC of tumour detection", "Confusion of tumour detection"):
+    named = ("Loss per epoch", "Dice per epoch", "ROC of tumour detection", "Confusion of tumour detection")
+    for name in named:
         assert plots["data"][name], name
-    images = {p["url"] for key, items in plots["data"].items() if "overlays" in key for p in items
-              if p["type"] == "image"}
-    assert len(images) == 6, plots["data"].keys()  # best, median, worst of each experiment
+    overlays = {f"plots/overlays/{n}.png" for n in ("best", "median", "worst")}
+    assert set(plots["data"]) - set(named) == overlays  # no stray default charts of the same files
+    images = {p["url"] for key in overlays for p in plots["data"][key] if p["type"] == "image"}
+    assert len(images) == 6  # best, median, worst of each experiment
 
 
 def test_architecture_table_lists_each_experiment_with_its_metrics(repo):
