@@ -280,7 +280,9 @@ def write_outputs(evaluation: Evaluation, root: Path) -> None:
 def choose_postprocess(validation: Evaluation, params: dict) -> tuple[str, dict]:
     """The postprocess_compare setting with the best per-volume Dice on the validation patients
     (ties go to the one with fewer steps) and the evaluate params that apply it."""
-    scores = {name: v["dice_volume_mean"] for name, v in validation.metrics["postprocess_compare"].items()}
+    # no validation patients (None): nothing to choose from, so the fewest steps
+    scores = {name: -1.0 if v["dice_volume_mean"] is None else v["dice_volume_mean"]
+              for name, v in validation.metrics["postprocess_compare"].items()}
     name = max(scores, key=lambda n: (scores[n], -list(scores).index(n)))
     chosen = compare_settings(params)[name]
     return name, {**params, **{k: chosen[k] for k in ("min_component", "largest_3d", "tta_flip")}}

@@ -164,6 +164,8 @@ def test_choose_postprocess_takes_the_best_validation_setting():
     name, params = evaluate.choose_postprocess(fake_validation(dict.fromkeys(steps, 0.5)), EVALUATE)
     assert name == "threshold"  # a tie keeps the fewest steps
     assert (params["min_component"], params["largest_3d"], params["tta_flip"]) == (0, False, False)
+    no_patients = dict(zip(steps, [None] * 4))
+    assert evaluate.choose_postprocess(fake_validation(no_patients), EVALUATE)[0] == "threshold"
 
 
 def test_choose_on_validation_applies_the_choice_to_test(tmp_path):
