@@ -21,6 +21,7 @@ import streamlit as st  # noqa: E402
 
 from stages.common import BrainsegError, load_params  # noqa: E402
 from stages.images import UPLOAD_SUFFIXES, BadImage, decode_upload  # noqa: E402
+from stages.postprocess import serving_settings  # noqa: E402
 from stages.predict import analyse, mask_tiff, overlay  # noqa: E402
 
 MAX_UPLOAD_MB = 10  # a 256x256 slice is 200 KB; the server-wide cap is server.maxUploadSize (.streamlit/config.toml)
@@ -101,7 +102,7 @@ def main() -> None:
     model = choose_model()
     if model is None:
         return
-    params = load_params("evaluate")
+    params = serving_settings(load_params("evaluate"))
     uploads = st.file_uploader("MRI slices (TIFF, PNG, JPEG)", type=[s.lstrip(".") for s in UPLOAD_SUFFIXES],
                                accept_multiple_files=True, max_upload_size=MAX_UPLOAD_MB)
     if not uploads:

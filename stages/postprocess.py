@@ -7,6 +7,9 @@ needs the model.
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 from scipy import ndimage
 
@@ -86,3 +89,16 @@ def postprocess(probs: np.ndarray, params: dict, patients=None) -> np.ndarray:
     if params.get("largest_3d", False):
         masks = largest_3d_per_patient(masks, patients)
     return masks
+
+
+def serving_settings(params: dict, eval_json: Path | str = Path("metrics/eval.json")) -> dict:
+    """The `evaluate` params to predict with: with `choose_on_validation`, the post-processing the last
+    evaluation chose on the validation patients (recorded in metrics/eval.json), so the predict CLI and
+    the app segment the way the reported scores were measured; otherwise `params` as set."""
+    if not params.get("choose_on_validation"):
+        return params
+    try:
+        applied = json.loads(Path(eval_json).read_text())["postprocess"]
+        return {**params, **{k: applied[k] for k in ("min_component", "largest_3d", "tta_flip")}}
+    except (OSError, ValueError, KeyError, TypeError):  # no evaluation yet (or a classifier's): as set
+        return params

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from stages.common import BrainsegError, atomic_path, load_params, run_main, write_csv
 from stages.images import UPLOAD_SUFFIXES, BadImage, decode_upload
 from stages.index import FILE_RE
+from stages.postprocess import serving_settings
 
 DEFAULT_MODEL = Path("models/model.keras")
 EXIT_OK, EXIT_FATAL, EXIT_SKIPPED = 0, 2, 3
@@ -300,7 +301,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    return run(args.inputs, args.model, args.out, load_params("evaluate"), progress=not args.no_progress)
+    return run(args.inputs, args.model, args.out, serving_settings(load_params("evaluate")),
+               progress=not args.no_progress)
 
 
 if __name__ == "__main__":

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 
 from stages import postprocess
@@ -63,3 +65,18 @@ def test_tumour_present_scales_the_minimum_area_to_the_slice_size():
     params = {"detection_min_area": 10}
     assert postprocess.tumour_present(masks, params).tolist() == [False, False, True]
     assert postprocess.tumour_present(masks, {"detection_min_area": 0}).tolist() == [False, True, True]
+
+
+def test_serving_settings_follow_the_evaluation_choice(tmp_path):
+    from stages.postprocess import serving_settings
+    params = {"threshold": 0.5, "min_component": 0, "largest_3d": False, "tta_flip": False,
+              "choose_on_validation": True}
+    eval_json = tmp_path / "eval.json"
+    assert serving_settings(params, eval_json) == params  # nothing evaluated yet: as set
+    eval_json.write_text(json.dumps({"postprocess": {"threshold": 0.5, "min_component": 64, "largest_3d": True,
+                                                     "tta_flip": True, "chosen_on_validation": "tta_flip"}}))
+    served = serving_settings(params, eval_json)
+    assert (served["min_component"], served["largest_3d"], served["tta_flip"]) == (64, True, True)
+    assert serving_settings({**params, "choose_on_validation": False}, eval_json)["tta_flip"] is False
+    eval_json.write_text(json.dumps({"classifier_accuracy": 0.9, "postprocess": {"threshold": 0.5}}))
+    assert serving_settings(params, eval_json) == params
