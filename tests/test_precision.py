@@ -1,0 +1,15 @@
+import keras
+import numpy as np
+
+from benchmarks.precision import rebuild
+from stages.models import build_model
+
+
+def test_rebuild_copies_weights_into_a_mixed_precision_twin():
+    model = build_model("unet", (32, 32, 3), filters=4, input_norm="slice")
+    twin = rebuild(model, "mixed_bfloat16", filters=4)
+    assert twin.name == "unet" and twin.get_layer("standardise") is not None
+    assert twin.dtype_policy.name == "mixed_bfloat16" and model.dtype_policy.name == "float32"
+    assert keras.mixed_precision.global_policy().name == "float32"
+    x = np.random.default_rng(0).random((2, 32, 32, 3), dtype=np.float32)
+    np.testing.assert_allclose(model(x), twin(x), atol=0.05)  # bfloat16 keeps ~3 significant digits
