@@ -11,5 +11,7 @@ def test_rebuild_copies_weights_into_a_mixed_precision_twin():
     assert twin.name == "unet" and twin.get_layer("standardise") is not None
     assert twin.dtype_policy.name == "mixed_bfloat16" and model.dtype_policy.name == "float32"
     assert keras.mixed_precision.global_policy().name == "float32"
+    # the twin carries the trained weights themselves, not a fresh initialisation that happens to look alike
+    assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), twin.get_weights()))
     x = np.random.default_rng(0).random((2, 32, 32, 3), dtype=np.float32)
     np.testing.assert_allclose(model(x), twin(x), atol=0.05)  # bfloat16 keeps ~3 significant digits
