@@ -2,7 +2,8 @@
 
 The model's float32 weights are copied into the same architecture built under a mixed policy
 (mixed_bfloat16 on a CPU, mixed_float16 on a GPU) and both are scored by the evaluation stage's own code on
-the prepared validation and test patients, threshold only (no post-processing), in the same run. The model
+the prepared validation and test patients, threshold only (no post-processing), in the same run, both run
+by Keras (and float32 once more by the LiteRT engine evaluation uses on a CPU). The model
 must have been trained with the filters of params.yaml's profile (its weights are copied by shape).
 
     python -m benchmarks.precision [--model models/model.keras] [--prepared data/prepared] [--policy mixed_bfloat16]
@@ -42,16 +43,16 @@ def main(argv: list[str] | None = None) -> None:
     from stages.common import load_params, train_config
 
     params = load_params()
-    settings = {**params["evaluate"], "min_component": 0, "largest_3d": False, "tta_flip": False}
+    settings = {**params["evaluate"], "min_component": 0, "largest_3d": False, "tta_flip": False, "engine": "keras"}
     policy = args.policy or ("mixed_float16" if tf.config.list_logical_devices("GPU") else "mixed_bfloat16")
     model = inference.load_model(args.model)
     mixed = rebuild(model, policy, train_config(params)["filters"])
     print(f"\nmodel {args.model} ({model.name}); policy compared: {policy}; threshold only")
     for split in ("val", "test"):
         data = evaluate.load_prepared_test(args.prepared, split)
-        for name, m in (("float32", model), (policy, mixed)):
-            scores = evaluate.evaluate_model(m, *data, settings, progress=False).metrics
-            print(f"{split:5s} {name:15s} per-volume Dice {scores['dice_volume_mean']:.4f}  pixel Dice "
+        for name, m, engine in (("float32", model, "keras"), (policy, mixed, "keras"), ("float32", model, "litert")):
+            scores = evaluate.evaluate_model(m, *data, {**settings, "engine": engine}, progress=False).metrics
+            print(f"{split:5s} {name:15s} {engine:6s} per-volume Dice {scores['dice_volume_mean']:.4f}  pixel Dice "
                   f"{scores['dice_pixel']:.4f}  {scores['model']['slices_per_second']:7.1f} slices/s")
 
 

@@ -6,7 +6,8 @@ Prints, in one run on this machine:
   (the baseline), in the pipeline's recipe (params.yaml's mixed_precision and jit_compile), with the
   convolution FLOPs they achieve as a share of the measured peak, and in the mixed precision this hardware
   offers (mixed_float16 on a GPU, mixed_bfloat16 on a CPU),
-- inference slices/s through stages.inference.predict_probs (what evaluation and the CLI use).
+- inference slices/s through stages.inference.predict_probs (what evaluation, the CLI and the app use), with
+  the engine params.yaml's evaluate.engine picks here (LiteRT on a CPU) against Keras' own predict.
 
     python -m benchmarks.training [--steps 20] [--profile cpu]
 """
@@ -71,7 +72,7 @@ def train_rate(name, cfg, steps: int, policy: str, jit) -> tuple[float, float]:
     return steps * batch / seconds, conv_flops(model) / 1e9
 
 
-def inference_rate(name, cfg, n: int = 512) -> float:
+def inference_rate(name, cfg, engine: str, n: int = 512) -> float:
     import keras
 
     from stages.inference import predict_probs
@@ -80,8 +81,8 @@ def inference_rate(name, cfg, n: int = 512) -> float:
     keras.utils.set_random_seed(0)
     model = build_model(name, (cfg["image_size"],) * 2 + (3,), cfg["filters"])
     images = np.random.default_rng(0).integers(0, 255, (n, 256, 256, 3), dtype=np.uint8)
-    predict_probs(model, images[:64], batch_size=64)
-    return n / _time(lambda: predict_probs(model, images, batch_size=64))
+    predict_probs(model, images[:64], batch_size=64, engine=engine)  # trace, or convert for LiteRT
+    return n / _time(lambda: predict_probs(model, images, batch_size=64, engine=engine))
 
 
 def main() -> None:
@@ -104,7 +105,13 @@ def main() -> None:
     # the other precision a user of this hardware would try: float16 on a GPU, bfloat16 on a CPU
     other = "mixed_float16" if tf.config.list_logical_devices("GPU") else "mixed_bfloat16"
     mixed = train_rate(name, cfg, args.steps, other, jit)[0] if other != policy else None
-    infer = inference_rate(name, cfg)
+    from stages.inference import pick_engine
+    from stages.models import build_model
+
+    engine = pick_engine(build_model(name, (cfg["image_size"],) * 2 + (3,), cfg["filters"]),
+                         params["evaluate"].get("engine", "auto"))
+    infer_keras = inference_rate(name, cfg, "keras")
+    infer = inference_rate(name, cfg, engine)
     achieved = lambda rate: 3 * gflop * rate  # training ~ 3 forward passes of FLOPs  # noqa: E731
     print(f"\nmachine: {os.cpu_count()} cores; model {name}, {cfg['image_size']} px, filters {cfg['filters']}, "
           f"batch {cfg['batch_size']}; {gflop:.2f} conv GFLOP per slice forward")
@@ -115,7 +122,9 @@ def main() -> None:
           f"{achieved(ours) / peak:5.1%} of peak)   speed-up {ours / base:.2f}x (target >= 1.5x, >= 60% of peak)")
     if mixed is not None:
         print(f"train, {other} (jit {jit})  {mixed:8.1f} slices/s  ({mixed / base:.2f}x plain float32)")
-    print(f"inference (predict_probs, 256->{cfg['image_size']} px)  {infer:8.1f} slices/s  (target >= 150)")
+    print(f"inference, Keras predict (256->{cfg['image_size']} px)  {infer_keras:8.1f} slices/s")
+    print(f"inference, pipeline engine {engine} (256->{cfg['image_size']} px)  {infer:8.1f} slices/s  "
+          f"({infer / infer_keras:.2f}x Keras; target >= 150)")
 
 
 if __name__ == "__main__":

@@ -65,28 +65,61 @@ def augment(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, cfg: 
     return image, mask, "+".join(steps)
 
 
-def balance_train(meta: pd.DataFrame, images, masks, cfg: dict, seed: int):
-    """meta/images/masks of the training split -> the same with augmented copies appended."""
+def augmentation_sources(meta: pd.DataFrame, cfg: dict, seed: int) -> np.ndarray:
+    """Rows of the training split to copy, tumour copies first: the plan of plan_balance, seeded."""
     tumour = meta["tumour"].to_numpy(bool)
     add_t, add_e = plan_balance(int(tumour.sum()), int((~tumour).sum()), cfg["total"], cfg["tumour_fraction"])
     rng = np.random.default_rng(seed)
-    sources = np.concatenate([pick_sources(np.flatnonzero(tumour), add_t, rng),
-                              pick_sources(np.flatnonzero(~tumour), add_e, rng)])
+    return np.concatenate([pick_sources(np.flatnonzero(tumour), add_t, rng),
+                           pick_sources(np.flatnonzero(~tumour), add_e, rng)])
+
+
+def add_augmented(meta: pd.DataFrame, images: np.ndarray, masks: np.ndarray, sources: np.ndarray,
+                  cfg: dict, seed: int) -> pd.DataFrame:
+    """Fill images[n:], masks[n:] (n = len(meta), originals already in [:n]) with augmented copies of
+    `sources` and return meta with their rows appended."""
     n = len(meta)
-    out_images = np.empty((n + len(sources), *images.shape[1:]), np.uint8)
-    out_masks = np.empty((n + len(sources), *masks.shape[1:]), np.uint8)
-    out_images[:n], out_masks[:n] = images, masks
     rows = []
     for k, src in enumerate(tqdm(sources, desc="augment", unit="slice")):
         # one generator per copy, keyed by its position: a copy never depends on how many came before
         copy_rng = np.random.default_rng([seed, k])
-        out_images[n + k], out_masks[n + k], how = augment(images[src], masks[src], copy_rng, cfg)
+        images[n + k], masks[n + k], how = augment(images[src], masks[src], copy_rng, cfg)
         row = meta.iloc[src].to_dict()
-        rows.append({**row, "augmentation": how, "area": int(out_masks[n + k].sum())})
+        rows.append({**row, "augmentation": how, "area": int(masks[n + k].sum())})
     out = pd.concat([meta, pd.DataFrame(rows, columns=META)], ignore_index=True)
     out["area"] = out["area"].astype(np.int64)
     out["tumour"] = (out["area"] > 0).astype(int)
-    return out, out_images, out_masks
+    return out
+
+
+def balance_train(meta: pd.DataFrame, images, masks, cfg: dict, seed: int):
+    """meta/images/masks of the training split -> the same with augmented copies appended."""
+    sources = augmentation_sources(meta, cfg, seed)
+    n = len(meta)
+    out_images = np.empty((n + len(sources), *images.shape[1:]), np.uint8)
+    out_masks = np.empty((n + len(sources), *masks.shape[1:]), np.uint8)
+    out_images[:n], out_masks[:n] = images, masks
+    return add_augmented(meta, out_images, out_masks, sources, cfg, seed), out_images, out_masks
+
+
+def write_split(folder: Path, name: str, meta: pd.DataFrame, images, masks, rows: np.ndarray,
+                cfg: dict | None = None, seed: int = 0) -> pd.DataFrame:
+    """{name}_images.npy / _masks.npy / .csv in `folder`: the slices `rows` of images / masks (balanced
+    when `cfg` is given). The arrays are gathered straight into the .npy files (memory-mapped), so the
+    slices are copied once, not gathered, copied and written."""
+    sources = augmentation_sources(meta, cfg, seed) if cfg is not None else np.zeros(0, int)
+    total = len(rows) + len(sources)
+    out_images = np.lib.format.open_memmap(folder / f"{name}_images.npy", "w+", np.uint8, (total, *images.shape[1:]))
+    out_masks = np.lib.format.open_memmap(folder / f"{name}_masks.npy", "w+", np.uint8, (total, *masks.shape[1:]))
+    np.take(images, rows, axis=0, out=out_images[:len(rows)])
+    np.take(masks, rows, axis=0, out=out_masks[:len(rows)])
+    if cfg is not None:
+        meta = add_augmented(meta, out_images, out_masks, sources, cfg, seed)
+    out_images.flush()
+    out_masks.flush()
+    del out_images, out_masks
+    meta.to_csv(folder / f"{name}.csv", index=False, lineterminator="\n")
+    return meta
 
 
 def main() -> None:
@@ -104,12 +137,9 @@ def main() -> None:
     with atomic_path(PREPARED, is_dir=True) as tmp:
         for name in ("train", "val", "test"):
             rows = np.flatnonzero(index["patient"].map(split).to_numpy() == name)
-            meta, imgs, msks = index.iloc[rows][META].reset_index(drop=True), images[rows], masks[rows]
-            if name == "train":
-                meta, imgs, msks = balance_train(meta, imgs, msks, cfg, params["seed"])
-            np.save(tmp / f"{name}_images.npy", imgs)
-            np.save(tmp / f"{name}_masks.npy", msks)
-            meta.to_csv(tmp / f"{name}.csv", index=False, lineterminator="\n")
+            meta = index.iloc[rows][META].reset_index(drop=True)
+            meta = write_split(tmp, name, meta, images, masks, rows,
+                               cfg if name == "train" else None, params["seed"])
             summary[name] = {"slices": len(meta), "tumour_slices": int(meta["tumour"].sum()),
                              "augmented": int((meta["augmentation"].fillna("") != "").sum())}
     write_json(Path("metrics") / "balance.json", summary)

@@ -112,10 +112,11 @@ def _slice_no(table: pd.DataFrame, rows: np.ndarray, i: int):
     return table.at[rows[i], "slice"] if "slice" in table else i + 1
 
 
-def _warm_up(model, images: np.ndarray, rows: np.ndarray, batch_size: int) -> None:
-    """Trace the predict function (two batch sizes, so later batches of any size reuse it) before timing."""
+def _warm_up(model, images: np.ndarray, rows: np.ndarray, batch_size: int, engine: str) -> None:
+    """Trace the predict function (two batch sizes, so later batches of any size reuse it) or convert the
+    model for LiteRT before timing."""
     for n in (1, 2):
-        inference.predict_probs(model, images[rows[:n]], batch_size)
+        inference.predict_probs(model, images[rows[:n]], batch_size, engine=engine)
 
 
 def _segment_patient(patient, truth, probs, tta, settings: dict, params: dict) -> dict:
@@ -183,6 +184,7 @@ def evaluate_model(model, images: np.ndarray, masks: np.ndarray, table: pd.DataF
     """
     kind = inference.model_kind(model)
     batch_size = int(params.get("batch_size", 32))
+    engine = inference.pick_engine(model, params.get("engine", "auto"))
     # "headline" is what params ask for; the others are the post-processing comparison
     settings = {"headline": params, **(compare_settings(params) if kind == "segmenter" else {})}
     needs_flip = any(s.get("tta_flip") for s in settings.values())
@@ -190,16 +192,16 @@ def evaluate_model(model, images: np.ndarray, masks: np.ndarray, table: pd.DataF
     present, decided, score, classified, views = [], [], [], [], {}
     elapsed = 0.0
     if len(table):
-        _warm_up(model, images, table.index.to_numpy(), batch_size)
+        _warm_up(model, images, table.index.to_numpy(), batch_size, engine)
     patients = list(_patient_rows(table))
     for patient, rows in tqdm(patients, desc=desc, unit="patient", disable=not progress):
         x, truth = np.asarray(images[rows]), np.asarray(masks[rows]).astype(bool)
         start = time.perf_counter()
-        probs = inference.predict_probs(model, x, batch_size)
+        probs = inference.predict_probs(model, x, batch_size, engine=engine)
         elapsed += time.perf_counter() - start  # slices per second: the plain prediction, preprocessing included
         tta = None
         if needs_flip:
-            flipped = inference.predict_probs(model, x[:, :, ::-1], batch_size)
+            flipped = inference.predict_probs(model, x[:, :, ::-1], batch_size, engine=engine)
             tta = 0.5 * (probs + (flipped[:, :, ::-1] if probs.ndim == 3 else flipped))  # = tta_flip=True
         has_tumour = truth.reshape(len(rows), -1).any(axis=1)
         present.append(has_tumour)
@@ -231,7 +233,7 @@ def evaluate_model(model, images: np.ndarray, masks: np.ndarray, table: pd.DataF
         result["detection"] = detection
         overlays = _overlays(per_patient, views, "dice", "Dice")
     result["model"] = {"name": model.name, "kind": kind, "parameters": int(model.count_params()),
-                       "input_size": inference.input_size(model),
+                       "input_size": inference.input_size(model), "engine": engine,
                        "slices_per_second": round(len(present) / elapsed, 2) if elapsed else None}
     result["data"] = {"patients": len(patients), "slices": int(len(present)), "tumour_slices": int(present.sum())}
     return Evaluation(result, per_patient, metrics.roc_points(present, score),

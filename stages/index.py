@@ -94,11 +94,21 @@ def read_pair(row) -> tuple[np.ndarray, np.ndarray]:
     return image, read_mask(row.mask, shape=image.shape[:2])
 
 
-def load_slices(frame: pd.DataFrame, progress: bool = True) -> tuple[np.ndarray, np.ndarray, list[dict]]:
-    """Decode every pair -> (images (N,256,256,3), masks (N,256,256) in {0,1}, problems); bad rows are zero."""
+def allocate(shape: tuple, folder: Path | None = None, name: str = "") -> np.ndarray:
+    """Zeros of `shape` (uint8): in memory, or as `folder/name`.npy memory-mapped, so decoded slices land
+    in the output file directly instead of being copied into it by np.save."""
+    if folder is None:
+        return np.zeros(shape, np.uint8)
+    return np.lib.format.open_memmap(Path(folder) / f"{name}.npy", "w+", np.uint8, shape)
+
+
+def load_slices(frame: pd.DataFrame, progress: bool = True,
+                out_dir: Path | None = None) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """Decode every pair -> (images (N,256,256,3), masks (N,256,256) in {0,1}, problems); bad rows are zero.
+    With `out_dir` the arrays are out_dir/images.npy and masks.npy, memory-mapped."""
     n = len(frame)
-    images = np.zeros((n, 256, 256, 3), np.uint8)
-    masks = np.zeros((n, 256, 256), np.uint8)
+    images = allocate((n, 256, 256, 3), out_dir, "images")
+    masks = allocate((n, 256, 256), out_dir, "masks")
     problems = []
 
     def work(i_row):
@@ -135,12 +145,13 @@ def read_clinical(csv_path: Path) -> tuple[pd.DataFrame, list[dict]]:
     return clinical[~bad & ~again].rename(columns={"Patient": "patient"}), problems
 
 
-def build_index(root: Path, on_bad: str = "fail", progress: bool = True):
-    """-> (index DataFrame, images, masks, problems, counts). Raises listing every bad file when on_bad='fail'."""
+def build_index(root: Path, on_bad: str = "fail", progress: bool = True, out_dir: Path | None = None):
+    """-> (index DataFrame, images, masks, problems, counts). Raises listing every bad file when on_bad='fail'.
+    With `out_dir` the slices are written there as images.npy / masks.npy (memory-mapped) as they decode."""
     if on_bad not in ("fail", "skip"):
         raise BrainsegError(f"params.yaml: index.on_bad '{on_bad}' is not fail or skip")
     frame, problems = pair_slices(root)
-    images, masks, bad = load_slices(frame, progress)
+    images, masks, bad = load_slices(frame, progress, out_dir)
     problems += bad
     if problems and on_bad == "fail":
         listed = "\n".join(f"  {p['file']}: {p['problem']} (fix: {p['fix']})" for p in problems[:20])
@@ -151,6 +162,12 @@ def build_index(root: Path, on_bad: str = "fail", progress: bool = True):
         keep = np.ones(len(frame), bool)
         keep[[p["row"] for p in bad]] = False
         frame, images, masks = frame[keep].reset_index(drop=True), images[keep], masks[keep]
+        if out_dir is not None:  # rewrite the files without the bad rows (new inodes: the old maps stay valid)
+            for name, array in (("images", images), ("masks", masks)):
+                part = Path(out_dir) / f"{name}.part"
+                with open(part, "wb") as f:
+                    np.save(f, np.asarray(array))
+                os.replace(part, Path(out_dir) / f"{name}.npy")
     frame["area"] = masks.reshape(len(frame), -1).sum(1) if len(frame) else []
     frame["tumour"] = frame["area"] > 0
     clinical, csv_problems = read_clinical(Path(root) / "data.csv")
@@ -177,12 +194,14 @@ def main() -> None:
     if not SOURCE.is_file():  # the download was interrupted after the data and before its record
         raise BrainsegError(f"{SOURCE}: missing. Fix: run `dvc repro download` again")
     source = load_params(path=SOURCE)
-    frame, images, masks, problems, counts = build_index(RAW, params["index"]["on_bad"])
-    # each output goes to its temporary and all are renamed together at the end, so a failure (a full disk)
-    # keeps the previous slices, report and index whole: never new slices beside an old index
+    # each output goes to its temporary and all are renamed together at the end, so a failure (a full disk,
+    # a bad file) keeps the previous slices, report and index whole: never new slices beside an old index
     with atomic_path(SLICES, is_dir=True) as slices, atomic_path(REPORT) as report, atomic_path(INDEX) as table:
-        np.save(slices / "images.npy", images)
-        np.save(slices / "masks.npy", masks)
+        frame, images, masks, problems, counts = build_index(RAW, params["index"]["on_bad"], out_dir=slices)
+        for array in (images, masks):
+            if isinstance(array, np.memmap):
+                array.flush()
+        del images, masks
         pd.DataFrame(problems, columns=["file", "problem", "fix"]).to_csv(report, index=False, lineterminator="\n")
         frame.to_csv(table, index=False, lineterminator="\n")
     write_json(Path("metrics") / "data.json", {**counts, "source": source["source"]})

@@ -102,7 +102,8 @@ def test_download_interrupted_before_its_record_is_caught_by_index(good, project
         index.main()
 
 
-# A stage killed (SIGKILL) while it writes its arrays: np.save is made to write half the bytes and hang, the
+# A stage killed (SIGKILL) while it writes its arrays: np.save is made to write half the bytes and hang, and
+# open_memmap (the stages decode / gather straight into their .npy files) to create its file and hang; the
 # parent kills the process there.
 
 KILLABLE = """
@@ -116,7 +117,18 @@ def half_then_hang(file, array, *args, **kwargs):
     print("writing", file, flush=True)
     time.sleep(120)
 
+real_open_memmap = np.lib.format.open_memmap
+
+def open_then_hang(file, mode="r+", *args, **kwargs):
+    array = real_open_memmap(file, mode, *args, **kwargs)
+    if mode == "r":  # reading an input
+        return array
+    array[:1] = 7  # a file with the header and part of its data
+    print("writing", file, flush=True)
+    time.sleep(120)
+
 np.save = half_then_hang
+np.lib.format.open_memmap = open_then_hang
 from stages import {stage}
 run_main({stage}.main)
 """
@@ -182,9 +194,9 @@ def fill_disk(monkeypatch, owner, name, when=lambda path: True):
 
 
 @pytest.mark.parametrize("stage,owner,name,when", [
-    (index, np, "save", lambda path: True),                                 # the first write: the arrays
+    (index, np.lib.format, "open_memmap", lambda path: True),               # the first write: the arrays
     (index, pd.DataFrame, "to_csv", lambda path: ".index.csv." in path.name),  # the last: index.csv
-    (balance, np, "save", lambda path: "val_" in path.name),                # halfway through the splits
+    (balance, np.lib.format, "open_memmap", lambda path: "val_" in path.name),  # halfway through the splits
 ], ids=["index-arrays", "index-csv", "balance-arrays"])
 def test_full_disk_keeps_the_last_good_outputs_whole(good, project, stage, owner, name, when):
     shutil.rmtree(project / "data/raw/kaggle_3m/TCGA_HT_7004_19950105")  # new input: new outputs would differ

@@ -86,6 +86,8 @@ def test_skip_leaves_bad_pairs_out_and_reports_them(raw, project):
     frame = pd.read_csv(project / "data/index.csv")
     assert len(frame) == 57 and not frame["slice"][frame["case"] == CASE].isin([3, 4, 6]).any()
     assert len(np.load(project / "data/slices/images.npy", mmap_mode="r")) == 57
+    masks = np.load(project / "data/slices/masks.npy")  # the rewritten file's rows are the kept slices
+    assert (masks.reshape(57, -1).sum(1) == frame["area"]).all() and set(np.unique(masks)) <= {0, 1}
 
 
 def test_data_csv_problems(raw, project):

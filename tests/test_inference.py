@@ -119,3 +119,49 @@ def test_segment_post_processes_with_params():
     masks, probs = inference.segment(flair_model(), x, params)
     assert masks.dtype == bool and masks.shape == probs.shape == (2, 16, 16)
     assert not masks[:, 0, 0].any() and masks[:, 4:10, 5:9].all() and masks.sum() == 2 * 24
+
+
+@pytest.mark.parametrize("name", ["unet", "doubleunet", "cnn"])
+def test_litert_engine_matches_keras(name):
+    from stages.models import build_model
+
+    keras.utils.set_random_seed(1)
+    model = build_model(name, (32, 32, 3), 4)
+    x = images(5, size=48)
+    keras_probs = inference.predict_probs(model, x, batch_size=2, engine="keras", tta_flip=True)
+    lite_probs = inference.predict_probs(model, x, batch_size=2, engine="litert", tta_flip=True)
+    assert lite_probs.shape == keras_probs.shape
+    assert np.abs(lite_probs - keras_probs).max() < 1e-4
+    assert lite_probs.std() > 1e-4  # not a constant map that any output would match
+
+
+def test_litert_engine_takes_any_size_for_a_size_free_model():
+    model = flair_model()
+    for size in (16, 24):
+        assert np.allclose(inference.predict_probs(model, images(3, size=size), engine="litert"),
+                           inference.predict_probs(model, images(3, size=size), engine="keras"), atol=1e-5)
+
+
+def test_auto_engine_is_litert_on_cpu_for_float32_and_keras_for_mixed_precision():
+    assert inference.pick_engine(flair_model(16)) == "litert"
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        mixed = flair_model(16)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert inference.pick_engine(mixed) == "keras"
+    with pytest.raises(BrainsegError, match="engine 'tpu'"):
+        inference.pick_engine(mixed, "tpu")
+
+
+def test_auto_engine_falls_back_to_keras_when_litert_cannot_convert(monkeypatch):
+    def refuse(model):
+        raise RuntimeError("unsupported op")
+
+    monkeypatch.setattr(inference, "LiteRTRunner", refuse)
+    model, x = flair_model(16), images(2)
+    with pytest.warns(UserWarning, match="LiteRT cannot run"):
+        probs = inference.predict_probs(model, x, engine="auto")
+    assert np.allclose(probs, inference.predict_probs(model, x, engine="keras"))
+    with pytest.raises(BrainsegError, match="evaluate.engine: keras"):
+        inference.predict_probs(model, x, engine="litert")
