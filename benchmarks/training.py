@@ -72,7 +72,8 @@ def train_rate(name, cfg, steps: int, policy: str, jit) -> tuple[float, float]:
     return steps * batch / seconds, conv_flops(model) / 1e9
 
 
-def inference_rate(name, cfg, engine: str, n: int = 512) -> float:
+def inference_rate(name, cfg, engine: str, n: int = 512) -> tuple[float, float]:
+    """(slices/s, seconds of the first call: tracing, or the conversion for LiteRT)."""
     import keras
 
     from stages.inference import predict_probs
@@ -81,8 +82,8 @@ def inference_rate(name, cfg, engine: str, n: int = 512) -> float:
     keras.utils.set_random_seed(0)
     model = build_model(name, (cfg["image_size"],) * 2 + (3,), cfg["filters"])
     images = np.random.default_rng(0).integers(0, 255, (n, 256, 256, 3), dtype=np.uint8)
-    predict_probs(model, images[:64], batch_size=64, engine=engine)  # trace, or convert for LiteRT
-    return n / _time(lambda: predict_probs(model, images, batch_size=64, engine=engine))
+    first = _time(lambda: predict_probs(model, images[:64], batch_size=64, engine=engine))
+    return n / _time(lambda: predict_probs(model, images, batch_size=64, engine=engine)), first
 
 
 def main() -> None:
@@ -110,8 +111,8 @@ def main() -> None:
 
     engine = pick_engine(build_model(name, (cfg["image_size"],) * 2 + (3,), cfg["filters"]),
                          params["evaluate"].get("engine", "auto"))
-    infer_keras = inference_rate(name, cfg, "keras")
-    infer = inference_rate(name, cfg, engine)
+    infer_keras, first_keras = inference_rate(name, cfg, "keras")
+    infer, first = inference_rate(name, cfg, engine)
     achieved = lambda rate: 3 * gflop * rate  # training ~ 3 forward passes of FLOPs  # noqa: E731
     print(f"\nmachine: {os.cpu_count()} cores; model {name}, {cfg['image_size']} px, filters {cfg['filters']}, "
           f"batch {cfg['batch_size']}; {gflop:.2f} conv GFLOP per slice forward")
@@ -122,9 +123,10 @@ def main() -> None:
           f"{achieved(ours) / peak:5.1%} of peak)   speed-up {ours / base:.2f}x (target >= 1.5x, >= 60% of peak)")
     if mixed is not None:
         print(f"train, {other} (jit {jit})  {mixed:8.1f} slices/s  ({mixed / base:.2f}x plain float32)")
-    print(f"inference, Keras predict (256->{cfg['image_size']} px)  {infer_keras:8.1f} slices/s")
+    print(f"inference, Keras predict (256->{cfg['image_size']} px)  {infer_keras:8.1f} slices/s  "
+          f"(first call {first_keras:.1f} s)")
     print(f"inference, pipeline engine {engine} (256->{cfg['image_size']} px)  {infer:8.1f} slices/s  "
-          f"({infer / infer_keras:.2f}x Keras; target >= 150)")
+          f"({infer / infer_keras:.2f}x Keras; target >= 150; first call {first:.1f} s)")
 
 
 if __name__ == "__main__":
