@@ -66,3 +66,20 @@ def test_image_and_mask_get_the_same_geometry():
         bright = out_image[..., 0] > 127
         assert set(np.unique(out_mask)) <= {0, 1}
         assert (bright & (out_mask == 1)).sum() / max(1, (bright | (out_mask == 1)).sum()) > 0.8, how
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1000])
+def test_write_split_streams_what_balance_train_builds(tmp_path, chunk):
+    from stages.balance import write_split
+
+    meta, images, masks = synthetic_index(200, 50)
+    rows = np.arange(10, 170)  # the split's rows of the whole index
+    split_meta = meta.iloc[rows].reset_index(drop=True)
+    expected = balance_train(split_meta, images[rows], masks[rows], CFG, seed=3)
+    written = write_split(tmp_path, "train", split_meta, images, masks, rows, CFG, seed=3, chunk=chunk)
+    assert written.equals(expected[0])
+    assert np.array_equal(np.load(tmp_path / "train_images.npy"), expected[1])
+    assert np.array_equal(np.load(tmp_path / "train_masks.npy"), expected[2])
+    assert pd.read_csv(tmp_path / "train.csv")["augmentation"].fillna("").ne("").sum() == len(expected[0]) - 160
+    plain = write_split(tmp_path, "val", split_meta, images, masks, rows, chunk=chunk)  # no cfg: no copies
+    assert plain.equals(split_meta) and np.array_equal(np.load(tmp_path / "val_images.npy"), images[rows])

@@ -102,9 +102,9 @@ def test_download_interrupted_before_its_record_is_caught_by_index(good, project
         index.main()
 
 
-# A stage killed (SIGKILL) while it writes its arrays: np.save is made to write half the bytes and hang, and
-# open_memmap (the stages decode / gather straight into their .npy files) to create its file and hang; the
-# parent kills the process there.
+# A stage killed (SIGKILL) while it writes its arrays: np.save is made to write half the bytes and hang,
+# open_memmap (index decodes straight into its .npy files) to create its file and hang, and balance's chunked
+# writer to hang after its third chunk; the parent kills the process there.
 
 KILLABLE = """
 import sys, time
@@ -130,6 +130,17 @@ def open_then_hang(file, mode="r+", *args, **kwargs):
 np.save = half_then_hang
 np.lib.format.open_memmap = open_then_hang
 from stages import {stage}
+if hasattr({stage}, "NpyWriter"):  # balance streams its arrays: the third chunk hangs
+    real_write, chunks = {stage}.NpyWriter.write, []
+
+    def write_then_hang(self, array):
+        real_write(self, array)
+        chunks.append(1)
+        if len(chunks) == 3:
+            print("writing", self.file.name, flush=True)
+            time.sleep(120)
+
+    {stage}.NpyWriter.write = write_then_hang
 run_main({stage}.main)
 """
 
@@ -196,7 +207,7 @@ def fill_disk(monkeypatch, owner, name, when=lambda path: True):
 @pytest.mark.parametrize("stage,owner,name,when", [
     (index, np.lib.format, "open_memmap", lambda path: True),               # the first write: the arrays
     (index, pd.DataFrame, "to_csv", lambda path: ".index.csv." in path.name),  # the last: index.csv
-    (balance, np.lib.format, "open_memmap", lambda path: "val_" in path.name),  # halfway through the splits
+    (balance, balance.NpyWriter, "__init__", lambda path: "val_" in path.name),  # halfway through the splits
 ], ids=["index-arrays", "index-csv", "balance-arrays"])
 def test_full_disk_keeps_the_last_good_outputs_whole(good, project, stage, owner, name, when):
     shutil.rmtree(project / "data/raw/kaggle_3m/TCGA_HT_7004_19950105")  # new input: new outputs would differ
