@@ -9,9 +9,7 @@ stages.preprocess and the probabilities come back at the images' own size.
 Engine: on a CPU the network runs as a LiteRT (TFLite) float32 graph with the XNNPACK kernels, which run
 this small U-Net ~2.5x faster than Keras' own predict on 2 cores (benchmarks/training.py prints both); with
 a GPU, or a model whose layers compute in a mixed precision, Keras runs it. The conversion is made once per
-model object, at its first prediction, from its weights at that moment; it takes ~5 s, so `auto` leaves a
-call of fewer than AUTO_LITERT_MIN_SLICES predictions on an unconverted model to Keras (a CLI run on a few
-slices), and evaluation, which predicts thousands, asks for the engine pick_engine names.
+model object, at its first prediction, from its weights at that moment.
 """
 from __future__ import annotations
 
@@ -81,8 +79,6 @@ def input_size(model: keras.Model) -> int | None:
 
 
 ENGINES = ("auto", "keras", "litert")
-# ~5 s of conversion pays for itself after ~450 slices at 73 (Keras) vs 186 (LiteRT) slices/s on 2 cores
-AUTO_LITERT_MIN_SLICES = 400
 _LITERT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -188,8 +184,6 @@ def predict_probs(model: keras.Model, images: np.ndarray, batch_size: int = 32, 
         images = images[None]
     if images.ndim != 4 or images.shape[-1] != 3:
         raise BrainsegError(f"expected RGB slices shaped (N,H,W,3), got {images.shape}")
-    if engine == "auto" and model not in _LITERT and len(images) * (1 + tta_flip) < AUTO_LITERT_MIN_SLICES:
-        engine = "keras"  # too few slices to pay for the conversion
     probs = _predict(model, images, batch_size, progress, engine)
     if tta_flip:
         flipped = _predict(model, images[:, :, ::-1], batch_size, progress, engine)

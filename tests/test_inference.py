@@ -154,27 +154,11 @@ def test_auto_engine_is_litert_on_cpu_for_float32_and_keras_for_mixed_precision(
         inference.pick_engine(mixed, "tpu")
 
 
-def test_auto_engine_leaves_a_few_slices_to_keras_until_the_model_is_converted(monkeypatch):
-    model, x = flair_model(16), images(3)
-    monkeypatch.setattr(inference, "LiteRTRunner", lambda model: pytest.fail("converted for 3 slices"))
-    inference.predict_probs(model, x, engine="auto")
-    monkeypatch.undo()
-    monkeypatch.setattr(inference, "AUTO_LITERT_MIN_SLICES", 3)
-    inference.predict_probs(model, x, engine="auto")  # enough slices: converts
-    assert model in inference._LITERT
-    monkeypatch.setattr(inference, "AUTO_LITERT_MIN_SLICES", 1000)
-    runner, calls = inference._LITERT[model], []
-    inference._LITERT[model] = lambda batch: calls.append(len(batch)) or runner(batch)
-    one = inference.predict_probs(model, x[:1], engine="auto")  # converted: LiteRT from now on
-    assert calls == [1] and np.allclose(one, inference.predict_probs(model, x[:1], engine="keras"), atol=1e-5)
-
-
 def test_auto_engine_falls_back_to_keras_when_litert_cannot_convert(monkeypatch):
     def refuse(model):
         raise RuntimeError("unsupported op")
 
     monkeypatch.setattr(inference, "LiteRTRunner", refuse)
-    monkeypatch.setattr(inference, "AUTO_LITERT_MIN_SLICES", 1)
     model, x = flair_model(16), images(2)
     with pytest.warns(UserWarning, match="LiteRT cannot run"):
         probs = inference.predict_probs(model, x, engine="auto")
