@@ -88,7 +88,7 @@ def _decode_tiff(source, file) -> np.ndarray:
         else:
             with open(source, "rb") as f:
                 size = tiff_size(lambda at, n: _read_at(f, at, n))
-    except (OSError, struct.error):
+    except (OSError, OverflowError, ValueError, struct.error):  # unreadable, or offsets past any file
         size = None
     if size is not None:
         _check_size(file, *size)

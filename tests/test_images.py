@@ -47,6 +47,13 @@ def test_declared_bomb_is_refused_from_the_header_before_decoding(tmp_path, monk
         images.read_mask(path)
 
 
+def test_an_ifd_offset_past_any_file_falls_back_to_tifffile_and_names_the_file(tmp_path):
+    path = tmp_path / "far.tif"
+    path.write_bytes(b"II+\x00\x08\x00\x00\x00" + b"\xff" * 8)  # BigTIFF whose first IFD is at 2**64 - 1
+    with pytest.raises(BadImage, match="far.tif: is not a readable TIFF"):
+        images.read_image(path)
+
+
 def test_unreadable_file_names_itself(tmp_path):
     path = tmp_path / "gone.tif"
     with pytest.raises(BadImage, match="gone.tif: is not a readable TIFF"):
