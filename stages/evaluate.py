@@ -184,7 +184,7 @@ def evaluate_model(model, images: np.ndarray, masks: np.ndarray, table: pd.DataF
     """
     kind = inference.model_kind(model)
     batch_size = int(params.get("batch_size", 32))
-    engine = inference.pick_engine(model, params.get("engine", "auto"))
+    engine = params.get("engine", "auto")
     # "headline" is what params ask for; the others are the post-processing comparison
     settings = {"headline": params, **(compare_settings(params) if kind == "segmenter" else {})}
     needs_flip = any(s.get("tta_flip") for s in settings.values())
@@ -233,7 +233,8 @@ def evaluate_model(model, images: np.ndarray, masks: np.ndarray, table: pd.DataF
         result["detection"] = detection
         overlays = _overlays(per_patient, views, "dice", "Dice")
     result["model"] = {"name": model.name, "kind": kind, "parameters": int(model.count_params()),
-                       "input_size": inference.input_size(model), "engine": engine,
+                       "input_size": inference.input_size(model),
+                       "engine": inference.engine_in_use(model, engine) if len(table) else None,
                        "slices_per_second": round(len(present) / elapsed, 2) if elapsed else None}
     result["data"] = {"patients": len(patients), "slices": int(len(present)), "tumour_slices": int(present.sum())}
     return Evaluation(result, per_patient, metrics.roc_points(present, score),

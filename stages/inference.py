@@ -94,6 +94,11 @@ def pick_engine(model: keras.Model, engine: str = "auto") -> str:
     return "litert" if float32 and not tf.config.list_logical_devices("GPU") else "keras"
 
 
+def engine_in_use(model: keras.Model, engine: str = "auto") -> str:
+    """The engine predictions of `model` ran on (after one): 'keras' where auto fell back from LiteRT."""
+    return "litert" if pick_engine(model, engine) == "litert" and _LITERT.get(model) is not None else "keras"
+
+
 class LiteRTRunner:
     """One model as a LiteRT interpreter (XNNPACK, all cores); call it on a float32 batch."""
 

@@ -109,6 +109,22 @@ def test_perfect_model_scores_one_everywhere(tmp_path):
         assert ((image[..., 2] == 255) & (image[..., 1] == 0)).any()
 
 
+def test_engine_is_recorded_and_a_model_litert_cannot_convert_is_scored_by_keras(tmp_path, monkeypatch):
+    from stages import inference
+
+    _, lite = run(tmp_path / "a", flair_model())
+    assert lite["model"]["engine"] == "litert"  # the CPU default for a float32 model
+
+    def refuse(model):
+        raise RuntimeError("unsupported op")
+
+    monkeypatch.setattr(inference, "LiteRTRunner", refuse)
+    with pytest.warns(UserWarning, match="LiteRT cannot run"):
+        _, fallback = run(tmp_path / "b", flair_model())
+    assert fallback["model"]["engine"] == "keras"
+    assert all(fallback[k] == pytest.approx(lite[k]) for k in HEADLINE)
+
+
 def test_every_segmenter_writes_the_same_keys(tmp_path):
     _, perfect = run(tmp_path / "a", flair_model())
     _, untrained = run(tmp_path / "b", untrained_model(), tta_flip=True, min_component=5)

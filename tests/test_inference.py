@@ -162,6 +162,7 @@ def test_auto_engine_falls_back_to_keras_when_litert_cannot_convert(monkeypatch)
     model, x = flair_model(16), images(2)
     with pytest.warns(UserWarning, match="LiteRT cannot run"):
         probs = inference.predict_probs(model, x, engine="auto")
+    assert inference.engine_in_use(model, "auto") == "keras"
     assert np.allclose(probs, inference.predict_probs(model, x, engine="keras"))
     with pytest.raises(BrainsegError, match="evaluate.engine: keras"):
         inference.predict_probs(model, x, engine="litert")

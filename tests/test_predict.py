@@ -206,7 +206,7 @@ def test_cli_masks_equal_evaluation_masks_on_dev_slices(dev_zip, tmp_path, model
     """Two patients of the dev archive through the CLI (as a zip) and through evaluation's own path."""
     from stages.evaluate import _patient_rows
     from stages.index import build_index
-    from stages.inference import load_model, pick_engine, predict_probs, segment
+    from stages.inference import load_model, predict_probs, segment
     from stages.postprocess import postprocess
     from stages.predict import run
 
@@ -224,7 +224,7 @@ def test_cli_masks_equal_evaluation_masks_on_dev_slices(dev_zip, tmp_path, model
     masks, _ = segment(model, images, params, patients=index["patient"].to_numpy())
     # evaluate_model's loop: a patient at a time, predict_probs then postprocess (flip averaged as it does)
     scored = np.zeros_like(masks)
-    engine = pick_engine(model, params.get("engine", "auto"))  # as evaluate_model picks it
+    engine = params.get("engine", "auto")  # as evaluate_model passes it
     for patient, rows in _patient_rows(index):
         probs = predict_probs(model, images[rows], params["batch_size"], tta_flip=params["tta_flip"], engine=engine)
         scored[rows] = postprocess(probs, params, [patient] * len(rows))
