@@ -92,13 +92,17 @@ def _decode_tiff(source, file) -> np.ndarray:
         size = None
     if size is not None:
         _check_size(file, *size)
-        if isinstance(source, io.BytesIO):
-            image = cv2.imdecode(np.frombuffer(source.getbuffer(), np.uint8), cv2.IMREAD_UNCHANGED)
-        else:
-            image = cv2.imread(str(source), cv2.IMREAD_UNCHANGED)
+        image = _opencv_decode(source)
         if image is not None and image.shape[:2] == size:
             return _to_rgb(image)
     return _decode_tiff_slow(source, file)
+
+
+def _opencv_decode(source) -> np.ndarray | None:
+    """OpenCV's decode of a path or in-memory file; None where it cannot."""
+    if isinstance(source, io.BytesIO):
+        return cv2.imdecode(np.frombuffer(source.getbuffer(), np.uint8), cv2.IMREAD_UNCHANGED)
+    return cv2.imread(str(source), cv2.IMREAD_UNCHANGED)
 
 
 def _to_rgb(image: np.ndarray) -> np.ndarray:
@@ -115,11 +119,7 @@ def _decode_tiff_slow(source, file) -> np.ndarray:
         with tifffile.TiffFile(source) as tif:
             shape = tif.pages[0].shape
             _check_size(file, shape[0], shape[1] if len(shape) > 1 else 1)
-            if isinstance(source, io.BytesIO):
-                data = np.frombuffer(source.getbuffer(), np.uint8)
-                image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
-            else:
-                image = cv2.imread(str(source), cv2.IMREAD_UNCHANGED)
+            image = _opencv_decode(source)
             if image is None:  # a layout OpenCV does not decode (rare): tifffile does
                 return np.ascontiguousarray(tif.pages[0].asarray())
             return _to_rgb(image)
