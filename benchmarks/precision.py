@@ -6,7 +6,7 @@ the prepared validation and test patients, threshold only (no post-processing), 
 by Keras (and float32 once more by the LiteRT engine evaluation uses on a CPU). The model
 must have been trained with the filters of params.yaml's profile (its weights are copied by shape).
 
-    python -m benchmarks.precision [--model models/model.keras] [--prepared data/prepared] [--policy mixed_bfloat16]
+    python -m benchmarks.precision [--model models/model.keras] [--data data] [--policy mixed_bfloat16]
 """
 from __future__ import annotations
 
@@ -34,12 +34,12 @@ def rebuild(model, policy: str, filters: int):
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=Path("models/model.keras"))
-    parser.add_argument("--prepared", type=Path, default=Path("data/prepared"))
+    parser.add_argument("--data", type=Path, default=Path("data"), help="folder of prepared/ and slices/")
     parser.add_argument("--policy", default=None, help="default: mixed_float16 with a GPU, else mixed_bfloat16")
     args = parser.parse_args(argv)
     import tensorflow as tf
 
-    from stages import evaluate, inference
+    from stages import evaluate, inference, prepared
     from stages.common import load_params, train_config
 
     params = load_params()
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     mixed = rebuild(model, policy, train_config(params)["filters"])
     print(f"\nmodel {args.model} ({model.name}); policy compared: {policy}; threshold only")
     for split in ("val", "test"):
-        data = evaluate.load_prepared_test(args.prepared, split)
+        data = prepared.originals(args.data, split)
         for name, m, engine in (("float32", model, "keras"), (policy, mixed, "keras"), ("float32", model, "litert")):
             scores = evaluate.evaluate_model(m, *data, {**settings, "engine": engine}, progress=False).metrics
             print(f"{split:5s} {name:15s} {engine:6s} per-volume Dice {scores['dice_volume_mean']:.4f}  pixel Dice "

@@ -3,10 +3,13 @@
 As in the seed article (3929 slices -> 5312, 2656 with tumour, 2656 without) but on the training split
 only: every augmented slice is a flipped / rotated / blurred copy of a training slice and keeps its source
 patient, so nothing derived from a validation or test patient ever reaches training. Validation and test
-keep their original slices. Output: data/prepared/{train,val,test}_{images,masks}.npy and {split}.csv.
+keep their original slices. Output: data/prepared/{train,val,test}.csv, which refer to the index stage's
+data/slices by row instead of copying them, and the copies' pixels, train_copies_{images,masks}.npy
+and slices.json, the digest of the index those rows refer to (see stages.prepared, which reads them).
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -14,7 +17,8 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from stages.common import BrainsegError, atomic_path, load_params, run_main, write_json
+from stages import prepared
+from stages.common import BrainsegError, NpyWriter, atomic_path, load_params, run_main, write_json
 from stages.index import INDEX, SLICES
 from stages.split import SPLIT
 
@@ -75,17 +79,21 @@ def augmentation_sources(meta: pd.DataFrame, cfg: dict, seed: int) -> np.ndarray
 
 
 def augmented_copies(meta: pd.DataFrame, source, sources: np.ndarray, cfg: dict, seed: int):
-    """Yield (image, mask, meta row) for each augmented copy of the rows `sources` of meta;
+    """Yield (image, mask, meta row) for each augmented copy of the rows `sources` of meta, in order;
     source(i) -> (image, mask) of row i."""
-    for k, src in enumerate(tqdm(sources, desc="augment", unit="slice")):
-        # one generator per copy, keyed by its position: a copy never depends on how many came before
-        copy_rng = np.random.default_rng([seed, k])
-        image, mask, how = augment(*source(src), copy_rng, cfg)
-        yield image, mask, {**meta.iloc[src].to_dict(), "augmentation": how, "area": int(mask.sum())}
+    def copy(k_src):
+        k, src = k_src
+        # one generator per copy, keyed by its position: a copy never depends on how many came before,
+        # so two threads (OpenCV releases the GIL) make the same bytes as one
+        image, mask, how = augment(*source(src), np.random.default_rng([seed, k]), cfg)
+        return image, mask, {**meta.iloc[src].to_dict(), "augmentation": how, "area": int(mask.sum())}
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        yield from tqdm(pool.map(copy, enumerate(sources)), total=len(sources), desc="augment", unit="slice")
 
 
 def with_copies(meta: pd.DataFrame, rows: list[dict]) -> pd.DataFrame:
-    out = pd.concat([meta, pd.DataFrame(rows, columns=META)], ignore_index=True)
+    out = pd.concat([meta, pd.DataFrame(rows, columns=meta.columns)], ignore_index=True)
     out["area"] = out["area"].astype(np.int64)
     out["tumour"] = (out["area"] > 0).astype(int)
     return out
@@ -100,43 +108,26 @@ def balance_train(meta: pd.DataFrame, images, masks, cfg: dict, seed: int):
     return with_copies(meta, [c[2] for c in copies]), out_images, out_masks
 
 
-class NpyWriter:
-    """A .npy file of known shape written front to back in chunks: plain writes, no memory map (on this
-    machine's disk, writing a memory map page by page ran at a third of the speed) and no full copy in memory."""
-
-    def __init__(self, path: Path, shape: tuple):
-        self.file = open(path, "wb")
-        np.lib.format.write_array_header_1_0(self.file, {"descr": "|u1", "fortran_order": False, "shape": shape})
-
-    def write(self, array: np.ndarray) -> None:
-        self.file.write(np.ascontiguousarray(array, np.uint8).data)
-
-    def close(self) -> None:
-        self.file.close()
-
-
 def write_split(folder: Path, name: str, meta: pd.DataFrame, images, masks, rows: np.ndarray,
-                cfg: dict | None = None, seed: int = 0, chunk: int = 128) -> pd.DataFrame:
-    """{name}_images.npy / _masks.npy / .csv in `folder`: the slices `rows` of images / masks (balanced
-    when `cfg` is given), gathered and written a chunk at a time, so nothing holds a whole split in memory."""
-    sources = augmentation_sources(meta, cfg, seed) if cfg is not None else np.zeros(0, int)
-    total = len(rows) + len(sources)
-    image_file = NpyWriter(folder / f"{name}_images.npy", (total, *images.shape[1:]))
-    mask_file = NpyWriter(folder / f"{name}_masks.npy", (total, *masks.shape[1:]))
-    try:
-        for start in range(0, len(rows), chunk):
-            image_file.write(images[rows[start:start + chunk]])
-            mask_file.write(masks[rows[start:start + chunk]])
+                cfg: dict | None = None, seed: int = 0) -> pd.DataFrame:
+    """`folder`/{name}.csv: the split's slices as `rows` of images / masks (the index stage's arrays), balanced when
+    `cfg` is given: the augmented copies' pixels, the only ones written, go to {name}_copies_{images,masks}.npy."""
+    meta = meta.assign(row=rows, copy=-1)
+    if cfg is not None:
+        sources = augmentation_sources(meta, cfg, seed)
+        image_file = NpyWriter(folder / f"{name}_copies_images.npy", (len(sources), *images.shape[1:]))
+        mask_file = NpyWriter(folder / f"{name}_copies_masks.npy", (len(sources), *masks.shape[1:]))
         copied = []
-        for image, mask, row in augmented_copies(meta, lambda i: (images[rows[i]], masks[rows[i]]), sources,
-                                                 cfg, seed):
-            image_file.write(image)
-            mask_file.write(mask)
-            copied.append(row)
-    finally:
-        image_file.close()
-        mask_file.close()
-    meta = with_copies(meta, copied) if cfg is not None else meta
+        try:
+            for image, mask, row in augmented_copies(meta, lambda i: (images[rows[i]], masks[rows[i]]), sources,
+                                                     cfg, seed):
+                image_file.write(image)
+                mask_file.write(mask)
+                copied.append({**row, "copy": len(copied)})  # `row` stays the source's slice
+        finally:
+            image_file.close()
+            mask_file.close()
+        meta = with_copies(meta, copied)
     meta.to_csv(folder / f"{name}.csv", index=False, lineterminator="\n")
     return meta
 
@@ -161,6 +152,7 @@ def main() -> None:
                                cfg if name == "train" else None, params["seed"])
             summary[name] = {"slices": len(meta), "tumour_slices": int(meta["tumour"].sum()),
                              "augmented": int((meta["augmentation"].fillna("") != "").sum())}
+        prepared.write_record(tmp, INDEX.parent, len(images))
     write_json(Path("metrics") / "balance.json", summary)
     print(summary)
 

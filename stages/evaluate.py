@@ -28,12 +28,12 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from stages import inference, metrics
+from stages import inference, metrics, prepared
 from stages.common import BrainsegError, atomic_path, load_params, run_main, write_csv, write_json
 from stages.postprocess import postprocess, tumour_present
 
 MODEL = Path("models/model.keras")
-PREPARED = Path("data/prepared")
+DATA = Path("data")  # data/prepared's tables and the data/slices they point into
 SOURCE = Path("data/raw/SOURCE.json")
 EVAL_JSON = Path("metrics/eval.json")
 PER_PATIENT = Path("metrics/per_patient.csv")
@@ -252,22 +252,6 @@ def data_source(root: Path) -> str:
     return f"{source} ({record['archive']})" if record.get("archive") else source
 
 
-def load_prepared_test(folder: Path, split: str = "test") -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
-    """A prepared split (memory-mapped arrays) and its table, original slices only."""
-    paths = [folder / f"{split}_{k}.npy" for k in ("images", "masks")] + [folder / f"{split}.csv"]
-    for path in paths:
-        if not path.is_file():
-            raise BrainsegError(f"{path}: missing; run `dvc repro` to prepare the data")
-    images, masks = (np.load(p, mmap_mode="r") for p in paths[:2])
-    table = pd.read_csv(paths[2], dtype={"patient": str}, keep_default_na=False)
-    if not len(images) == len(masks) == len(table):
-        raise BrainsegError(f"{folder}: {split}_images.npy ({len(images)}), {split}_masks.npy ({len(masks)}) and "
-                            f"{split}.csv ({len(table)}) disagree; run `dvc repro` to rebuild them")
-    if "augmentation" in table:
-        table = table[table["augmentation"].astype(str) == ""]
-    return images, masks, table
-
-
 def write_outputs(evaluation: Evaluation, root: Path) -> None:
     """The stage's outputs under `root`, each written atomically."""
     write_json(root / EVAL_JSON, evaluation.metrics)
@@ -310,9 +294,9 @@ def run_stage(params: dict, root: Path = Path(".")) -> Evaluation:
     if model.name != params["model"]:
         raise BrainsegError(f"{root / MODEL} holds a '{model.name}' model but params.yaml says model: "
                             f"{params['model']}; run `dvc repro` to train it")
-    images, masks, table = load_prepared_test(root / PREPARED)
+    images, masks, table = prepared.originals(root / DATA, "test")
     settings = params["evaluate"]
-    validation = evaluate_model(model, *load_prepared_test(root / PREPARED, "val"), settings, desc="validation")
+    validation = evaluate_model(model, *prepared.originals(root / DATA, "val"), settings, desc="validation")
     chosen = None
     if settings.get("choose_on_validation") and inference.model_kind(model) == "segmenter":
         chosen, settings = choose_postprocess(validation, settings)

@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from stages.common import BrainsegError, atomic_path, load_params, run_main, write_json
-from stages.images import BadImage, read_image, read_mask
+from stages.common import BrainsegError, NpyWriter, atomic_path, load_params, run_main, write_json
+from stages.images import SLICE_SHAPE, BadImage, read_image, read_mask
 
 RAW = Path("data") / "raw" / "kaggle_3m"
 INDEX = Path("data") / "index.csv"
@@ -94,34 +94,44 @@ def read_pair(row) -> tuple[np.ndarray, np.ndarray]:
     return image, read_mask(row.mask, shape=image.shape[:2])
 
 
-def allocate(shape: tuple, folder: Path | None = None, name: str = "") -> np.ndarray:
-    """Zeros of `shape` (uint8): in memory, or as `folder/name`.npy memory-mapped, so decoded slices land
-    in the output file directly instead of being copied into it by np.save."""
-    if folder is None:
-        return np.zeros(shape, np.uint8)
-    return np.lib.format.open_memmap(Path(folder) / f"{name}.npy", "w+", np.uint8, shape)
-
-
 def load_slices(frame: pd.DataFrame, progress: bool = True,
                 out_dir: Path | None = None) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     """Decode every pair -> (images (N,256,256,3), masks (N,256,256) in {0,1}, problems); bad rows are zero.
-    With `out_dir` the arrays are out_dir/images.npy and masks.npy, memory-mapped."""
+
+    With `out_dir` the slices stream, in order, into out_dir/images.npy and masks.npy, returned memory-mapped:
+    sequential writes cost next to nothing beside the decode, where filling a writable memory map cost ~40% more.
+    """
     n = len(frame)
-    images = allocate((n, 256, 256, 3), out_dir, "images")
-    masks = allocate((n, 256, 256), out_dir, "masks")
+    shapes = {"images": (n, *SLICE_SHAPE, 3), "masks": (n, *SLICE_SHAPE)}
+    empty = tuple(np.zeros(shape[1:], np.uint8) for shape in shapes.values())
     problems = []
 
     def work(i_row):
         i, row = i_row
         try:
-            images[i], mask = read_pair(row)
-            masks[i] = mask // 255
+            image, mask = read_pair(row)
+            return image, mask // 255
         except BadImage as err:
             problems.append({**problem(err.file, err.reason, err.fix), "row": i})
+            return empty
 
     with ThreadPoolExecutor(max_workers=2) as pool:  # TIFF decoding releases the GIL
-        list(tqdm(pool.map(work, enumerate(frame.itertuples())), total=n, desc="decode", disable=not progress,
-                  unit="slice"))
+        decoded = tqdm(pool.map(work, enumerate(frame.itertuples())), total=n, desc="decode", unit="slice",
+                       disable=not progress)
+        if out_dir is None:
+            images, masks = (np.zeros(shape, np.uint8) for shape in shapes.values())
+            for i, (image, mask) in enumerate(decoded):
+                images[i], masks[i] = image, mask
+        else:
+            files = [NpyWriter(Path(out_dir) / f"{name}.npy", shape) for name, shape in shapes.items()]
+            try:
+                for pair in decoded:
+                    for file, array in zip(files, pair):
+                        file.write(array)
+            finally:
+                for file in files:
+                    file.close()
+            images, masks = (np.load(Path(out_dir) / f"{name}.npy", mmap_mode="r") for name in shapes)
     return images, masks, sorted(problems, key=lambda p: p["row"])
 
 
@@ -147,7 +157,7 @@ def read_clinical(csv_path: Path) -> tuple[pd.DataFrame, list[dict]]:
 
 def build_index(root: Path, on_bad: str = "fail", progress: bool = True, out_dir: Path | None = None):
     """-> (index DataFrame, images, masks, problems, counts). Raises listing every bad file when on_bad='fail'.
-    With `out_dir` the slices are written there as images.npy / masks.npy (memory-mapped) as they decode."""
+    With `out_dir` the slices are written there as images.npy / masks.npy as they decode."""
     if on_bad not in ("fail", "skip"):
         raise BrainsegError(f"params.yaml: index.on_bad '{on_bad}' is not fail or skip")
     frame, problems = pair_slices(root)
@@ -198,10 +208,7 @@ def main() -> None:
     # a bad file) keeps the previous slices, report and index whole: never new slices beside an old index
     with atomic_path(SLICES, is_dir=True) as slices, atomic_path(REPORT) as report, atomic_path(INDEX) as table:
         frame, images, masks, problems, counts = build_index(RAW, params["index"]["on_bad"], out_dir=slices)
-        for array in (images, masks):
-            if isinstance(array, np.memmap):
-                array.flush()
-        del images, masks
+        del images, masks  # read-only maps of the files written
         pd.DataFrame(problems, columns=["file", "problem", "fix"]).to_csv(report, index=False, lineterminator="\n")
         frame.to_csv(table, index=False, lineterminator="\n")
     write_json(Path("metrics") / "data.json", {**counts, "source": source["source"]})

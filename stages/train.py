@@ -15,15 +15,15 @@ from pathlib import Path
 
 import keras
 import numpy as np
-import pandas as pd
 import tensorflow as tf
 
+from stages import prepared
 from stages.common import BrainsegError, load_params, run_main, train_config, write_json
 from stages.losses import get_loss, segmentation_metrics
 from stages.models import CLASSIFIERS, build_model
 from stages.preprocess import mask_to_model_size, to_model_input
 
-DATA = Path("data/prepared")
+DATA = Path("data")  # data/prepared's tables and the data/slices they point into
 MODEL = Path("models/model.keras")
 LIVE = Path("dvclive/train")
 METRICS = Path("metrics/train.json")
@@ -40,20 +40,6 @@ def main() -> None:
     write_json(METRICS, summary)
 
 
-def load_split(data_dir: Path, split: str):
-    """(images, masks) memory-mapped from `{split}_images.npy` / `{split}_masks.npy`, checked against `{split}.csv`."""
-    paths = [data_dir / f"{split}_images.npy", data_dir / f"{split}_masks.npy", data_dir / f"{split}.csv"]
-    for path in paths:
-        if not path.is_file():
-            raise BrainsegError(f"{path} not found: run `dvc repro balance` to prepare the data")
-    images, masks = (np.load(p, mmap_mode="r") for p in paths[:2])
-    rows = len(pd.read_csv(paths[2]))
-    if not len(images) == len(masks) == rows:
-        raise BrainsegError(f"{data_dir}: {split} has {len(images)} images, {len(masks)} masks and {rows} csv rows; "
-                            "the files are from different runs: run `dvc repro balance --force`")
-    return images, masks
-
-
 def make_datasets(data_dir: Path, image_size: int, batch_size: int, classifier: bool = False,
                   tumour_slices_only: bool = False, seed: int = 0, outputs: int = 1):
     """Batched (train, val) tf.data datasets of model-size inputs and targets, plus the training slice count.
@@ -64,7 +50,7 @@ def make_datasets(data_dir: Path, image_size: int, batch_size: int, classifier: 
     """
     datasets = []
     for split in ("train", "val"):
-        images, masks = load_split(data_dir, split)
+        images, masks, _ = prepared.load_split(data_dir, split)
         tumour = masks.reshape(len(masks), -1).max(axis=1) > 0
         if split == "train" and tumour_slices_only:
             keep = np.flatnonzero(tumour)

@@ -8,6 +8,12 @@ ROOT = Path(__file__).resolve().parent.parent
 DEV_ZIP = Path(os.environ.get("BRAINSEG_DEV_ZIP", ROOT.parent / "shared/data/lgg-mri-segmentation-dev.zip"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def litert_cache(tmp_path_factory):
+    """Converted LiteRT graphs go to a fresh folder, not the user's ~/.cache (subprocesses inherit it)."""
+    os.environ["BRAINSEG_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
 @pytest.fixture(scope="session")
 def dev_zip() -> Path:
     """The real dev archive (61 patients). Skips when absent, except under CI=true where it must be there."""
@@ -56,3 +62,25 @@ def raw(project, synthetic_root):
     shutil.copytree(synthetic_root, dest)
     (project / "data/raw/SOURCE.json").write_text('{"source": "synthetic"}')
     return dest
+
+
+def write_data(data: Path, images, masks, tables: dict, copies: dict | None = None) -> Path:
+    """A `data` folder in the layout stages.prepared reads: data/slices/{images,masks}.npy, an index.csv and
+    data/prepared/{split}.csv (tables with `row` into the slices and `copy`, -1 or a row of {split}_copies_*.npy,
+    given as (images, masks) in `copies`)."""
+    import numpy as np
+
+    from stages import prepared
+
+    (data / "slices").mkdir(parents=True, exist_ok=True)
+    (data / "prepared").mkdir(exist_ok=True)
+    np.save(data / "slices/images.npy", images)
+    np.save(data / "slices/masks.npy", masks)
+    (data / "index.csv").write_text(f"a test index of {len(images)} slices\n")
+    for split, table in tables.items():
+        table.to_csv(data / "prepared" / f"{split}.csv", index=False)
+    for split, (copy_images, copy_masks) in (copies or {}).items():
+        np.save(data / "prepared" / f"{split}_copies_images.npy", copy_images)
+        np.save(data / "prepared" / f"{split}_copies_masks.npy", copy_masks)
+    prepared.write_record(data / "prepared", data, len(images))
+    return data

@@ -68,18 +68,68 @@ def test_image_and_mask_get_the_same_geometry():
         assert (bright & (out_mask == 1)).sum() / max(1, (bright | (out_mask == 1)).sum()) > 0.8, how
 
 
-@pytest.mark.parametrize("chunk", [1, 7, 1000])
-def test_write_split_streams_what_balance_train_builds(tmp_path, chunk):
+def test_write_split_refers_to_slices_and_stores_only_copies(tmp_path):
+    """Balance writes no pixel of an original slice: the split's table points into data/slices, and
+    stages.prepared reads back exactly what balance_train builds in memory."""
+    from stages import prepared
     from stages.balance import write_split
 
     meta, images, masks = synthetic_index(200, 50)
+    data = tmp_path / "data"
+    (data / "prepared").mkdir(parents=True)
+    (data / "slices").mkdir()
+    np.save(data / "slices/images.npy", images)
+    np.save(data / "slices/masks.npy", masks)
+    meta.to_csv(data / "index.csv", index=False)
     rows = np.arange(10, 170)  # the split's rows of the whole index
     split_meta = meta.iloc[rows].reset_index(drop=True)
     expected = balance_train(split_meta, images[rows], masks[rows], CFG, seed=3)
-    written = write_split(tmp_path, "train", split_meta, images, masks, rows, CFG, seed=3, chunk=chunk)
-    assert written.equals(expected[0])
-    assert np.array_equal(np.load(tmp_path / "train_images.npy"), expected[1])
-    assert np.array_equal(np.load(tmp_path / "train_masks.npy"), expected[2])
-    assert pd.read_csv(tmp_path / "train.csv")["augmentation"].fillna("").ne("").sum() == len(expected[0]) - 160
-    plain = write_split(tmp_path, "val", split_meta, images, masks, rows, chunk=chunk)  # no cfg: no copies
-    assert plain.equals(split_meta) and np.array_equal(np.load(tmp_path / "val_images.npy"), images[rows])
+    written = write_split(data / "prepared", "train", split_meta, images, masks, rows, CFG, seed=3)
+    plain = write_split(data / "prepared", "val", split_meta, images, masks, rows)  # no cfg: no copies
+    prepared.write_record(data / "prepared", data, len(images))
+
+    assert sorted(p.name for p in (data / "prepared").iterdir()) == [
+        "slices.json", "train.csv", "train_copies_images.npy", "train_copies_masks.npy", "val.csv"]
+    assert written.drop(columns=["row", "copy"]).equals(expected[0])
+    copies = written[written["copy"] >= 0]
+    assert len(copies) == len(expected[0]) - 160 and (copies["copy"] == np.arange(len(copies))).all()
+    assert (meta["image"][copies["row"]].to_numpy() == copies["image"].to_numpy()).all()  # row: the source slice
+    got_images, got_masks, table = prepared.load_split(data, "train")
+    assert np.array_equal(got_images, expected[1]) and np.array_equal(got_masks, expected[2])
+    pd.testing.assert_frame_equal(table, written, check_dtype=False)
+
+    assert plain.drop(columns=["row", "copy"]).equals(split_meta) and (plain["row"] == rows).all()
+    val_images, val_masks, val_table = prepared.originals(data, "val")
+    assert list(val_table.index) == list(rows)  # indexed by row in data/slices: readers take just those
+    assert np.array_equal(val_images[val_table.index], images[rows])
+    train_images, _, train_table = prepared.originals(data, "train")
+    assert len(train_table) == 160 and np.array_equal(train_images[train_table.index], images[rows])
+
+
+def test_prepared_data_from_another_index_or_layout_is_refused(tmp_path):
+    from stages import prepared
+    from stages.balance import write_split
+
+    meta, images, masks = synthetic_index(40, 10)
+    data = tmp_path / "data"
+    with pytest.raises(BrainsegError, match="val.csv: missing.*dvc repro balance"):
+        prepared.load_split(data, "val")
+    (data / "prepared").mkdir(parents=True)
+    (data / "slices").mkdir()
+    np.save(data / "slices/images.npy", images)
+    np.save(data / "slices/masks.npy", masks)
+    meta.to_csv(data / "index.csv", index=False)
+    write_split(data / "prepared", "val", meta.iloc[:20].reset_index(drop=True), images, masks, np.arange(20))
+    prepared.write_record(data / "prepared", data, len(images))
+    assert len(prepared.load_split(data, "val")[0]) == 20
+
+    meta.iloc[:30].to_csv(data / "index.csv", index=False)  # the index stage ran again on other data
+    with pytest.raises(BrainsegError, match="another .*index.csv.*dvc repro balance"):
+        prepared.load_split(data, "val")
+    prepared.write_record(data / "prepared", data, len(images))
+    np.save(data / "slices/masks.npy", masks[:30])
+    with pytest.raises(BrainsegError, match="40 images and 30 masks.*dvc repro index balance"):
+        prepared.originals(data, "val")
+    pd.DataFrame({"patient": ["x"]}).to_csv(data / "prepared/val.csv", index=False)  # the old layout
+    with pytest.raises(BrainsegError, match="no row / copy columns.*dvc repro balance"):
+        prepared.load_split(data, "val")

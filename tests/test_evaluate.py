@@ -6,8 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stages import evaluate
+from stages import evaluate, prepared
 from stages.common import BrainsegError
+from tests.conftest import write_data
 
 SIZE = 32
 EVALUATE = {"threshold": 0.5, "min_component": 0, "largest_3d": False, "tta_flip": False,
@@ -59,14 +60,14 @@ def make_root(tmp_path, model):
             rows.append({"patient": f"TCGA_CS_{4941 + p}", "case": f"TCGA_CS_{4941 + p}_19960909", "slice": s + 1,
                          "image": "x.tif", "augmentation": "", "tumour": int(s in (1, 2)),
                          "area": int(masks[i].sum())})
-    masks[12, :8] = 1
-    rows.append({**rows[0], "augmentation": "rotate 10"})
-    prepared = tmp_path / "data/prepared"
-    prepared.mkdir(parents=True)
-    for split in ("val", "test"):  # the same slices, so validation and test scores must agree
-        np.save(prepared / f"{split}_images.npy", images)
-        np.save(prepared / f"{split}_masks.npy", masks)
-        pd.DataFrame(rows).to_csv(prepared / f"{split}.csv", index=False)
+    for i, row in enumerate(rows):  # two unrelated slices first in data/slices: tables point past them
+        row.update(row=i + 2, copy=-1)
+    rows.append({**rows[0], "augmentation": "rotate 10", "copy": 0})
+    copy_masks = np.ones((1, SIZE, SIZE), np.uint8)
+    junk = np.full((2, SIZE, SIZE, 3), 255, np.uint8), np.zeros((2, SIZE, SIZE), np.uint8)
+    write_data(tmp_path / "data", np.concatenate([junk[0], images[:12]]), np.concatenate([junk[1], masks[:12]]),
+               {split: pd.DataFrame(rows) for split in ("val", "test")},  # the same slices: scores must agree
+               {split: (images[12:], copy_masks) for split in ("val", "test")})
     (tmp_path / "models").mkdir()
     model.save(tmp_path / "models/model.keras")
     (tmp_path / "data/raw").mkdir()
@@ -143,7 +144,7 @@ def test_headline_matches_inference_segment(tmp_path):
     model = untrained_model()
     params = {**EVALUATE, "tta_flip": True, "largest_3d": True, "threshold": 0.45}
     root, result = run(tmp_path, model, **params)
-    images, masks, table = evaluate.load_prepared_test(root / "data/prepared")
+    images, masks, table = prepared.originals(root / "data", "test")
     masks_pred, _ = inference.segment(model, images[table.index], params, table.patient.to_numpy())
     counts = metrics.slice_counts(masks[table.index], masks_pred, table.patient)
     assert result["dice_volume_mean"] == pytest.approx(metrics.segmentation_scores(counts)["dice_volume_mean"])
@@ -202,7 +203,7 @@ def test_model_name_must_match_params(tmp_path):
 def test_missing_prepared_data_says_run_dvc_repro(tmp_path):
     (tmp_path / "models").mkdir()
     flair_model().save(tmp_path / "models/model.keras")
-    with pytest.raises(BrainsegError, match="test_images.npy.*dvc repro"):
+    with pytest.raises(BrainsegError, match="test.csv: missing.*dvc repro balance"):
         evaluate.run_stage({"model": "unet", "evaluate": EVALUATE}, tmp_path)
 
 

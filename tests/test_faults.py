@@ -102,9 +102,9 @@ def test_download_interrupted_before_its_record_is_caught_by_index(good, project
         index.main()
 
 
-# A stage killed (SIGKILL) while it writes its arrays: np.save is made to write half the bytes and hang,
-# open_memmap (index decodes straight into its .npy files) to create its file and hang, and balance's chunked
-# writer to hang after its third chunk; the parent kills the process there.
+# A stage killed (SIGKILL) while it writes its arrays: np.save is made to write half the bytes and hang, and the
+# writer both stages stream their arrays through (index: every decoded slice; balance: the augmented copies) to
+# hang after its third write; the parent kills the process there.
 
 KILLABLE = """
 import sys, time
@@ -117,30 +117,18 @@ def half_then_hang(file, array, *args, **kwargs):
     print("writing", file, flush=True)
     time.sleep(120)
 
-real_open_memmap = np.lib.format.open_memmap
-
-def open_then_hang(file, mode="r+", *args, **kwargs):
-    array = real_open_memmap(file, mode, *args, **kwargs)
-    if mode == "r":  # reading an input
-        return array
-    array[:1] = 7  # a file with the header and part of its data
-    print("writing", file, flush=True)
-    time.sleep(120)
-
 np.save = half_then_hang
-np.lib.format.open_memmap = open_then_hang
 from stages import {stage}
-if hasattr({stage}, "NpyWriter"):  # balance streams its arrays: the third chunk hangs
-    real_write, chunks = {stage}.NpyWriter.write, []
+real_write, chunks = {stage}.NpyWriter.write, []
 
-    def write_then_hang(self, array):
-        real_write(self, array)
-        chunks.append(1)
-        if len(chunks) == 3:
-            print("writing", self.file.name, flush=True)
-            time.sleep(120)
+def write_then_hang(self, array):
+    real_write(self, array)
+    chunks.append(1)
+    if len(chunks) == 3:
+        print("writing", self.file.name, flush=True)
+        time.sleep(120)
 
-    {stage}.NpyWriter.write = write_then_hang
+{stage}.NpyWriter.write = write_then_hang
 run_main({stage}.main)
 """
 
@@ -205,9 +193,9 @@ def fill_disk(monkeypatch, owner, name, when=lambda path: True):
 
 
 @pytest.mark.parametrize("stage,owner,name,when", [
-    (index, np.lib.format, "open_memmap", lambda path: True),               # the first write: the arrays
+    (index, index.NpyWriter, "__init__", lambda path: True),               # the first write: the arrays
     (index, pd.DataFrame, "to_csv", lambda path: ".index.csv." in path.name),  # the last: index.csv
-    (balance, balance.NpyWriter, "__init__", lambda path: "val_" in path.name),  # halfway through the splits
+    (balance, balance.NpyWriter, "__init__", lambda path: "_masks" in path.name),  # halfway: copies' masks
 ], ids=["index-arrays", "index-csv", "balance-arrays"])
 def test_full_disk_keeps_the_last_good_outputs_whole(good, project, stage, owner, name, when):
     shutil.rmtree(project / "data/raw/kaggle_3m/TCGA_HT_7004_19950105")  # new input: new outputs would differ
@@ -332,7 +320,8 @@ def test_dvc_repro_is_idempotent_and_recovers_after_a_failed_stage(tmp_path):
     fixed = dvc(repo, "repro", "balance")
     assert fixed.returncode == 0, fixed.stdout + fixed.stderr
     recovered = snapshot(repo)
-    for name in ("data/index.csv", "data/slices/images.npy", "data/split.csv", "data/prepared/train_images.npy"):
+    for name in ("data/index.csv", "data/slices/images.npy", "data/split.csv", "data/prepared/train.csv",
+                 "data/prepared/train_copies_images.npy"):
         assert recovered[name] == good[name], name
     last = dvc(repo, "repro", "balance")
     assert last.returncode == 0 and "Data and pipelines are up to date" in last.stdout

@@ -35,6 +35,14 @@ def test_counts_and_data_csv_join(raw, project):
     assert (frame["tumour"] == (frame["area"] > 0)).all()
 
 
+def test_slices_in_memory_equal_the_streamed_files(synthetic_root, tmp_path):
+    frame, images, masks, problems, _ = index.build_index(synthetic_root, progress=False)
+    _, file_images, file_masks, _, _ = index.build_index(synthetic_root, progress=False, out_dir=tmp_path)
+    assert problems == [] and images.shape == (60, 256, 256, 3) and images.any()
+    assert np.array_equal(np.load(tmp_path / "images.npy"), images) and np.array_equal(file_images, images)
+    assert np.array_equal(np.load(tmp_path / "masks.npy"), masks) and np.array_equal(file_masks, masks)
+
+
 def break_truncated(raw):
     path = raw / CASE / f"{CASE}_3.tif"
     path.write_bytes(path.read_bytes()[:500])

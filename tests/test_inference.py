@@ -166,3 +166,35 @@ def test_auto_engine_falls_back_to_keras_when_litert_cannot_convert(monkeypatch)
     assert np.allclose(probs, inference.predict_probs(model, x, engine="keras"))
     with pytest.raises(BrainsegError, match="evaluate.engine: keras"):
         inference.predict_probs(model, x, engine="litert")
+
+
+def test_converted_graph_is_cached_by_weights_and_survives_a_bad_cache(tmp_path, monkeypatch):
+    """The CLI's next run reads the converted graph instead of converting again (~5 s); other weights are
+    another graph; a garbage or unwritable cache costs a conversion, never a wrong or failed prediction."""
+    monkeypatch.setenv("BRAINSEG_CACHE", str(tmp_path))
+    cache = tmp_path / "litert"
+    assert inference.cache_dir() == cache
+    left_model().save(tmp_path / "model.keras")
+    model, x = inference.load_model(tmp_path / "model.keras"), images(3)
+    expected = inference.predict_probs(model, x, engine="keras")
+    first = inference.LiteRTRunner(model)
+    assert not first.cached and len(list(cache.glob("*.tflite"))) == 1
+    again = inference.LiteRTRunner(model)
+    batch = x.astype(np.float32) / 255
+    assert again.cached and np.array_equal(again(batch), first(batch))
+
+    other = inference.load_model(tmp_path / "model.keras")  # the same architecture and names, other weights
+    other.set_weights([w * 2 for w in model.get_weights()])
+    assert not inference.LiteRTRunner(other).cached and len(list(cache.glob("*.tflite"))) == 2
+
+    for cached in cache.glob("*.tflite"):
+        cached.write_bytes(b"not a flatbuffer")
+    fresh = inference.load_model(tmp_path / "model.keras")  # a new model object, as in the CLI's next run
+    assert np.allclose(inference.predict_probs(fresh, x, engine="litert"), expected, atol=1e-5)
+    assert inference.LiteRTRunner(model).cached  # the garbage was replaced by the graph
+    assert not inference.LiteRTRunner(other).cached and inference.LiteRTRunner(other).cached
+
+    blocked = tmp_path / "file"
+    blocked.write_text("a file where the cache folder would be")
+    runner = inference.LiteRTRunner(model, blocked / "litert")
+    assert not runner.cached and np.array_equal(runner(batch), first(batch))

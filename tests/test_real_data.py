@@ -7,11 +7,11 @@ import pandas as pd
 import pytest
 import yaml
 
-from stages import balance, download, index, split
+from stages import balance, download, index, prepared, split
 
 OUTPUTS = ["data/index.csv", "data/slices/images.npy", "data/slices/masks.npy", "data/split.csv",
-           "data/prepared/train_images.npy", "data/prepared/train_masks.npy", "data/prepared/train.csv",
-           "data/prepared/test_images.npy", "data/prepared/val.csv", "metrics/data.json"]
+           "data/prepared/train_copies_images.npy", "data/prepared/train_copies_masks.npy", "data/prepared/train.csv",
+           "data/prepared/test.csv", "data/prepared/val.csv", "data/prepared/slices.json", "metrics/data.json"]
 
 
 def digests(root):
@@ -61,8 +61,10 @@ def test_no_augmented_slice_outside_train(real):
     index_rows = pd.read_csv(root / "data/index.csv").set_index("image")
     assert len(copies) > 0 and (copies["image"].map(index_rows["patient"]) == copies["patient"]).all()
     assert abs(train["tumour"].mean() - 0.5) < 0.01
-    masks = np.load(root / "data/prepared/train_masks.npy", mmap_mode="r")
+    _, masks, table = prepared.load_split(root / "data", "train")
     assert len(masks) == len(train) and ((masks.reshape(len(masks), -1).sum(1)) == train["area"]).all()
+    assert (table["copy"] >= 0).sum() == len(copies)  # balance stored the copies' pixels and nothing else
+    assert len(np.load(root / "data/prepared/train_copies_images.npy", mmap_mode="r")) == len(copies)
 
 
 def test_rerun_is_byte_identical(real):

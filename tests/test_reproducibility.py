@@ -40,8 +40,8 @@ def test_same_params_and_seed_give_identical_bytes(first, tmp_path):
     _, expected = first
     again = run_pipeline(tmp_path / "again")
     assert again == expected
-    for name in ("data/index.csv", "data/slices/images.npy", "data/split.csv", "data/prepared/train_images.npy",
-                 "data/prepared/train_masks.npy", "data/prepared/train.csv", "data/prepared/test_images.npy"):
+    for name in ("data/index.csv", "data/slices/images.npy", "data/split.csv", "data/prepared/train_copies_images.npy",
+                 "data/prepared/train_copies_masks.npy", "data/prepared/train.csv", "data/prepared/test.csv"):
         assert name in again
 
 
@@ -50,7 +50,7 @@ def test_another_seed_gives_another_split(first, tmp_path):
     other = run_pipeline(tmp_path / "other", seed=7)
     assert other["data/index.csv"] == expected["data/index.csv"]  # the index does not depend on the seed
     assert other["data/split.csv"] != expected["data/split.csv"]
-    assert other["data/prepared/train_images.npy"] != expected["data/prepared/train_images.npy"]
+    assert other["data/prepared/train_copies_images.npy"] != expected["data/prepared/train_copies_images.npy"]
     a, b = (pd.read_csv(p / "data/split.csv").set_index("patient")["split"]
             for p in (root / "first", tmp_path / "other"))
     assert (a != b).any() and a.value_counts().equals(b.value_counts())  # same sizes, other patients

@@ -10,25 +10,34 @@ import pytest
 import stages.train as train_stage
 from stages.common import ROOT, BrainsegError, load_params, train_config
 from stages.train import callbacks, compile_model, learning_rate, make_datasets, summarize, train
+from tests.conftest import write_data
 
 SIZE = 64
 
 
 def write_prepared(folder, counts=(("train", 8), ("val", 4))):
-    """A tiny data/prepared folder in the balance stage's format; every other slice has a bright 'tumour'."""
+    """A tiny `data` folder in the balance stage's layout; every other slice has a bright 'tumour'.
+    The last two training slices are augmented copies (pixels in train_copies_*.npy)."""
     rng = np.random.default_rng(0)
+    n_all = sum(n for _, n in counts)
+    images = rng.integers(0, 120, (n_all, SIZE, SIZE, 3), dtype=np.uint8)
+    masks = np.zeros((n_all, SIZE, SIZE), np.uint8)
+    masks[::2, 16:40, 20:44] = 1
+    images[masks.astype(bool)] = 230
+    tables, copies, start = {}, {}, 0
     for split, n in counts:
-        images = rng.integers(0, 120, (n, SIZE, SIZE, 3), dtype=np.uint8)
-        masks = np.zeros((n, SIZE, SIZE), np.uint8)
-        masks[::2, 16:40, 20:44] = 1
-        images[masks.astype(bool)] = 230
-        np.save(folder / f"{split}_images.npy", images)
-        np.save(folder / f"{split}_masks.npy", masks)
-        area = masks.reshape(n, -1).sum(axis=1)
-        pd.DataFrame({"patient": "TCGA_XX_0001", "case": "TCGA_XX_0001_20000101", "slice": range(1, n + 1),
-                      "image": "", "augmentation": "", "tumour": (area > 0).astype(int), "area": area}
-                     ).to_csv(folder / f"{split}.csv", index=False)
-    return folder
+        rows = np.arange(start, start + n)
+        start += n
+        copy = np.full(n, -1)
+        if split == "train":
+            copy[-2:] = [0, 1]
+            copies[split] = images[rows[-2:]], masks[rows[-2:]]
+            rows[-2:] = rows[:2]  # a copy's row is its source slice's
+        area = masks.reshape(n_all, -1).sum(axis=1)[start - n:start]
+        tables[split] = pd.DataFrame({"patient": "TCGA_XX_0001", "case": "TCGA_XX_0001_20000101",
+                                      "slice": range(1, n + 1), "image": "", "augmentation": "",
+                                      "tumour": (area > 0).astype(int), "area": area, "row": rows, "copy": copy})
+    return write_data(folder, images, masks, tables, copies)
 
 
 @pytest.fixture
@@ -124,11 +133,11 @@ def test_make_datasets_labels_filters_and_targets(prepared):
 
 
 def test_missing_or_inconsistent_prepared_data_names_the_file_and_fix(tmp_path):
-    with pytest.raises(BrainsegError, match="train_images.npy not found.*dvc repro"):
+    with pytest.raises(BrainsegError, match="train.csv: missing.*dvc repro balance"):
         make_datasets(tmp_path, 32, 4)
     write_prepared(tmp_path)
-    pd.DataFrame({"patient": ["x"]}).to_csv(tmp_path / "val.csv", index=False)
-    with pytest.raises(BrainsegError, match="1 csv rows"):
+    (tmp_path / "prepared/train_copies_masks.npy").unlink()
+    with pytest.raises(BrainsegError, match="train's augmented copies missing.*dvc repro balance"):
         make_datasets(tmp_path, 32, 4)
 
 

@@ -1,0 +1,109 @@
+"""The prepared splits (the balance stage's output) and how to read them.
+
+data/prepared/{split}.csv lists a split's slices; its pixels are not copied again: `row` is the slice's row in
+data/slices/{images,masks}.npy (the index stage's decoded slices) and, for an augmented copy, its source's row,
+while `copy` (-1 for an original) is the copy's row in {split}_copies_{images,masks}.npy, the only pixels
+balance writes. slices.json records which data/index.csv the rows refer to, so a prepared folder is never read
+against other slices.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from stages.common import BrainsegError
+
+DATA = Path("data")
+RECORD = "slices.json"
+
+
+def index_digest(data: Path) -> str:
+    try:
+        return hashlib.sha256((Path(data) / "index.csv").read_bytes()).hexdigest()
+    except FileNotFoundError:
+        raise BrainsegError(f"{Path(data) / 'index.csv'}: missing. Fix: run `dvc repro index`") from None
+
+
+def write_record(folder: Path, data: Path, slices: int) -> None:
+    """`folder`/slices.json: the digest of `data`/index.csv and its slice count, which the splits' rows refer to."""
+    (Path(folder) / RECORD).write_text(json.dumps({"index_sha256": index_digest(data), "slices": slices}) + "\n")
+
+
+def _copies(folder: Path, split: str, kind: str) -> Path:
+    return folder / f"{split}_copies_{kind}.npy"
+
+
+def read_table(data: Path, split: str) -> tuple[pd.DataFrame, int]:
+    """(data/prepared/{split}.csv, the slice count its rows refer to), checked against data/index.csv."""
+    data = Path(data)
+    folder = data / "prepared"
+    table_path, record_path = folder / f"{split}.csv", folder / RECORD
+    for path in (table_path, record_path):
+        if not path.is_file():
+            raise BrainsegError(f"{path}: missing. Fix: run `dvc repro balance` to prepare the data")
+    record = json.loads(record_path.read_text())
+    if record.get("index_sha256") != index_digest(data):
+        raise BrainsegError(f"{folder} was prepared from another {data / 'index.csv'} than the one there now. "
+                            "Fix: run `dvc repro balance`")
+    table = pd.read_csv(table_path, dtype={"patient": str}, keep_default_na=False)
+    if not {"row", "copy"} <= set(table.columns):
+        raise BrainsegError(f"{table_path}: no row / copy columns (an older layout). Fix: run `dvc repro balance`")
+    if len(table) and not 0 <= table["row"].min() <= table["row"].max() < record["slices"]:
+        raise BrainsegError(f"{table_path}: rows outside the {record['slices']} slices of {data / 'slices'}. "
+                            "Fix: run `dvc repro balance --force`")
+    return table, record["slices"]
+
+
+def slices(data: Path, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """data/slices/{images,masks}.npy, memory-mapped, checked to hold the `count` slices a prepared table expects."""
+    folder = Path(data) / "slices"
+    try:
+        images, masks = (np.load(folder / f"{kind}.npy", mmap_mode="r") for kind in ("images", "masks"))
+    except (FileNotFoundError, ValueError) as err:
+        raise BrainsegError(f"{folder}: missing or unreadable ({err}). Fix: run `dvc repro index`") from None
+    if not len(images) == len(masks) == count:
+        raise BrainsegError(f"{folder}: {len(images)} images and {len(masks)} masks, but data/prepared was made "
+                            f"from {count} slices. Fix: run `dvc repro index balance --force`")
+    return images, masks
+
+
+def originals(data: Path, split: str) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+    """(images, masks, table) of a split's original slices: the memory-mapped data/slices arrays and the split's
+    table indexed by row there, so a consumer reads just the rows it needs (evaluation, patient by patient)."""
+    table, count = read_table(data, split)
+    images, masks = slices(data, count)
+    table = table[table["copy"] < 0]
+    return images, masks, table.set_index(table["row"].to_numpy())
+
+
+def load_split(data: Path, split: str) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+    """(images, masks, table) of a whole split, augmented copies included, gathered into memory in table order."""
+    data = Path(data)
+    table, count = read_table(data, split)
+    images, masks = slices(data, count)
+    copy = table["copy"].to_numpy()
+    n = int((copy < 0).sum())
+    if (copy[:n] >= 0).any() or (copy[n:] < 0).any():
+        raise BrainsegError(f"{data / 'prepared' / split}.csv: copies are not after the originals. "
+                            "Fix: run `dvc repro balance --force`")
+    out_images = np.empty((len(table), *images.shape[1:]), np.uint8)
+    out_masks = np.empty((len(table), *masks.shape[1:]), np.uint8)
+    rows = table["row"].to_numpy()[:n]
+    np.take(images, rows, axis=0, out=out_images[:n])
+    np.take(masks, rows, axis=0, out=out_masks[:n])
+    if n < len(table):
+        paths = [_copies(data / "prepared", split, kind) for kind in ("images", "masks")]
+        try:
+            copy_images, copy_masks = (np.load(p, mmap_mode="r") for p in paths)
+        except (FileNotFoundError, ValueError) as err:
+            raise BrainsegError(f"{paths[0].parent}: {split}'s augmented copies missing or unreadable ({err}). "
+                                "Fix: run `dvc repro balance --force`") from None
+        if not len(copy_images) == len(copy_masks) > copy.max():
+            raise BrainsegError(f"{paths[0]}: {len(copy_images)} copies but {split}.csv refers to {copy.max() + 1}."
+                                " Fix: run `dvc repro balance --force`")
+        out_images[n:], out_masks[n:] = copy_images[copy[n:]], copy_masks[copy[n:]]
+    return out_images, out_masks, table
