@@ -61,7 +61,8 @@ def train_rate(name, cfg, steps: int, policy: str, jit) -> tuple[float, float]:
     keras.utils.set_random_seed(0)
     keras.mixed_precision.set_global_policy(policy)
     size, batch = cfg["image_size"], cfg["batch_size"]
-    model = compile_model(build_model(name, (size, size, 3), cfg["filters"]), {**cfg, "jit_compile": jit})
+    model = compile_model(build_model(name, (size, size, 3), cfg["filters"], input_norm=cfg.get("input_norm")),
+                          {**cfg, "jit_compile": jit})
     rng = np.random.default_rng(0)
     x = rng.random((batch * 4, size, size, 3), dtype=np.float32)
     y = (rng.random((batch * 4, size, size, 1)) > 0.9).astype(np.float32)
@@ -80,7 +81,7 @@ def inference_rate(name, cfg, engine: str, n: int = 512) -> tuple[float, float]:
     from stages.models import build_model
 
     keras.utils.set_random_seed(0)
-    model = build_model(name, (cfg["image_size"],) * 2 + (3,), cfg["filters"])
+    model = build_model(name, (cfg["image_size"],) * 2 + (3,), cfg["filters"], input_norm=cfg.get("input_norm"))
     images = np.random.default_rng(0).integers(0, 255, (n, 256, 256, 3), dtype=np.uint8)
     first = _time(lambda: predict_probs(model, images[:64], batch_size=64, engine=engine))
     return n / _time(lambda: predict_probs(model, images, batch_size=64, engine=engine)), first
@@ -109,7 +110,8 @@ def main() -> None:
     from stages.inference import pick_engine
     from stages.models import build_model
 
-    engine = pick_engine(build_model(name, (cfg["image_size"],) * 2 + (3,), cfg["filters"]),
+    engine = pick_engine(build_model(name, (cfg["image_size"],) * 2 + (3,), cfg["filters"],
+                                     input_norm=cfg.get("input_norm")),
                          params["evaluate"].get("engine", "auto"))
     infer_keras, first_keras = inference_rate(name, cfg, "keras")
     infer, first = inference_rate(name, cfg, engine)

@@ -17,7 +17,6 @@ import pandas as pd
 
 from stages.common import BrainsegError
 
-DATA = Path("data")
 RECORD = "slices.json"
 
 
@@ -31,10 +30,6 @@ def index_digest(data: Path) -> str:
 def write_record(folder: Path, data: Path, slices: int) -> None:
     """`folder`/slices.json: the digest of `data`/index.csv and its slice count, which the splits' rows refer to."""
     (Path(folder) / RECORD).write_text(json.dumps({"index_sha256": index_digest(data), "slices": slices}) + "\n")
-
-
-def _copies(folder: Path, split: str, kind: str) -> Path:
-    return folder / f"{split}_copies_{kind}.npy"
 
 
 def read_table(data: Path, split: str) -> tuple[pd.DataFrame, int]:
@@ -96,7 +91,7 @@ def load_split(data: Path, split: str) -> tuple[np.ndarray, np.ndarray, pd.DataF
     np.take(images, rows, axis=0, out=out_images[:n])
     np.take(masks, rows, axis=0, out=out_masks[:n])
     if n < len(table):
-        paths = [_copies(data / "prepared", split, kind) for kind in ("images", "masks")]
+        paths = [data / "prepared" / f"{split}_copies_{kind}.npy" for kind in ("images", "masks")]
         try:
             copy_images, copy_masks = (np.load(p, mmap_mode="r") for p in paths)
         except (FileNotFoundError, ValueError) as err:
