@@ -100,10 +100,19 @@ def main() -> None:
     cfg = train_config({**params, "profile": args.profile})
     name = params["model"]
     peak = matmul_peak_gflops(tf)
-    base, gflop = train_rate(name, cfg, args.steps, "float32", False)
     policy = cfg.get("mixed_precision") or "float32"
     jit = cfg.get("jit_compile", "auto")
-    ours, _ = train_rate(name, cfg, args.steps, policy, jit)
+    # alternated and repeated, best of each: the first model fitted in a process ran up to 1.5x slower than
+    # the same model fitted next, which a single plain-then-recipe order would count as the recipe's gain
+    bases, ours_runs = [], []
+    for _ in range(2):
+        base, gflop = train_rate(name, cfg, args.steps, "float32", False)
+        bases.append(base)
+        ours_runs.append(train_rate(name, cfg, args.steps, policy, jit)[0])
+    base, ours = max(bases), max(ours_runs)
+    # Keras' jit_compile "auto" means no XLA on a CPU-only machine: then the recipe is the plain setting
+    xla = jit is True or (jit == "auto" and bool(tf.config.list_logical_devices("GPU")))
+    same = policy == "float32" and not xla
     # the other precision a user of this hardware would try: float16 on a GPU, bfloat16 on a CPU
     other = "mixed_float16" if tf.config.list_logical_devices("GPU") else "mixed_bfloat16"
     mixed = train_rate(name, cfg, args.steps, other, jit)[0] if other != policy else None
@@ -123,6 +132,9 @@ def main() -> None:
           f"{achieved(base) / peak:5.1%} of peak)")
     print(f"train, recipe (policy {policy}, jit {jit})  {ours:8.1f} slices/s  ({achieved(ours):6.1f} GFLOP/s, "
           f"{achieved(ours) / peak:5.1%} of peak)   speed-up {ours / base:.2f}x (target >= 1.5x, >= 60% of peak)")
+    print(f"  (each best of 2, alternated: plain {', '.join(f'{r:.1f}' for r in bases)}; recipe "
+          f"{', '.join(f'{r:.1f}' for r in ours_runs)})"
+          + ("; the recipe's settings are the plain ones here, so any speed-up is this machine's noise" if same else ""))
     if mixed is not None:
         print(f"train, {other} (jit {jit})  {mixed:8.1f} slices/s  ({mixed / base:.2f}x plain float32)")
     print(f"inference, Keras predict (256->{cfg['image_size']} px)  {infer_keras:8.1f} slices/s  "
