@@ -102,8 +102,7 @@ def main() -> None:
     peak = matmul_peak_gflops(tf)
     policy = cfg.get("mixed_precision") or "float32"
     jit = cfg.get("jit_compile", "auto")
-    # alternated and repeated, best of each: the first model fitted in a process ran up to 1.5x slower than
-    # the same model fitted next, which a single plain-then-recipe order would count as the recipe's gain
+    # alternated and repeated, best of each, so neither setting gains from when it runs in the process
     bases, ours_runs = [], []
     for _ in range(2):
         base, gflop = train_rate(name, cfg, args.steps, "float32", False)

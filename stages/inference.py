@@ -138,13 +138,12 @@ class LiteRTRunner:
         try:
             self.interpreter = self._interpreter(path.read_bytes())
             self.cached = True
-        except Exception:  # not cached yet (or unreadable): convert, and keep it for next time
+        except (OSError, ValueError, RuntimeError):  # not cached yet, or not a graph: convert, keep it for next time
             flat = _convert(model)
             self.interpreter = self._interpreter(flat)
             self.cached = False
             try:
-                cache.mkdir(parents=True, exist_ok=True)
-                with atomic_path(path) as tmp:
+                with atomic_path(path) as tmp:  # makes the folder too
                     tmp.write_bytes(flat)
             except (OSError, BrainsegError):  # a read-only or full cache only costs the next run a conversion
                 pass

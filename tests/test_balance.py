@@ -68,6 +68,15 @@ def test_image_and_mask_get_the_same_geometry():
         assert (bright & (out_mask == 1)).sum() / max(1, (bright | (out_mask == 1)).sum()) > 0.8, how
 
 
+def index_stage_outputs(data, meta, images, masks):
+    """What balance reads: data/index.csv and data/slices/*.npy (and an empty data/prepared to write into)."""
+    (data / "prepared").mkdir(parents=True)
+    (data / "slices").mkdir()
+    np.save(data / "slices/images.npy", images)
+    np.save(data / "slices/masks.npy", masks)
+    meta.to_csv(data / "index.csv", index=False)
+
+
 def test_write_split_refers_to_slices_and_stores_only_copies(tmp_path):
     """Balance writes no pixel of an original slice: the split's table points into data/slices, and
     stages.prepared reads back exactly what balance_train builds in memory."""
@@ -76,11 +85,7 @@ def test_write_split_refers_to_slices_and_stores_only_copies(tmp_path):
 
     meta, images, masks = synthetic_index(200, 50)
     data = tmp_path / "data"
-    (data / "prepared").mkdir(parents=True)
-    (data / "slices").mkdir()
-    np.save(data / "slices/images.npy", images)
-    np.save(data / "slices/masks.npy", masks)
-    meta.to_csv(data / "index.csv", index=False)
+    index_stage_outputs(data, meta, images, masks)
     rows = np.arange(10, 170)  # the split's rows of the whole index
     split_meta = meta.iloc[rows].reset_index(drop=True)
     expected = balance_train(split_meta, images[rows], masks[rows], CFG, seed=3)
@@ -114,11 +119,7 @@ def test_prepared_data_from_another_index_or_layout_is_refused(tmp_path):
     data = tmp_path / "data"
     with pytest.raises(BrainsegError, match="val.csv: missing.*dvc repro balance"):
         prepared.load_split(data, "val")
-    (data / "prepared").mkdir(parents=True)
-    (data / "slices").mkdir()
-    np.save(data / "slices/images.npy", images)
-    np.save(data / "slices/masks.npy", masks)
-    meta.to_csv(data / "index.csv", index=False)
+    index_stage_outputs(data, meta, images, masks)
     write_split(data / "prepared", "val", meta.iloc[:20].reset_index(drop=True), images, masks, np.arange(20))
     prepared.write_record(data / "prepared", data, len(images))
     assert len(prepared.load_split(data, "val")[0]) == 20
