@@ -81,7 +81,8 @@ def learning_rate(cfg: dict, steps_per_epoch: int):
 
 
 def compile_model(model: keras.Model, cfg: dict, steps_per_epoch: int = 1) -> keras.Model:
-    """Adam + the configured loss. Classifiers: binary cross-entropy, accuracy and AUC.
+    """Adam (keeping an exponential moving average of the weights when `ema` is a momentum) + the configured
+    loss. Classifiers: binary cross-entropy, accuracy and AUC.
     doubleunet: the same loss on both outputs (summed), metrics on mask2, the prediction."""
     if cfg.get("optimizer", "adam") != "adam":
         raise BrainsegError(f"params.yaml: train.optimizer '{cfg['optimizer']}' is not supported; use adam")
@@ -92,7 +93,10 @@ def compile_model(model: keras.Model, cfg: dict, steps_per_epoch: int = 1) -> ke
         loss, metrics = get_loss(cfg), segmentation_metrics()
     if len(model.outputs) == 2:
         loss, metrics = [loss, loss], [[], metrics]
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate(cfg, steps_per_epoch)), loss=loss,
+    ema = cfg.get("ema")
+    optimizer = keras.optimizers.Adam(learning_rate(cfg, steps_per_epoch), use_ema=bool(ema),
+                                      ema_momentum=float(ema or 0.99))
+    model.compile(optimizer=optimizer, loss=loss,
                   metrics=metrics, jit_compile=cfg.get("jit_compile", "auto"))
     return model
 
@@ -120,11 +124,17 @@ class TrainTimer(keras.callbacks.Callback):
 
 
 def callbacks(cfg: dict, checkpoint: Path, live=None) -> list:
-    """Plateau LR (first, so DVCLive logs the new rate), early stopping, best-epoch checkpoint, DVCLive."""
+    """Plateau LR (first, so DVCLive logs the new rate), EMA swap, early stopping, best-epoch checkpoint, DVCLive.
+
+    With `ema`, the averaged weights are swapped in for validation and at each epoch's end, before early
+    stopping and the checkpoint see the model, so the epoch chosen and the weights saved are the averaged ones.
+    """
     result = []
     if cfg.get("lr_schedule") == "plateau":
         result.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, min_lr=1e-6, verbose=1,
                                                         patience=max(1, cfg["patience"] // 2)))
+    if cfg.get("ema"):
+        result.append(keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
     result += [keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg["patience"],
                                              restore_best_weights=True, verbose=1),
                keras.callbacks.ModelCheckpoint(str(checkpoint), monitor="val_loss", save_best_only=True)]

@@ -153,6 +153,26 @@ def test_learning_rate_schedules_and_optimizer_checks(cfg, tmp_path):
             compile_model(model, {**cfg, key: value})
 
 
+def test_ema_weights_are_validated_chosen_and_saved(prepared, cfg, tmp_path):
+    """Momentum 1 freezes the average at the first step's weights: each epoch validates the same weights (the
+    cnn has no batch-norm statistics that could move them), and the saved model is those weights."""
+    kinds = [type(c).__name__ for c in callbacks({**cfg, "lr_schedule": "plateau", "ema": 0.99}, tmp_path / "m.keras")]
+    assert kinds == ["ReduceLROnPlateau", "SwapEMAWeights", "EarlyStopping", "ModelCheckpoint"]
+    losses = {}
+    for ema in (None, 1.0):
+        run = tmp_path / f"ema{ema}"
+        summary = train("cnn", {**cfg, "epochs": 3, "ema": ema, "learning_rate": 0.01, "patience": 5}, 0,
+                        prepared, run / "model.keras", run / "live")
+        losses[ema] = pd.read_csv(run / "live/plots/metrics/eval/loss.tsv", sep="\t")["loss"].to_numpy()
+        if ema:
+            model = keras.models.load_model(run / "model.keras")
+            _, val_ds, _ = make_datasets(prepared, SIZE, 4, classifier=True)
+            compile_model(model, cfg)
+            assert model.evaluate(val_ds, verbose=0, return_dict=True)["loss"] == pytest.approx(
+                summary["best_val_loss"], rel=1e-5)
+    assert np.ptp(losses[1.0]) < 1e-6 < np.ptp(losses[None])
+
+
 def test_summary_reports_doubleunet_total_loss_and_mask2_metrics(cfg):
     history = {"loss": [2.0, 1.5], "val_loss": [1.8, 1.2], "val_mask1_loss": [0.9, 0.7],
                "val_mask2_loss": [0.9, 0.5], "val_mask2_dice": [0.2, 0.6]}
