@@ -75,21 +75,20 @@ def originals(data: Path, split: str) -> tuple[np.ndarray, np.ndarray, pd.DataFr
     return images, masks, table.set_index(table["row"].to_numpy())
 
 
-def load_split(data: Path, split: str) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
-    """(images, masks, table) of a whole split, augmented copies included, gathered into memory in table order."""
+def load_split(data: Path, split: str, transform=None, chunk: int = 256) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+    """(images, masks, table) of a whole split, augmented copies included, gathered into memory in table order.
+
+    `transform(images, masks) -> (a, b)`, applied `chunk` slices at a time, lets a consumer keep only what it
+    needs (e.g. model-size arrays): then the full-size split is never held in memory at once.
+    """
     data = Path(data)
     table, count = read_table(data, split)
     images, masks = slices(data, count)
-    copy = table["copy"].to_numpy()
+    copy, rows = table["copy"].to_numpy(), table["row"].to_numpy()
     n = int((copy < 0).sum())
     if (copy[n:] < 0).any():
         raise BrainsegError(f"{data / 'prepared' / split}.csv: copies are not after the originals. "
                             "Fix: run `dvc repro balance --force`")
-    out_images = np.empty((len(table), *images.shape[1:]), np.uint8)
-    out_masks = np.empty((len(table), *masks.shape[1:]), np.uint8)
-    rows = table["row"].to_numpy()[:n]
-    np.take(images, rows, axis=0, out=out_images[:n])
-    np.take(masks, rows, axis=0, out=out_masks[:n])
     if n < len(table):
         paths = [data / "prepared" / f"{split}_copies_{kind}.npy" for kind in ("images", "masks")]
         try:
@@ -100,5 +99,20 @@ def load_split(data: Path, split: str) -> tuple[np.ndarray, np.ndarray, pd.DataF
         if not len(copy_images) == len(copy_masks) > copy.max():
             raise BrainsegError(f"{paths[0]}: {len(copy_images)} copies but {split}.csv refers to {copy.max() + 1}."
                                 " Fix: run `dvc repro balance --force`")
-        out_images[n:], out_masks[n:] = copy_images[copy[n:]], copy_masks[copy[n:]]
-    return out_images, out_masks, table
+    transform = transform or (lambda a, b: (a, b))
+    out = None
+    for start in range(0, len(table), chunk):
+        stop = min(start + chunk, len(table))
+        parts = []  # this chunk's originals, then its copies (the table lists originals first)
+        if start < n:
+            parts.append((images[rows[start:min(stop, n)]], masks[rows[start:min(stop, n)]]))
+        if stop > n:
+            picked = copy[max(start, n):stop]
+            parts.append((copy_images[picked], copy_masks[picked]))
+        a, b = transform(*(np.concatenate(p) if len(parts) > 1 else p[0] for p in zip(*parts)))
+        if out is None:
+            out = tuple(np.empty((len(table), *x.shape[1:]), x.dtype) for x in (a, b))
+        out[0][start:stop], out[1][start:stop] = a, b
+    if out is None:  # an empty split: empty arrays as stored, untransformed
+        out = np.empty((0, *images.shape[1:]), np.uint8), np.empty((0, *masks.shape[1:]), np.uint8)
+    return out[0], out[1], table

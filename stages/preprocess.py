@@ -5,16 +5,21 @@ import cv2
 import numpy as np
 
 
-def to_model_input(images: np.ndarray, size: int) -> np.ndarray:
-    """uint8 slices (N,H,W,3) -> float32 (N,size,size,3) in [0,1]; area interpolation when shrinking."""
+def resize_images(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 slices (N,H,W,3) -> uint8 (N,size,size,3); area interpolation when shrinking."""
     images = np.asarray(images)
     if images.ndim == 3:
         images = images[None]
     n, h, w, _ = images.shape
-    if (h, w) != (size, size):
+    if (h, w) != (size, size) and n:
         interp = cv2.INTER_AREA if size < max(h, w) else cv2.INTER_LINEAR
         images = np.stack([cv2.resize(im, (size, size), interpolation=interp) for im in images])
-    return images.astype(np.float32) / 255.0
+    return images
+
+
+def to_model_input(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 slices (N,H,W,3) -> float32 (N,size,size,3) in [0,1]: resize_images, then scaled."""
+    return resize_images(images, size).astype(np.float32) / 255.0
 
 
 def mask_to_model_size(masks: np.ndarray, size: int) -> np.ndarray:

@@ -21,7 +21,7 @@ from stages import prepared
 from stages.common import BrainsegError, load_params, run_main, train_config, write_json
 from stages.losses import get_loss, segmentation_metrics
 from stages.models import CLASSIFIERS, build_model
-from stages.preprocess import mask_to_model_size, to_model_input
+from stages.preprocess import mask_to_model_size, resize_images
 
 DATA = Path("data")  # data/prepared's tables and the data/slices they point into
 MODEL = Path("models/model.keras")
@@ -44,27 +44,34 @@ def make_datasets(data_dir: Path, image_size: int, batch_size: int, classifier: 
                   tumour_slices_only: bool = False, seed: int = 0, outputs: int = 1):
     """Batched (train, val) tf.data datasets of model-size inputs and targets, plus the training slice count.
 
-    Slices are resized and scaled once here, not per batch. Targets are (size, size, 1) masks, or for a
-    classifier 1.0 when the slice's mask has any tumour; a model with several `outputs` gets the target
-    once per output. `tumour_slices_only` filters training slices only.
+    Slices are resized once here, a chunk at a time, and kept as uint8 (masks as float16: the soft edges of
+    an area-resized binary mask, exact for halving); batches are scaled to float32 as they are drawn, so
+    memory holds the split at model size in a quarter of the float32 bytes. Targets are (size, size, 1)
+    masks, or for a classifier 1.0 when the slice's mask has any tumour; a model with several `outputs` gets
+    the target once per output. `tumour_slices_only` filters training slices only.
     """
+    def to_model_size(images, masks):
+        return resize_images(images, image_size), mask_to_model_size(masks, image_size).astype(np.float16)
+
     datasets = []
     for split in ("train", "val"):
-        images, masks, _ = prepared.load_split(data_dir, split)
-        tumour = masks.reshape(len(masks), -1).max(axis=1) > 0
+        x, y, _ = prepared.load_split(data_dir, split, transform=to_model_size)
+        tumour = y.reshape(len(y), -1).max(axis=1) > 0 if len(y) else np.zeros(0, bool)
         if split == "train" and tumour_slices_only:
             keep = np.flatnonzero(tumour)
-            images, masks, tumour = images[keep], masks[keep], tumour[keep]
-        if len(images) == 0:
+            x, y, tumour = x[keep], y[keep], tumour[keep]
+        if len(x) == 0:
             raise BrainsegError(f"{data_dir}: no {split} slices to train on; check params.yaml split / "
                                 "train.tumour_slices_only and rerun `dvc repro`")
-        x = to_model_input(images, image_size)
-        y = tumour.astype(np.float32)[:, None] if classifier else mask_to_model_size(masks, image_size)
+        if classifier:
+            y = tumour.astype(np.float16)[:, None]
         ds = tf.data.Dataset.from_tensor_slices((x, y))
         if split == "train":
             ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
             n_train = len(x)
-        ds = ds.batch(batch_size)
+        # the same float32 values as preprocess.to_model_input gives evaluation and inference
+        ds = ds.batch(batch_size).map(lambda image, target: (tf.cast(image, tf.float32) / 255.0,
+                                                             tf.cast(target, tf.float32)))
         if outputs > 1:
             ds = ds.map(lambda image, target: (image, (target,) * outputs))
         datasets.append(ds.prefetch(tf.data.AUTOTUNE))

@@ -102,6 +102,12 @@ def test_write_split_refers_to_slices_and_stores_only_copies(tmp_path):
     got_images, got_masks, table = prepared.load_split(data, "train")
     assert np.array_equal(got_images, expected[1]) and np.array_equal(got_masks, expected[2])
     pd.testing.assert_frame_equal(table, written, check_dtype=False)
+    # read in chunks that straddle the originals / copies boundary, each chunk transformed as it is read
+    half = lambda a, b: (a[:, ::2, ::2], b.astype(np.float16))  # noqa: E731
+    for chunk in (7, 160, 1000):
+        small, soft, _ = prepared.load_split(data, "train", transform=half, chunk=chunk)
+        assert np.array_equal(small, expected[1][:, ::2, ::2]) and soft.dtype == np.float16
+        assert np.array_equal(soft, expected[2])
 
     assert plain.drop(columns=["row", "copy"]).equals(split_meta) and (plain["row"] == rows).all()
     val_images, val_masks, val_table = prepared.originals(data, "val")
