@@ -75,7 +75,8 @@ def originals(data: Path, split: str) -> tuple[np.ndarray, np.ndarray, pd.DataFr
     return images, masks, table.set_index(table["row"].to_numpy())
 
 
-def load_split(data: Path, split: str, transform=None, chunk: int = 256) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+def load_split(data: Path, split: str, transform=None,
+               chunk: int = 256) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
     """(images, masks, table) of a whole split, augmented copies included, gathered into memory in table order.
 
     `transform(images, masks) -> (a, b)`, applied `chunk` slices at a time, lets a consumer keep only what it

@@ -46,9 +46,9 @@ def make_datasets(data_dir: Path, image_size: int, batch_size: int, classifier: 
 
     Slices are resized once here, a chunk at a time, and kept as uint8 (masks as float16: the soft edges of
     an area-resized binary mask, exact for halving); batches are scaled to float32 as they are drawn, so
-    memory holds the split at model size in a quarter of the float32 bytes. Targets are (size, size, 1)
-    masks, or for a classifier 1.0 when the slice's mask has any tumour; a model with several `outputs` gets
-    the target once per output. `tumour_slices_only` filters training slices only.
+    memory holds the split at model size in a quarter (images) and half (masks) of the float32 bytes.
+    Targets are (size, size, 1) masks, or for a classifier 1.0 when the slice's mask has any tumour; a model
+    with several `outputs` gets the target once per output. `tumour_slices_only` filters training slices only.
     """
     def to_model_size(images, masks):
         return resize_images(images, image_size), mask_to_model_size(masks, image_size).astype(np.float16)
