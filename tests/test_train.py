@@ -131,6 +131,13 @@ def test_make_datasets_labels_filters_and_targets(prepared):
     assert n == 4 and y1.shape == (4, 32, 32, 1) and np.asarray(y1).reshape(4, -1).max(axis=1).min() > 0
     assert next(iter(val_ds))[0].shape[0] == 4  # validation keeps its tumour-free slices
 
+    # the batches hold exactly what evaluation and inference feed the model, and the area-resized masks
+    from stages import prepared as prepared_module
+    from stages.preprocess import mask_to_model_size, to_model_input
+    images, masks, _ = prepared_module.load_split(prepared, "val")
+    x, y = next(iter(make_datasets(prepared, 32, 16)[1]))
+    assert np.array_equal(x, to_model_input(images, 32)) and np.array_equal(y, mask_to_model_size(masks, 32))
+
 
 def test_missing_or_inconsistent_prepared_data_names_the_file_and_fix(tmp_path):
     with pytest.raises(BrainsegError, match="train.csv: missing.*dvc repro balance"):
