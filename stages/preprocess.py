@@ -11,7 +11,7 @@ def resize_images(images: np.ndarray, size: int) -> np.ndarray:
     if images.ndim == 3:
         images = images[None]
     n, h, w, _ = images.shape
-    if (h, w) != (size, size) and n:
+    if (h, w) != (size, size):
         interp = cv2.INTER_AREA if size < max(h, w) else cv2.INTER_LINEAR
         images = np.stack([cv2.resize(im, (size, size), interpolation=interp) for im in images])
     return images

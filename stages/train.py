@@ -56,7 +56,7 @@ def make_datasets(data_dir: Path, image_size: int, batch_size: int, classifier: 
     datasets = []
     for split in ("train", "val"):
         x, y, _ = prepared.load_split(data_dir, split, transform=to_model_size)
-        tumour = y.reshape(len(y), -1).max(axis=1) > 0 if len(y) else np.zeros(0, bool)
+        tumour = y.max(axis=tuple(range(1, y.ndim))) > 0  # works on an empty split too
         if split == "train" and tumour_slices_only:
             keep = np.flatnonzero(tumour)
             x, y, tumour = x[keep], y[keep], tumour[keep]

@@ -7,8 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import stages.prepared as prepared_data
 import stages.train as train_stage
 from stages.common import ROOT, BrainsegError, load_params, train_config
+from stages.preprocess import mask_to_model_size, to_model_input
 from stages.train import callbacks, compile_model, learning_rate, make_datasets, summarize, train
 from tests.conftest import write_data
 
@@ -132,11 +134,15 @@ def test_make_datasets_labels_filters_and_targets(prepared):
     assert next(iter(val_ds))[0].shape[0] == 4  # validation keeps its tumour-free slices
 
     # the batches hold exactly what evaluation and inference feed the model, and the area-resized masks
-    from stages import prepared as prepared_module
-    from stages.preprocess import mask_to_model_size, to_model_input
-    images, masks, _ = prepared_module.load_split(prepared, "val")
+    images, masks, _ = prepared_data.load_split(prepared, "val")
     x, y = next(iter(make_datasets(prepared, 32, 16)[1]))
     assert np.array_equal(x, to_model_input(images, 32)) and np.array_equal(y, mask_to_model_size(masks, 32))
+
+
+def test_a_split_left_without_slices_names_the_fix(tmp_path):
+    data = write_prepared(tmp_path, counts=(("train", 8), ("val", 0)))
+    with pytest.raises(BrainsegError, match="no val slices to train on.*dvc repro"):
+        make_datasets(data, 32, 4)
 
 
 def test_missing_or_inconsistent_prepared_data_names_the_file_and_fix(tmp_path):
