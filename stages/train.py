@@ -41,7 +41,8 @@ def main() -> None:
 
 
 def make_datasets(data_dir: Path, image_size: int, batch_size: int, classifier: bool = False,
-                  tumour_slices_only: bool = False, seed: int = 0, outputs: int = 1):
+                  tumour_slices_only: bool = False, seed: int = 0, outputs: int = 1,
+                  augment: dict | None = None):
     """Batched (train, val) tf.data datasets of model-size inputs and targets, plus the training slice count.
 
     Slices are resized once here, a chunk at a time, and kept as uint8 (masks as float16: the soft edges of
@@ -49,6 +50,7 @@ def make_datasets(data_dir: Path, image_size: int, batch_size: int, classifier: 
     memory holds the split at model size in a quarter (images) and half (masks) of the float32 bytes.
     Targets are (size, size, 1) masks, or for a classifier 1.0 when the slice's mask has any tumour; a model
     with several `outputs` gets the target once per output. `tumour_slices_only` filters training slices only.
+    `augment` (params.yaml's train.augment) transforms training batches anew each epoch: see augmenter().
     """
     def to_model_size(images, masks):
         return resize_images(images, image_size), mask_to_model_size(masks, image_size).astype(np.float16)
@@ -72,10 +74,38 @@ def make_datasets(data_dir: Path, image_size: int, batch_size: int, classifier: 
         # the same float32 values as preprocess.to_model_input gives evaluation and inference
         ds = ds.batch(batch_size).map(lambda image, target: (tf.cast(image, tf.float32) / 255.0,
                                                              tf.cast(target, tf.float32)))
+        transform = augmenter(augment or {}, seed)
+        if split == "train" and transform is not None:
+            ds = ds.map(same_transform(transform, classifier))
         if outputs > 1:
             ds = ds.map(lambda image, target: (image, (target,) * outputs))
         datasets.append(ds.prefetch(tf.data.AUTOTUNE))
     return *datasets, n_train
+
+
+def augmenter(cfg: dict, seed: int) -> keras.Sequential | None:
+    """Keras' random flip / rotation / zoom layers as train.augment asks (None when it asks for none).
+
+    Balance's copies are drawn once; these are drawn per slice each epoch, so no two epochs see the same
+    training set. Corners that rotation or zoom-out uncover are filled with 0, the scanner's background."""
+    layers = []
+    if cfg.get("flip"):
+        layers.append(keras.layers.RandomFlip("horizontal", seed=seed))
+    if cfg.get("rotation"):
+        layers.append(keras.layers.RandomRotation(cfg["rotation"] / 360, fill_mode="constant", seed=seed + 1))
+    if cfg.get("zoom"):
+        layers.append(keras.layers.RandomZoom(cfg["zoom"], fill_mode="constant", seed=seed + 2))
+    return keras.Sequential(layers, name="augment") if layers else None
+
+
+def same_transform(transform, classifier: bool):
+    """A tf.data map applying one random draw of `transform` to a batch's slices and their masks."""
+    def apply(image, target):
+        if classifier:  # the target is a label, not a picture
+            return transform(image, training=True), target
+        both = transform(tf.concat([image, target], axis=-1), training=True)
+        return both[..., :-1], both[..., -1:]
+    return apply
 
 
 def learning_rate(cfg: dict, steps_per_epoch: int):
@@ -170,7 +200,8 @@ def train(name: str, cfg: dict, seed: int = 42, data_dir: Path = DATA, model_pat
         with (strategy or distribution_strategy()).scope():
             model = build_model(name, (size, size, 3), cfg["filters"], cfg.get("weights"), cfg.get("input_norm"))
             train_ds, val_ds, n_train = make_datasets(Path(data_dir), size, batch, name in CLASSIFIERS,
-                                                      cfg.get("tumour_slices_only", False), seed, len(model.outputs))
+                                                      cfg.get("tumour_slices_only", False), seed, len(model.outputs),
+                                                      cfg.get("augment"))
             compile_model(model, cfg, math.ceil(n_train / batch))
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)

@@ -139,6 +139,37 @@ def test_make_datasets_labels_filters_and_targets(prepared):
     assert np.array_equal(x, to_model_input(images, 32)) and np.array_equal(y, mask_to_model_size(masks, 32))
 
 
+def test_online_augmentation_moves_each_training_slice_with_its_mask_anew_each_epoch(prepared):
+    images, masks, _ = prepared_data.load_split(prepared, "train")
+    originals = to_model_input(images, 32)
+    flip = {"flip": True}
+    train_ds, val_ds, _ = make_datasets(prepared, 32, 16, augment=flip)
+    mirrored = []
+    for _ in range(2):  # two epochs
+        x, y = (np.asarray(t) for t in next(iter(train_ds)))
+        for image, mask in zip(x, y):
+            same = [i for i in range(len(originals)) if np.array_equal(image, originals[i])]
+            mirror = [i for i in range(len(originals)) if np.array_equal(image, originals[i][:, ::-1])]
+            assert same or mirror  # a slice is mirrored whole or left alone
+            source = (same or mirror)[0]
+            expected = mask_to_model_size(masks[source:source + 1], 32)[0]
+            assert np.array_equal(mask, expected if same else expected[:, ::-1])
+            mirrored.append(bool(mirror) and not same)
+    assert 0 < sum(mirrored) < len(mirrored)
+    x, y = next(iter(val_ds))  # validation is never augmented
+    val_images, val_masks, _ = prepared_data.load_split(prepared, "val")
+    assert np.array_equal(x, to_model_input(val_images, 32)) and np.array_equal(y, mask_to_model_size(val_masks, 32))
+
+    # rotation and zoom interpolate: the bright 'tumour' pixels stay under the (soft) mask
+    x, y = (np.asarray(t) for t in next(iter(make_datasets(prepared, 32, 16, augment={**flip, "rotation": 25,
+                                                                                        "zoom": 0.2})[0])))
+    inside, outside = y[..., 0] > 0.9, y[..., 0] < 0.1
+    assert x[..., 0][inside].min() > 0.8 and x[..., 0][outside].max() < 0.6
+    assert not np.isin(y, [0, 1]).all()  # interpolated, not just moved
+    _, labels = next(iter(make_datasets(prepared, 32, 16, classifier=True, augment={"rotation": 25})[0]))
+    assert sorted(np.asarray(labels).ravel()) == [0] * 4 + [1] * 4  # a classifier's labels stay labels
+
+
 def test_a_split_left_without_slices_names_the_fix(tmp_path):
     data = write_prepared(tmp_path, counts=(("train", 8), ("val", 0)))
     with pytest.raises(BrainsegError, match="no val slices to train on.*dvc repro"):
