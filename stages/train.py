@@ -55,6 +55,7 @@ def make_datasets(data_dir: Path, image_size: int, batch_size: int, classifier: 
     def to_model_size(images, masks):
         return resize_images(images, image_size), mask_to_model_size(masks, image_size).astype(np.float16)
 
+    transform = augmenter(augment or {}, seed)
     datasets = []
     for split in ("train", "val"):
         x, y, _ = prepared.load_split(data_dir, split, transform=to_model_size)
@@ -74,7 +75,6 @@ def make_datasets(data_dir: Path, image_size: int, batch_size: int, classifier: 
         # the same float32 values as preprocess.to_model_input gives evaluation and inference
         ds = ds.batch(batch_size).map(lambda image, target: (tf.cast(image, tf.float32) / 255.0,
                                                              tf.cast(target, tf.float32)))
-        transform = augmenter(augment or {}, seed)
         if split == "train" and transform is not None:
             ds = ds.map(same_transform(transform, classifier))
         if outputs > 1:
@@ -99,7 +99,7 @@ def augmenter(cfg: dict, seed: int) -> keras.Sequential | None:
 
 
 def same_transform(transform, classifier: bool):
-    """A tf.data map applying one random draw of `transform` to a batch's slices and their masks."""
+    """A tf.data map applying `transform` to a batch, each mask moved with its slice (one draw for both)."""
     def apply(image, target):
         if classifier:  # the target is a label, not a picture
             return transform(image, training=True), target

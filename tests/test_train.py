@@ -156,6 +156,9 @@ def test_online_augmentation_moves_each_training_slice_with_its_mask_anew_each_e
             assert np.array_equal(mask, expected if same else expected[:, ::-1])
             mirrored.append(bool(mirror) and not same)
     assert 0 < sum(mirrored) < len(mirrored)
+    again = next(iter(make_datasets(prepared, 32, 16, augment=flip)[0]))
+    first = next(iter(make_datasets(prepared, 32, 16, augment=flip)[0]))
+    assert all(np.array_equal(a, b) for a, b in zip(again, first))  # the seed fixes the draws
     x, y = next(iter(val_ds))  # validation is never augmented
     val_images, val_masks, _ = prepared_data.load_split(prepared, "val")
     assert np.array_equal(x, to_model_input(val_images, 32)) and np.array_equal(y, mask_to_model_size(val_masks, 32))
@@ -237,7 +240,7 @@ strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 summary = train("unet", json.loads(sys.argv[1]), 0, sys.argv[2], sys.argv[3], None, strategy)
 print("replicas", strategy.num_replicas_in_sync, "epochs", summary["epochs"])
 """
-    small = {**cfg, "image_size": 32, "filters": 2}
+    small = {**cfg, "image_size": 32, "filters": 2, "augment": {"flip": True, "rotation": 10}}
     result = subprocess.run([sys.executable, "-c", script, json.dumps(small), str(prepared),
                              str(tmp_path / "model.keras")], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
