@@ -89,12 +89,17 @@ def augmenter(cfg: dict, seed: int) -> keras.Sequential | None:
     Balance's copies are drawn once; these are drawn per slice each epoch, so no two epochs see the same
     training set. Corners that rotation or zoom-out uncover are filled with 0, the scanner's background."""
     layers = []
-    if cfg.get("flip"):
-        layers.append(keras.layers.RandomFlip("horizontal", seed=seed))
-    if cfg.get("rotation"):
-        layers.append(keras.layers.RandomRotation(cfg["rotation"] / 360, fill_mode="constant", seed=seed + 1))
-    if cfg.get("zoom"):
-        layers.append(keras.layers.RandomZoom(cfg["zoom"], fill_mode="constant", seed=seed + 2))
+    try:
+        if cfg.get("flip"):
+            layers.append(keras.layers.RandomFlip("horizontal", seed=seed))
+        if cfg.get("rotation"):
+            layers.append(keras.layers.RandomRotation(cfg["rotation"] / 360, fill_mode="constant", seed=seed + 1))
+        if cfg.get("zoom"):
+            layers.append(keras.layers.RandomZoom(cfg["zoom"], fill_mode="constant", seed=seed + 2))
+    except (TypeError, ValueError) as error:
+        raise BrainsegError(f"params.yaml: train.augment {cfg} cannot be used ({error}). Fix: flip true or false, "
+                            "rotation in degrees (0-360), zoom a fraction below 1, e.g. "
+                            "`dvc exp run -S train.augment.rotation=15 -S train.augment.zoom=0.1`") from error
     return keras.Sequential(layers, name="augment") if layers else None
 
 

@@ -156,9 +156,9 @@ def test_online_augmentation_moves_each_training_slice_with_its_mask_anew_each_e
             assert np.array_equal(mask, expected if same else expected[:, ::-1])
             mirrored.append(bool(mirror) and not same)
     assert 0 < sum(mirrored) < len(mirrored)
-    again = next(iter(make_datasets(prepared, 32, 16, augment=flip)[0]))
-    first = next(iter(make_datasets(prepared, 32, 16, augment=flip)[0]))
-    assert all(np.array_equal(a, b) for a, b in zip(again, first))  # the seed fixes the draws
+    one = next(iter(make_datasets(prepared, 32, 16, augment=flip)[0]))
+    two = next(iter(make_datasets(prepared, 32, 16, augment=flip)[0]))
+    assert all(np.array_equal(a, b) for a, b in zip(one, two))  # the seed fixes the draws
     x, y = next(iter(val_ds))  # validation is never augmented
     val_images, val_masks, _ = prepared_data.load_split(prepared, "val")
     assert np.array_equal(x, to_model_input(val_images, 32)) and np.array_equal(y, mask_to_model_size(val_masks, 32))
@@ -171,6 +171,8 @@ def test_online_augmentation_moves_each_training_slice_with_its_mask_anew_each_e
     assert not np.isin(y, [0, 1]).all()  # interpolated, not just moved
     _, labels = next(iter(make_datasets(prepared, 32, 16, classifier=True, augment={"rotation": 25})[0]))
     assert sorted(np.asarray(labels).ravel()) == [0] * 4 + [1] * 4  # a classifier's labels stay labels
+    with pytest.raises(BrainsegError, match=r"params.yaml: train.augment .*zoom.*Fix: .*dvc exp run"):
+        make_datasets(prepared, 32, 16, augment={"zoom": 1.5})
 
 
 def test_a_split_left_without_slices_names_the_fix(tmp_path):
