@@ -87,15 +87,17 @@ def augmenter(cfg: dict, seed: int) -> keras.Sequential | None:
     """Keras' random flip / rotation / zoom layers as train.augment asks (None when it asks for none).
 
     Balance's copies are drawn once; these are drawn per slice each epoch, so no two epochs see the same
-    training set. Corners that rotation or zoom-out uncover are filled with 0, the scanner's background."""
-    layers = []
+    training set. Corners that rotation or zoom-out uncover are filled with 0, the scanner's background.
+    float32 whatever the mixed-precision policy, so batches match the unaugmented ones and evaluation's input."""
+    layers, common = [], {"dtype": "float32"}
     try:
         if cfg.get("flip"):
-            layers.append(keras.layers.RandomFlip("horizontal", seed=seed))
+            layers.append(keras.layers.RandomFlip("horizontal", seed=seed, **common))
         if cfg.get("rotation"):
-            layers.append(keras.layers.RandomRotation(cfg["rotation"] / 360, fill_mode="constant", seed=seed + 1))
+            layers.append(keras.layers.RandomRotation(cfg["rotation"] / 360, fill_mode="constant", seed=seed + 1,
+                                                      **common))
         if cfg.get("zoom"):
-            layers.append(keras.layers.RandomZoom(cfg["zoom"], fill_mode="constant", seed=seed + 2))
+            layers.append(keras.layers.RandomZoom(cfg["zoom"], fill_mode="constant", seed=seed + 2, **common))
     except (TypeError, ValueError) as error:
         raise BrainsegError(f"params.yaml: train.augment {cfg} cannot be used ({error}). Fix: flip true or false, "
                             "rotation in degrees (0-360), zoom a fraction below 1, e.g. "

@@ -171,6 +171,12 @@ def test_online_augmentation_moves_each_training_slice_with_its_mask_anew_each_e
     assert not np.isin(y, [0, 1]).all()  # interpolated, not just moved
     _, labels = next(iter(make_datasets(prepared, 32, 16, classifier=True, augment={"rotation": 25})[0]))
     assert sorted(np.asarray(labels).ravel()) == [0] * 4 + [1] * 4  # a classifier's labels stay labels
+    keras.mixed_precision.set_global_policy("mixed_float16")  # the GPU recipe's policy, active while train builds
+    try:
+        x, y = next(iter(make_datasets(prepared, 32, 16, augment={**flip, "rotation": 25})[0]))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert x.dtype == y.dtype == "float32"
     with pytest.raises(BrainsegError, match=r"params.yaml: train.augment .*zoom.*Fix: .*dvc exp run"):
         make_datasets(prepared, 32, 16, augment={"zoom": 1.5})
 
