@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -310,12 +309,11 @@ def run_stage(params: dict, root: Path = Path(".")) -> Evaluation:
 
 def evaluate_dataset(model_path: Path, data: Path, params: dict) -> Evaluation:
     """Every slice of the patients in a Kaggle-layout zip or folder, scored like the test split."""
-    from stages import download, index  # only this path needs them
+    from stages import index  # only this path needs it
 
     model = inference.load_model(model_path)
-    with tempfile.TemporaryDirectory(prefix="brainseg-eval-") as tmp:
-        folder = download.materialise(data, Path(tmp) / "kaggle_3m")
-        table, images, masks, _, _ = index.build_index(folder, on_bad=params.get("index", {}).get("on_bad", "fail"))
+    # a zip is read in place, a folder may hold kaggle_3m further down (stages.rawdata)
+    table, images, masks, _, _ = index.build_index(data, on_bad=params.get("index", {}).get("on_bad", "fail"))
     table = table.reset_index(drop=True)  # the index is each row's position in images / masks
     evaluation = evaluate_model(model, images, masks, table, params["evaluate"])
     evaluation.metrics["data_source"] = str(data)

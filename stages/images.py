@@ -141,29 +141,34 @@ def _check_slice(file, image: np.ndarray) -> np.ndarray:
     return image
 
 
-def read_image(path: Path | str, shape: tuple[int, int] | None = SLICE_SHAPE) -> np.ndarray:
-    """A Kaggle slice: uint8 (H,W,3). `shape` None accepts any size (the predict CLI)."""
-    image = _check_slice(path, _decode_tiff(path, path))
+def read_image(path: Path | str | io.BytesIO, shape: tuple[int, int] | None = SLICE_SHAPE,
+               name: str | None = None) -> np.ndarray:
+    """A Kaggle slice: uint8 (H,W,3). `shape` None accepts any size (the predict CLI). `name` is what errors
+    call the file (needed when `path` is the file's bytes)."""
+    name = path if name is None else name
+    image = _check_slice(name, _decode_tiff(path, name))
     if shape is not None and image.shape[:2] != tuple(shape):
-        raise BadImage(path, f"is {image.shape[1]}x{image.shape[0]}, {shape[1]}x{shape[0]} expected",
+        raise BadImage(name, f"is {image.shape[1]}x{image.shape[0]}, {shape[1]}x{shape[0]} expected",
                        "use the data set's original slices")
     return image
 
 
-def read_mask(path: Path | str, shape: tuple[int, int] = SLICE_SHAPE) -> np.ndarray:
+def read_mask(path: Path | str | io.BytesIO, shape: tuple[int, int] = SLICE_SHAPE,
+              name: str | None = None) -> np.ndarray:
     """A Kaggle mask: uint8 (H,W) with values 0 and 255 only."""
-    mask = _decode_tiff(path, path)
+    name = path if name is None else name
+    mask = _decode_tiff(path, name)
     if mask.ndim == 3 and mask.shape[2] == 1:
         mask = mask[..., 0]
     if mask.dtype != np.uint8 or mask.ndim != 2:
-        raise BadImage(path, f"is a {mask.dtype} array of shape {mask.shape}, a 1-channel uint8 mask expected",
+        raise BadImage(name, f"is a {mask.dtype} array of shape {mask.shape}, a 1-channel uint8 mask expected",
                        "masks must be binary 1-channel 8-bit TIFFs (0 and 255)")
     if mask.shape != tuple(shape):
-        raise BadImage(path, f"is {mask.shape[1]}x{mask.shape[0]}, its image is {shape[1]}x{shape[0]}",
+        raise BadImage(name, f"is {mask.shape[1]}x{mask.shape[0]}, its image is {shape[1]}x{shape[0]}",
                        "the mask must have its image's size")
     if ((mask != 0) & (mask != 255)).any():
         odd = [int(v) for v in np.unique(mask) if v not in (0, 255)][:5]
-        raise BadImage(path, f"has values {odd}, only 0 and 255 allowed",
+        raise BadImage(name, f"has values {odd}, only 0 and 255 allowed",
                        "re-export the mask as binary (0 background, 255 tumour)")
     return mask
 

@@ -1,5 +1,8 @@
 """Stage `index`: pair every slice with its mask, validate both, and join the patients' data.csv.
 
+Reads the data set where the download stage left it (SOURCE.json's `data`): data/raw/kaggle_3m, or the zip
+data/raw/kaggle_3m.zip, whose members it decodes in memory.
+
 Outputs data/index.csv (one row per slice), data/slices/{images,masks}.npy (every valid slice decoded
 once, in index order, so later stages never decode TIFFs again), data/index_report.csv (each bad file
 with its problem and fix) and metrics/data.json (counts).
@@ -17,8 +20,9 @@ from tqdm import tqdm
 
 from stages.common import BrainsegError, NpyWriter, atomic_path, load_params, run_main, write_json
 from stages.images import SLICE_SHAPE, BadImage, read_image, read_mask
+from stages.rawdata import open_raw
 
-RAW = Path("data") / "raw" / "kaggle_3m"
+RAW = Path("data") / "raw"
 INDEX = Path("data") / "index.csv"
 REPORT = Path("data") / "index_report.csv"
 SLICES = Path("data") / "slices"
@@ -33,68 +37,71 @@ def problem(file, what: str, fix: str) -> dict:
     return {"file": os.fsencode(str(file)).decode("utf-8", "backslashreplace"), "problem": what, "fix": fix}
 
 
-def pair_folder(folder: Path) -> tuple[list[dict], list[dict]]:
+def pair_case(raw, case: str, names: list[str]) -> tuple[list[dict], list[dict]]:
     """Pair images with masks by name in one patient folder -> (pairs, problems). Reads no pixels.
 
     A slice number given twice (_7.tif and _07.tif) is ambiguous: that slice is left out, not guessed.
     """
-    match = CASE_RE.match(folder.name)
+    match = CASE_RE.match(case)
     if not match:
-        return [], [problem(folder, "folder name is not a Kaggle case ID (TCGA_<inst>_<patient>_<date>)",
+        return [], [problem(raw.label(case), "folder name is not a Kaggle case ID (TCGA_<inst>_<patient>_<date>)",
                             "rename it or move it out of kaggle_3m")]
     inst, pid, _ = match.groups()
     images, masks, problems, duplicates = {}, {}, [], set()
-    # hidden files (.DS_Store, editor swap files) are not slices and not errors
-    for path in sorted((p for p in folder.iterdir() if not p.name.startswith(".")), key=lambda p: p.name):
-        name = path.name
+    for name in names:
         m = FILE_RE.match(name)
-        if not m or m.group(1) != folder.name:
-            problems.append(problem(path, "file name does not follow <CASE>_<slice>[_mask].tif inside its case "
-                                          "folder", "rename it to the Kaggle convention or remove it"))
+        if not m or m.group(1) != case:
+            problems.append(problem(raw.label(case, name), "file name does not follow <CASE>_<slice>[_mask].tif "
+                                                           "inside its case folder",
+                                    "rename it to the Kaggle convention or remove it"))
             continue
         number = int(m.group(2))
         target = masks if m.group(3) else images
         if number in target:
-            problems.append(problem(path, f"duplicate slice number {number} (also {target[number].name}); "
-                                          "the slice is left out", "keep one file per slice number"))
+            problems.append(problem(raw.label(case, name), f"duplicate slice number {number} (also "
+                                    f"{target[number]}); the slice is left out", "keep one file per slice number"))
             duplicates.add(number)
             continue
-        target[number] = path
+        target[number] = name
     if not images and not masks and not problems:
-        problems.append(problem(folder, "empty patient folder", "remove the folder or add its slices"))
+        problems.append(problem(raw.label(case), "empty patient folder", "remove the folder or add its slices"))
     pairs = []
     for number in sorted(set(images) | set(masks)):
         if number in duplicates:
             continue
         if number not in masks:
-            problems.append(problem(images[number], "image without mask", "add its _mask.tif or remove it"))
+            problems.append(problem(raw.label(case, images[number]), "image without mask",
+                                    "add its _mask.tif or remove it"))
         elif number not in images:
-            problems.append(problem(masks[number], "mask without image", "add its image or remove the mask"))
+            problems.append(problem(raw.label(case, masks[number]), "mask without image",
+                                    "add its image or remove the mask"))
         else:
-            pairs.append({"patient": f"TCGA_{inst}_{pid}", "case": folder.name, "institution": inst,
-                          "slice": number, "image": images[number], "mask": masks[number]})
+            # inside kaggle_3m, so the table is the same whichever source or storage the slices came from
+            pairs.append({"patient": f"TCGA_{inst}_{pid}", "case": case, "institution": inst, "slice": number,
+                          "image": f"{case}/{images[number]}", "mask": f"{case}/{masks[number]}"})
     return pairs, problems
 
 
-def pair_slices(root: Path) -> tuple[pd.DataFrame, list[dict]]:
-    root = Path(root)
-    if not root.is_dir():
-        raise BrainsegError(f"{root}: no data folder. Fix: run `dvc repro download` first")
+def pair_slices(raw) -> tuple[pd.DataFrame, list[dict]]:
+    """Every patient folder's pairs, from a rawdata.Folder / Zip or the path of either."""
+    if not hasattr(raw, "cases"):
+        raw = open_raw(raw)
     pairs, problems = [], []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        p, q = pair_folder(folder)
+    for case, names in raw.cases():  # hidden files (.DS_Store, editor swap files) are neither slices nor errors
+        p, q = pair_case(raw, case, names)
         pairs += p
         problems += q
     frame = pd.DataFrame(pairs, columns=COLUMNS[:6])
     return frame.sort_values(["patient", "slice"], ignore_index=True), problems
 
 
-def read_pair(row) -> tuple[np.ndarray, np.ndarray]:
-    image = read_image(row.image)
-    return image, read_mask(row.mask, shape=image.shape[:2])
+def read_pair(raw, row) -> tuple[np.ndarray, np.ndarray]:
+    image_file, mask_file = raw.label(*row.image.split("/")), raw.label(*row.mask.split("/"))
+    image = read_image(raw.source(image_file), name=image_file)
+    return image, read_mask(raw.source(mask_file), shape=image.shape[:2], name=mask_file)
 
 
-def load_slices(frame: pd.DataFrame, progress: bool = True,
+def load_slices(raw, frame: pd.DataFrame, progress: bool = True,
                 out_dir: Path | None = None) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     """Decode every pair -> (images (N,256,256,3), masks (N,256,256) in {0,1}, problems); bad rows are zero.
 
@@ -109,7 +116,7 @@ def load_slices(frame: pd.DataFrame, progress: bool = True,
     def work(i_row):
         i, row = i_row
         try:
-            image, mask = read_pair(row)
+            image, mask = read_pair(raw, row)
             return image, mask // 255
         except BadImage as err:
             problems.append({**problem(err.file, err.reason, err.fix), "row": i})
@@ -135,10 +142,11 @@ def load_slices(frame: pd.DataFrame, progress: bool = True,
     return images, masks, sorted(problems, key=lambda p: p["row"])
 
 
-def read_clinical(csv_path: Path) -> tuple[pd.DataFrame, list[dict]]:
+def read_clinical(raw) -> tuple[pd.DataFrame, list[dict]]:
     """data.csv -> (one row per patient, problems). A malformed or repeated row is reported, not used."""
+    csv_path = raw.label("data.csv")
     try:
-        clinical = pd.read_csv(csv_path)
+        clinical = pd.read_csv(raw.source(csv_path))
     except FileNotFoundError:
         raise BrainsegError(f"{csv_path}: missing. Fix: data.csv comes with the Kaggle data set; restore it") from None
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as err:
@@ -156,12 +164,21 @@ def read_clinical(csv_path: Path) -> tuple[pd.DataFrame, list[dict]]:
 
 
 def build_index(root: Path, on_bad: str = "fail", progress: bool = True, out_dir: Path | None = None):
-    """-> (index DataFrame, images, masks, problems, counts). Raises listing every bad file when on_bad='fail'.
-    With `out_dir` the slices are written there as images.npy / masks.npy as they decode."""
+    """A kaggle_3m folder or zip -> (index DataFrame, images, masks, problems, counts). Raises listing every bad
+    file when on_bad='fail'. With `out_dir` the slices are written there as images.npy / masks.npy as they decode."""
     if on_bad not in ("fail", "skip"):
         raise BrainsegError(f"params.yaml: index.on_bad '{on_bad}' is not fail or skip")
-    frame, problems = pair_slices(root)
-    images, masks, bad = load_slices(frame, progress, out_dir)
+    raw = open_raw(root)
+    try:
+        return _build_index(raw, on_bad, progress, out_dir)
+    finally:
+        raw.close()
+
+
+def _build_index(raw, on_bad: str, progress: bool, out_dir: Path | None):
+    root = raw.label()
+    frame, problems = pair_slices(raw)
+    images, masks, bad = load_slices(raw, frame, progress, out_dir)
     problems += bad
     if problems and on_bad == "fail":
         listed = "\n".join(f"  {p['file']}: {p['problem']} (fix: {p['fix']})" for p in problems[:20])
@@ -180,13 +197,12 @@ def build_index(root: Path, on_bad: str = "fail", progress: bool = True, out_dir
                 os.replace(part, Path(out_dir) / f"{name}.npy")
     frame["area"] = masks.reshape(len(frame), -1).sum(1) if len(frame) else []
     frame["tumour"] = frame["area"] > 0
-    clinical, csv_problems = read_clinical(Path(root) / "data.csv")
+    clinical, csv_problems = read_clinical(raw)
     problems += csv_problems
     missing = sorted(set(frame["patient"]) - set(clinical["patient"]))
-    problems += [problem(Path(root) / "data.csv", f"no row for patient {p} (its clinical columns stay empty)",
+    problems += [problem(raw.label("data.csv"), f"no row for patient {p} (its clinical columns stay empty)",
                          "add the patient's row from Kaggle's data.csv") for p in missing]
     frame = frame.merge(clinical, on="patient", how="left")
-    frame["image"], frame["mask"] = frame["image"].map(str), frame["mask"].map(str)
     counts = {
         "patients": int(frame["patient"].nunique()),
         "patients_in_csv": int(len(clinical)),
@@ -207,7 +223,8 @@ def main() -> None:
     # each output goes to its temporary and all are renamed together at the end, so a failure (a full disk,
     # a bad file) keeps the previous slices, report and index whole: never new slices beside an old index
     with atomic_path(SLICES, is_dir=True) as slices, atomic_path(REPORT) as report, atomic_path(INDEX) as table:
-        frame, images, masks, problems, counts = build_index(RAW, params["index"]["on_bad"], out_dir=slices)
+        frame, images, masks, problems, counts = build_index(RAW / source.get("data", "kaggle_3m"),
+                                                             params["index"]["on_bad"], out_dir=slices)
         del images, masks  # read-only maps of the files written
         pd.DataFrame(problems, columns=["file", "problem", "fix"]).to_csv(report, index=False, lineterminator="\n")
         frame.to_csv(table, index=False, lineterminator="\n")

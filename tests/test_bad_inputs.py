@@ -416,6 +416,9 @@ def test_member_lying_about_its_size_is_refused(tmp_path):
     with pytest.raises(BrainsegError, match="big.tif' cannot be extracted"):
         download.extract_zip(path, tmp_path / "out")
     assert max(p.stat().st_size for p in (tmp_path / "out").rglob("*") if p.is_file()) <= 100
+    with pytest.raises(BrainsegError, match="big.tif' is damaged"):  # the download stage keeps zips whole
+        download.keep_zip(path, tmp_path / "kept.zip")
+    assert not (tmp_path / "kept.zip").exists()
 
 
 def test_total_expansion_ceiling(tmp_path, monkeypatch):
@@ -431,6 +434,8 @@ def test_clashing_members_refused(project, synthetic_root):
     zip_with(project / "clash.zip", ("kaggle_3m/TCGA_CS_0000_20000101", b"a file"),
              ("kaggle_3m/TCGA_CS_0000_20000101/x.tif", b"under a file"))
     set_params(project, **{"data.source": "archive", "data.archive": "clash.zip"})
-    with pytest.raises(BrainsegError, match="cannot be extracted"):
+    with pytest.raises(BrainsegError, match="TCGA_CS_0000_20000101' clashes"):
         download.main()
     assert outside(project / "data/raw") == set()
+    with pytest.raises(BrainsegError, match="cannot be extracted"):
+        download.extract_zip(project / "clash.zip", project / "out")

@@ -3,9 +3,11 @@ import stat
 import time
 import zipfile
 
+import numpy as np
+import pandas as pd
 import pytest
 
-from stages import download
+from stages import download, index
 from stages.common import BrainsegError
 from tests.conftest import set_params
 
@@ -22,14 +24,36 @@ def kaggle_zip(path, root, prefixes=("kaggle_3m/", "lgg-mri-segmentation/kaggle_
     return path
 
 
-def test_archive_zip_with_two_copies_extracts_one(project, synthetic_root):
+def test_archive_zip_is_kept_whole_and_indexes_like_its_extracted_folder(project, synthetic_root):
     kaggle_zip(project / "archive.zip", synthetic_root)
     set_params(project, **{"data.source": "archive", "data.archive": "archive.zip"})
     download.main()
-    out = project / "data/raw/kaggle_3m"
-    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in synthetic_root.iterdir())
-    assert not list(project.glob("data/raw/lgg-mri-segmentation*"))
-    assert json.loads((project / "data/raw/SOURCE.json").read_text())["source"] == "archive"
+    assert sorted(p.name for p in (project / "data/raw").iterdir()) == ["SOURCE.json", "kaggle_3m.zip"]
+    assert (project / "data/raw/kaggle_3m.zip").read_bytes() == (project / "archive.zip").read_bytes()
+    record = json.loads((project / "data/raw/SOURCE.json").read_text())
+    assert record == {"source": "archive", "archive": "archive.zip", "data": "kaggle_3m.zip", "prefix": "kaggle_3m/"}
+    # the shallowest of the two copies is read; slices, table and counts as from the extracted folder
+    frame, images, masks, problems, counts = index.build_index(project / "data/raw/kaggle_3m.zip", progress=False)
+    frame2, images2, masks2, problems2, counts2 = index.build_index(synthetic_root, progress=False)
+    assert problems == problems2 == [] and counts == counts2
+    np.testing.assert_array_equal(images, images2)
+    np.testing.assert_array_equal(masks, masks2)
+    pd.testing.assert_frame_equal(frame, frame2)  # image and mask are paths inside kaggle_3m: the same
+
+
+def test_switching_between_a_zip_and_a_folder_leaves_only_the_data_source_json_names(project, synthetic_root):
+    kaggle_zip(project / "archive.zip", synthetic_root)
+    set_params(project, **{"data.source": "archive", "data.archive": "archive.zip"})
+    download.main()
+    set_params(project, **{"data.source": "synthetic", "data.synthetic.patients": 2, "data.synthetic.slices": 3})
+    download.main()
+    assert sorted(p.name for p in (project / "data/raw").iterdir()) == ["SOURCE.json", "kaggle_3m"]
+    assert json.loads((project / "data/raw/SOURCE.json").read_text())["data"] == "kaggle_3m"
+    set_params(project, **{"data.source": "archive"})
+    download.main()
+    assert sorted(p.name for p in (project / "data/raw").iterdir()) == ["SOURCE.json", "kaggle_3m.zip"]
+    index.main()
+    assert json.loads((project / "metrics/data.json").read_text())["slices"] == 60
 
 
 def test_archive_folder(project, synthetic_root):

@@ -1,4 +1,6 @@
 import json
+import shutil
+import zipfile
 
 import cv2
 import keras
@@ -212,9 +214,16 @@ def test_cli_needs_model_data_and_out_together(tmp_path):
         evaluate.main(["--model", str(tmp_path / "m.keras")])
 
 
-def test_cli_scores_a_kaggle_layout_folder(tmp_path, monkeypatch):
+@pytest.mark.parametrize("packed", [False, True], ids=["folder", "zip"])
+def test_cli_scores_a_kaggle_layout_folder_or_zip(tmp_path, monkeypatch, packed):
     synthetic = pytest.importorskip("stages.synthetic")
     data = synthetic.write_dataset(tmp_path / "kaggle_3m", patients=2, slices=6, seed=1)
+    if packed:  # read in place, as the download stage keeps a zip
+        with zipfile.ZipFile(tmp_path / "dev.zip", "w") as zf:
+            for file in sorted(data.rglob("*")):
+                zf.write(file, "kaggle_3m/" + file.relative_to(data).as_posix())
+        shutil.rmtree(data)
+        data = tmp_path / "dev.zip"
     flair_model().save(tmp_path / "model.keras")
     monkeypatch.setattr(evaluate, "load_params", lambda: {"model": "unet", "evaluate": EVALUATE,
                                                          "index": {"on_bad": "fail"}})

@@ -82,7 +82,7 @@ def test_kaggle_download_failing_halfway_keeps_the_last_good_data(good, project,
     assert not leftovers(project)
 
 
-@pytest.mark.parametrize("damage,words", [("truncated", "not a readable zip"), ("flipped", "cannot be extracted")])
+@pytest.mark.parametrize("damage,words", [("truncated", "not a readable zip"), ("flipped", "is damaged")])
 def test_damaged_archive_keeps_the_last_good_data(good, project, damage, words):
     archive = project.parent / "archive.zip"
     kaggle_zip(archive, project / "data/raw/kaggle_3m", damage)
@@ -92,8 +92,9 @@ def test_damaged_archive_keeps_the_last_good_data(good, project, damage, words):
     assert "archive.zip" in str(err.value) and "download the archive again" in str(err.value)
     assert snapshot(project) == good and not leftovers(project)
     kaggle_zip(archive, project / "data/raw/kaggle_3m")
-    download.main()
-    assert (project / "data/raw/kaggle_3m").is_dir() and not leftovers(project)
+    download.main()  # the zip is now the data; the folder of the earlier source goes
+    assert sorted(p.name for p in (project / "data/raw").iterdir()) == ["SOURCE.json", "kaggle_3m.zip"]
+    assert not leftovers(project)
 
 
 def test_download_interrupted_before_its_record_is_caught_by_index(good, project):
@@ -297,7 +298,9 @@ def test_dvc_repro_is_idempotent_and_recovers_after_a_failed_stage(tmp_path):
     failed = dvc(repo, "repro", "balance")
     assert failed.returncode != 0 and "Traceback" not in failed.stderr
     assert "error: 1 bad file(s)" in failed.stderr
-    assert "TCGA_CS_7000_19950101_2.tif: is not a readable TIFF" in failed.stderr
+    # named where it is: inside the kept zip
+    assert "data/raw/kaggle_3m.zip/TCGA_CS_7000_19950101/TCGA_CS_7000_19950101_2.tif: is not a readable TIFF" \
+        in failed.stderr
     after = snapshot(repo)
     for name in good:
         if not name.startswith(("data/raw/", "metrics/data.json")):

@@ -1,4 +1,5 @@
 import json
+import zipfile
 
 import numpy as np
 import pandas as pd
@@ -41,6 +42,35 @@ def test_slices_in_memory_equal_the_streamed_files(synthetic_root, tmp_path):
     assert problems == [] and images.shape == (60, 256, 256, 3) and images.any()
     assert np.array_equal(np.load(tmp_path / "images.npy"), images) and np.array_equal(file_images, images)
     assert np.array_equal(np.load(tmp_path / "masks.npy"), masks) and np.array_equal(file_masks, masks)
+
+
+def test_a_zip_is_read_in_place_with_the_same_pairs_problems_and_pixels_as_its_folder(raw, tmp_path):
+    """Oddities a folder can hold, zipped: the zip reader lists, names and decodes them as the folder reader does."""
+    (raw / CASE / ".DS_Store").write_bytes(b"hidden")
+    (raw / CASE / "notes").mkdir()
+    (raw / CASE / "notes" / "a.txt").write_text("a subfolder")
+    (raw / CASE / f"{CASE}_4.tif").unlink()  # an orphan mask
+    (raw / CASE / f"{CASE}_3.tif").write_bytes((raw / CASE / f"{CASE}_3.tif").read_bytes()[:500])  # truncated
+    (raw / "TCGA_CS_7001_19950101").mkdir()  # an empty patient folder
+    (raw / ".hidden_folder").mkdir()
+    zipped = tmp_path / "kaggle_3m.zip"
+    with zipfile.ZipFile(zipped, "w") as zf:
+        for path in sorted(raw.rglob("*")):
+            zf.write(path, "kaggle_3m/" + path.relative_to(raw).as_posix() + ("/" if path.is_dir() else ""))
+
+    def relative(problems, root):
+        return sorted((p["file"].removeprefix(str(root) + "/"), p["problem"]) for p in problems)
+
+    results = {}
+    for source in (raw, zipped):
+        frame, images, masks, problems, counts = index.build_index(source, on_bad="skip", progress=False)
+        results[source] = frame, images, masks, relative(problems, source), counts
+    (frame, images, masks, problems, counts), again = results[raw], results[zipped]
+    pd.testing.assert_frame_equal(frame, again[0])
+    assert np.array_equal(images, again[1]) and np.array_equal(masks, again[2]) and counts == again[4]
+    assert problems == again[3] and len(problems) == 4, problems  # notes, orphan, truncated, empty folder
+    assert {file for file, _ in problems} == {f"{CASE}/notes", f"{CASE}/{CASE}_4_mask.tif", f"{CASE}/{CASE}_3.tif",
+                                              "TCGA_CS_7001_19950101"}
 
 
 def break_truncated(raw):
