@@ -72,15 +72,24 @@ def check_members(zf: zipfile.ZipFile, zip_path) -> None:
                             "refused")
 
 
-def extract_zip(zip_path: Path, dest: Path) -> None:
-    """Extract the kaggle_3m folder of `zip_path` to `dest` (a new folder), checking members first."""
+def open_kaggle_zip(zip_path: Path) -> tuple[zipfile.ZipFile, str]:
+    """-> (the open zip, its kaggle_3m/ prefix), its members checked; nothing is read or written yet."""
     try:
         zf = zipfile.ZipFile(zip_path)
     except (zipfile.BadZipFile, OSError) as err:
         raise BrainsegError(f"{zip_path}: not a readable zip ({err}). Fix: download the archive again") from None
-    with zf:
+    try:
         check_members(zf, zip_path)
-        prefix = member_prefix(zf.namelist(), zip_path)
+        return zf, member_prefix(zf.namelist(), zip_path)
+    except BaseException:
+        zf.close()
+        raise
+
+
+def extract_zip(zip_path: Path, dest: Path) -> None:
+    """Extract the kaggle_3m folder of `zip_path` to `dest` (a new folder), checking members first."""
+    zf, prefix = open_kaggle_zip(zip_path)
+    with zf:
         dest.mkdir(parents=True)
         for info in zf.infolist():
             if not info.filename.startswith(prefix) or info.is_dir():
@@ -148,13 +157,8 @@ def refuse_clashes(names: list[str], archive: Path) -> None:
 def keep_zip(archive: Path, dest: Path) -> str:
     """Check a Kaggle zip as an extraction would (paths, sizes, CRCs) and copy it whole to `dest`; -> its
     kaggle_3m/ prefix. Reading every member costs ~0.3 s for the dev archive; writing its 4,382 files ~2 s."""
-    try:
-        zf = zipfile.ZipFile(archive)
-    except (zipfile.BadZipFile, OSError) as err:
-        raise BrainsegError(f"{archive}: not a readable zip ({err}). Fix: download the archive again") from None
+    zf, prefix = open_kaggle_zip(archive)
     with zf:
-        check_members(zf, archive)
-        prefix = member_prefix(zf.namelist(), archive)
         refuse_clashes([n for n in zf.namelist() if n.startswith(prefix)], archive)
         for info in zf.infolist():
             if info.filename.startswith(prefix) and not info.is_dir():

@@ -51,15 +51,10 @@ class Zip:
     """The shallowest kaggle_3m/ of a zip (Kaggle's website archive holds two copies), checked like an extraction."""
 
     def __init__(self, path: Path):
-        from stages.download import check_members, member_prefix
+        from stages.download import open_kaggle_zip
 
         self.path = Path(path)
-        try:
-            self.zf = zipfile.ZipFile(self.path)
-        except (zipfile.BadZipFile, OSError) as err:
-            raise BrainsegError(f"{self.path}: not a readable zip ({err}). Fix: download the archive again") from None
-        check_members(self.zf, self.path)
-        self.prefix = member_prefix(self.zf.namelist(), self.path)
+        self.zf, self.prefix = open_kaggle_zip(self.path)
         self.members = {}  # label -> member name
         self._cases: dict[str, set[str]] = {}
         for name in self.zf.namelist():
