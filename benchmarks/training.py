@@ -3,9 +3,10 @@
 Prints, in one run on this machine:
 - the matrix-multiply peak (float32 GEMM through TensorFlow, 2048x2048, best of several),
 - training slices/s of params.yaml's model at the CPU profile in plain float32 Keras with default settings
-  (the baseline), in the pipeline's recipe (params.yaml's mixed_precision and jit_compile), with the
-  convolution FLOPs they achieve as a share of the measured peak, and in the mixed precision this hardware
-  offers (mixed_float16 on a GPU, mixed_bfloat16 on a CPU),
+  (the baseline: TensorFlow's own runtime defaults for this CPU), in the pipeline's recipe (its TensorFlow
+  settings from stages/__init__.py, params.yaml's mixed_precision and jit_compile), each in a fresh process,
+  with the convolution FLOPs they achieve as a share of the measured peak, and in the mixed precision this
+  hardware offers (mixed_float16 on a GPU, mixed_bfloat16 on a CPU),
 - inference slices/s through stages.inference.predict_probs (what evaluation, the CLI and the app use), with
   the engine params.yaml's evaluate.engine picks here (LiteRT on a CPU) against Keras' own predict.
 
@@ -14,7 +15,10 @@ Prints, in one run on this machine:
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -87,37 +91,71 @@ def inference_rate(name, cfg, engine: str, n: int = 512) -> tuple[float, float]:
     return n / _time(lambda: predict_probs(model, images, batch_size=64, engine=engine)), first
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--profile", default="cpu")
-    args = parser.parse_args()
-    import tensorflow as tf
+def child(setting: str, steps: int, profile: str, policy: str | None) -> dict:
+    """One training measurement in this (fresh) process: TensorFlow reads its runtime options once, at import.
+
+    plain: TensorFlow imported before anything of brainseg, with TF_ENABLE_ONEDNN_OPTS unset, so it runs with
+    its own defaults for this CPU (oneDNN only on CPUs with AVX512-VNNI / BF16 or AMX); recipe: imported the way
+    the pipeline does (stages/__init__.py turns oneDNN on unless the user set the variable)."""
+    if setting == "plain":
+        os.environ.pop("TF_ENABLE_ONEDNN_OPTS", None)
+        import tensorflow as tf
+    else:
+        import stages  # noqa: F401
+        import tensorflow as tf
+    from tensorflow.python.util import _pywrap_util_port
 
     from stages.common import load_params, train_config
 
     params = load_params()
-    cfg = train_config({**params, "profile": args.profile})
-    name = params["model"]
-    peak = matmul_peak_gflops(tf)
-    policy = cfg.get("mixed_precision") or "float32"
-    jit = cfg.get("jit_compile", "auto")
-    # alternated and repeated, best of each, so neither setting gains from when it runs in the process
-    bases, ours_runs = [], []
+    cfg = train_config({**params, "profile": profile})
+    policy = policy or ("float32" if setting == "plain" else cfg.get("mixed_precision") or "float32")
+    jit = False if setting == "plain" else cfg.get("jit_compile", "auto")
+    rate, gflop = train_rate(params["model"], cfg, steps, policy, jit)
+    return {"rate": rate, "gflop": gflop, "peak": matmul_peak_gflops(tf), "policy": policy, "jit": jit,
+            "onednn": bool(_pywrap_util_port.IsMklEnabled()),
+            "gpu": bool(tf.config.list_logical_devices("GPU"))}
+
+
+def measure(setting: str, args, policy: str | None = None) -> dict:
+    command = [sys.executable, "-m", "benchmarks.training", "--child", setting, "--steps", str(args.steps),
+               "--profile", args.profile] + (["--policy", policy] if policy else [])
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--profile", default="cpu")
+    parser.add_argument("--child", choices=["plain", "recipe"], help=argparse.SUPPRESS)
+    parser.add_argument("--policy", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.steps, args.profile, args.policy)))
+        return
+    # alternated and repeated, each in a fresh process, best of each, so neither gains from when it runs
+    runs = {"plain": [], "recipe": []}
     for _ in range(2):
-        base, gflop = train_rate(name, cfg, args.steps, "float32", False)
-        bases.append(base)
-        ours_runs.append(train_rate(name, cfg, args.steps, policy, jit)[0])
-    base, ours = max(bases), max(ours_runs)
-    # Keras' jit_compile "auto" means no XLA on a CPU-only machine: then the recipe is the plain setting
-    xla = jit is True or (jit == "auto" and bool(tf.config.list_logical_devices("GPU")))
-    same = policy == "float32" and not xla
+        for setting in runs:
+            runs[setting].append(measure(setting, args))
+    plain, recipe = (max(runs[s], key=lambda r: r["rate"]) for s in runs)
+    base, ours, gflop = plain["rate"], recipe["rate"], plain["gflop"]
+    # the machine's peak is the best GEMM either setting reached (oneDNN's and Eigen's matmul differ)
+    peak = max(r["peak"] for rs in runs.values() for r in rs)
+    policy, jit = recipe["policy"], recipe["jit"]
     # the other precision a user of this hardware would try: float16 on a GPU, bfloat16 on a CPU
-    other = "mixed_float16" if tf.config.list_logical_devices("GPU") else "mixed_bfloat16"
-    mixed = train_rate(name, cfg, args.steps, other, jit)[0] if other != policy else None
+    other = "mixed_float16" if recipe["gpu"] else "mixed_bfloat16"
+    mixed = measure("recipe", args, other)["rate"] if other != policy else None
+
+    import stages  # noqa: F401  the pipeline's TensorFlow settings for the inference measured here
+    from stages.common import load_params, train_config
     from stages.inference import pick_engine
     from stages.models import build_model
 
+    params = load_params()
+    cfg = train_config({**params, "profile": args.profile})
+    name = params["model"]
     engine = pick_engine(build_model(name, (cfg["image_size"],) * 2 + (3,), cfg["filters"],
                                      input_norm=cfg.get("input_norm")),
                          params["evaluate"].get("engine", "auto"))
@@ -126,14 +164,16 @@ def main() -> None:
     achieved = lambda rate: 3 * gflop * rate  # training ~ 3 forward passes of FLOPs  # noqa: E731
     print(f"\nmachine: {os.cpu_count()} cores; model {name}, {cfg['image_size']} px, filters {cfg['filters']}, "
           f"batch {cfg['batch_size']}; {gflop:.2f} conv GFLOP per slice forward")
-    print(f"matmul peak (float32, 2048^3)        {peak:8.1f} GFLOP/s")
-    print(f"train, plain float32 Keras defaults  {base:8.1f} slices/s  ({achieved(base):6.1f} GFLOP/s, "
-          f"{achieved(base) / peak:5.1%} of peak)")
-    print(f"train, recipe (policy {policy}, jit {jit})  {ours:8.1f} slices/s  ({achieved(ours):6.1f} GFLOP/s, "
-          f"{achieved(ours) / peak:5.1%} of peak)   speed-up {ours / base:.2f}x (target >= 1.5x, >= 60% of peak)")
-    print(f"  (each best of 2, alternated: plain {', '.join(f'{r:.1f}' for r in bases)}; recipe "
-          f"{', '.join(f'{r:.1f}' for r in ours_runs)})"
-          + ("; the recipe's settings are the plain ones here, so any speed-up is this machine's noise" if same else ""))
+    peaks = ", ".join(f"{r['peak']:.1f}" for rs in runs.values() for r in rs)
+    rates = {s: ", ".join(f"{r['rate']:.1f}" for r in runs[s]) for s in runs}
+    print(f"matmul peak (float32, 2048^3)        {peak:8.1f} GFLOP/s  (best of both settings' processes: "
+          f"{peaks})")
+    print(f"train, plain float32 Keras defaults (oneDNN {'on' if plain['onednn'] else 'off'})  {base:8.1f} slices/s  "
+          f"({achieved(base):6.1f} GFLOP/s, {achieved(base) / peak:5.1%} of peak)")
+    print(f"train, recipe (oneDNN {'on' if recipe['onednn'] else 'off'}, policy {policy}, jit {jit})  {ours:8.1f} "
+          f"slices/s  ({achieved(ours):6.1f} GFLOP/s, {achieved(ours) / peak:5.1%} of peak)   speed-up "
+          f"{ours / base:.2f}x (target >= 1.5x, >= 60% of peak)")
+    print(f"  (each best of 2, alternated, a fresh process each: plain {rates['plain']}; recipe {rates['recipe']})")
     if mixed is not None:
         print(f"train, {other} (jit {jit})  {mixed:8.1f} slices/s  ({mixed / base:.2f}x plain float32)")
     print(f"inference, Keras predict (256->{cfg['image_size']} px)  {infer_keras:8.1f} slices/s  "

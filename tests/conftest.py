@@ -4,6 +4,8 @@ from pathlib import Path
 
 import pytest
 
+import stages  # noqa: F401  first, so TensorFlow starts with the pipeline's settings whichever test imports it
+
 ROOT = Path(__file__).resolve().parent.parent
 DEV_ZIP = Path(os.environ.get("BRAINSEG_DEV_ZIP", ROOT.parent / "shared/data/lgg-mri-segmentation-dev.zip"))
 
