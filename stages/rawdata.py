@@ -1,8 +1,8 @@
 """The raw data set as the download stage leaves it: a kaggle_3m folder, or the zip that holds one, read in place.
 
 A zip is not extracted: writing its 4,000-8,000 small TIFFs back to disk (and DVC then hashing and caching each
-one) cost more than decoding them. Both kinds list their patient folders and hand out each file's bytes, and
-name every file as a path, `<zip>/<case>/<file>` inside a zip, so errors point at it.
+one) cost more than decoding them. Both kinds list their patient folders and hand out each file to decode (a path,
+or a member's bytes), and name every file as a path, `<zip>/<case>/<file>` inside a zip, so errors point at it.
 """
 from __future__ import annotations
 
@@ -81,8 +81,8 @@ class Zip:
 
     def source(self, label: str) -> io.BytesIO:
         """The member's bytes, in memory (ZipFile reads members from several threads under its own lock)."""
-        if label not in self.members:
-            raise FileNotFoundError(label)
+        if label not in self.members:  # a folder named like a slice: the folder reader fails on it the same way
+            raise BadImage(label, "is not a file in the archive", "rename or remove that folder in the archive")
         try:
             return io.BytesIO(self.zf.read(self.members[label]))  # the CRC is checked as it is read
         except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as err:
