@@ -86,11 +86,14 @@ _LITERT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def pick_engine(model: keras.Model, engine: str = "auto") -> str:
-    """'litert' or 'keras': auto takes LiteRT on a CPU-only machine for a float32 model."""
+    """'litert' or 'keras': auto takes LiteRT on a CPU-only machine for a float32 model (and Keras on a backend
+    other than TensorFlow, whose converter LiteRT needs)."""
     if engine not in ENGINES:
         raise BrainsegError(f"inference engine '{engine}' is not one of {', '.join(ENGINES)}")
     if engine != "auto":
         return engine
+    if keras.backend.backend() != "tensorflow":
+        return "keras"
     import tensorflow as tf
 
     float32 = all(layer.dtype_policy.compute_dtype == "float32" for layer in model._flatten_layers())
@@ -176,9 +179,19 @@ class LiteRTRunner:
 
 
 def _keras_runner(model: keras.Model):
+    """On JAX, batches are padded with blank slices to a power-of-two size: XLA compiles once per batch shape,
+    and patients' slice counts would otherwise make a new shape almost every time (the H100 evaluation spent
+    most of its 100 s compiling). Slices are predicted independently, so the padding changes no prediction.
+    TensorFlow without XLA runs any shape, where padding would only add work."""
+    pad = keras.backend.backend() == "jax"
+
     def run(x):
+        n = len(x)
+        padded = 1 << max(n - 1, 0).bit_length() if pad else n
+        if padded != n:
+            x = np.concatenate([x, np.zeros((padded - n, *x.shape[1:]), x.dtype)])
         y = model.predict_on_batch(x)
-        return np.asarray(y[-1] if isinstance(y, (list, tuple)) else y, dtype=np.float32)
+        return np.asarray(y[-1] if isinstance(y, (list, tuple)) else y, dtype=np.float32)[:n]
     return run
 
 

@@ -5,6 +5,8 @@ and DVCLive per-epoch curves in dvclive/train/plots/metrics/{train,eval}/<metric
 """
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -12,16 +14,19 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from stages import prepared
 from stages.common import BrainsegError, load_params, run_main, train_config, write_json
 from stages.losses import get_loss, segmentation_metrics
 from stages.models import CLASSIFIERS, build_model
 from stages.preprocess import mask_to_model_size, resize_images
+
+if TYPE_CHECKING:  # TensorFlow is imported where used: JAX / PyTorch machines may not have it
+    import tensorflow as tf
 
 DATA = Path("data")  # data/prepared's tables and the data/slices they point into
 MODEL = Path("models/model.keras")
@@ -34,7 +39,11 @@ def main() -> None:
     params = load_params()
     cfg = train_config(params)
     seed = params["seed"] if cfg.get("seed") is None else cfg["seed"]
-    summary = train(params["model"], cfg, seed, DATA, MODEL, LIVE)
+    live = LIVE
+    if importlib.util.find_spec("dvclive") is None:  # a GPU machine with Keras alone (benchmarks/gpu_recipe.py)
+        print("dvclive is not installed: training without per-epoch curves in dvclive/train", flush=True)
+        live = None
+    summary = train(params["model"], cfg, seed, DATA, MODEL, live)
     summary["seed"] = seed
     summary["data_source"] = json.loads(SOURCE.read_text()) if SOURCE.is_file() else "unknown"
     write_json(METRICS, summary)
@@ -51,6 +60,8 @@ def make_datasets(data_dir: Path, image_size: int, batch_size: int, classifier: 
     Targets are (size, size, 1) masks, or for a classifier 1.0 when the slice's mask has any tumour; a model
     with several `outputs` gets the target once per output. `tumour_slices_only` filters training slices only.
     `augment` (params.yaml's train.augment) transforms training batches anew each epoch: see augmenter().
+    On a Keras backend other than TensorFlow (JAX, PyTorch: a GPU machine without TensorFlow), the same batches
+    come from SliceBatches instead of tf.data.
     """
     def to_model_size(images, masks):
         return resize_images(images, image_size), mask_to_model_size(masks, image_size).astype(np.float16)
@@ -68,10 +79,17 @@ def make_datasets(data_dir: Path, image_size: int, batch_size: int, classifier: 
                                 "train.tumour_slices_only and rerun `dvc repro`")
         if classifier:
             y = tumour.astype(np.float16)[:, None]
+        if split == "train":
+            n_train = len(x)
+        if keras.backend.backend() != "tensorflow":
+            datasets.append(SliceBatches(x, y, batch_size, seed if split == "train" else None,
+                                         transform if split == "train" else None, classifier, outputs))
+            continue
+        import tensorflow as tf
+
         ds = tf.data.Dataset.from_tensor_slices((x, y))
         if split == "train":
             ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-            n_train = len(x)
         # the same float32 values as preprocess.to_model_input gives evaluation and inference
         ds = ds.batch(batch_size).map(lambda image, target: (tf.cast(image, tf.float32) / 255.0,
                                                              tf.cast(target, tf.float32)))
@@ -81,6 +99,36 @@ def make_datasets(data_dir: Path, image_size: int, batch_size: int, classifier: 
             ds = ds.map(lambda image, target: (image, (target,) * outputs))
         datasets.append(ds.prefetch(tf.data.AUTOTUNE))
     return *datasets, n_train
+
+
+class SliceBatches(keras.utils.PyDataset):
+    """make_datasets' batches without tf.data: uint8 slices scaled to float32 / 255 and float16 targets to
+    float32 as each batch is drawn, reshuffled each epoch when `shuffle_seed` is set, `transform` applied to
+    the batch (each mask moved with its slice), the target repeated for a model with several `outputs`.
+    Four threads assemble batches ahead of the accelerator."""
+
+    def __init__(self, x, y, batch_size: int, shuffle_seed: int | None = None, transform=None,
+                 classifier: bool = False, outputs: int = 1):
+        super().__init__(workers=4, use_multiprocessing=False)
+        self.x, self.y, self.batch_size, self.outputs = x, y, batch_size, outputs
+        self.transform = None if transform is None else same_transform(transform, classifier)
+        self.order = np.arange(len(x))
+        self.rng = None if shuffle_seed is None else np.random.default_rng(shuffle_seed)
+        self.on_epoch_end()
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.x) / self.batch_size)
+
+    def __getitem__(self, i: int):
+        rows = np.sort(self.order[i * self.batch_size:(i + 1) * self.batch_size])  # sorted: sequential reads
+        image, target = self.x[rows].astype(np.float32) / 255.0, self.y[rows].astype(np.float32)
+        if self.transform is not None:
+            image, target = (keras.ops.convert_to_numpy(t) for t in self.transform(image, target))
+        return image, (target,) * self.outputs if self.outputs > 1 else target
+
+    def on_epoch_end(self) -> None:
+        if self.rng is not None:
+            self.rng.shuffle(self.order)
 
 
 def augmenter(cfg: dict, seed: int) -> keras.Sequential | None:
@@ -106,11 +154,12 @@ def augmenter(cfg: dict, seed: int) -> keras.Sequential | None:
 
 
 def same_transform(transform, classifier: bool):
-    """A tf.data map applying `transform` to a batch, each mask moved with its slice (one draw for both)."""
+    """`transform` applied to a batch, each mask moved with its slice (one draw for both): a tf.data map on
+    the TensorFlow backend, a SliceBatches step on the others."""
     def apply(image, target):
         if classifier:  # the target is a label, not a picture
             return transform(image, training=True), target
-        both = transform(tf.concat([image, target], axis=-1), training=True)
+        both = transform(keras.ops.concatenate([image, target], axis=-1), training=True)
         return both[..., :-1], both[..., -1:]
     return apply
 
@@ -188,8 +237,39 @@ def callbacks(cfg: dict, checkpoint: Path, live=None) -> list:
     return result
 
 
+class TimeLimit(keras.callbacks.Callback):
+    """Stops training before an epoch that would end past `minutes` (a batch job's wall-clock limit), so the
+    best epoch so far is still saved and evaluated. The next epoch is assumed as long as the last one (not the
+    first, which also compiles)."""
+
+    def __init__(self, minutes: float):
+        super().__init__()
+        self.seconds, self.start, self.epoch_start = 60.0 * minutes, None, None
+
+    def on_train_begin(self, logs=None):
+        self.start = time.perf_counter()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch_start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        now = time.perf_counter()
+        if 2 * now - self.start - self.epoch_start > self.seconds:  # elapsed + this epoch's length
+            print(f"TimeLimit: stopping after epoch {epoch + 1}: another would pass train.max_minutes", flush=True)
+            self.model.stop_training = True
+
+
+def strategy_scope(strategy=None):
+    """The distribution strategy's scope on TensorFlow; other backends place the model themselves."""
+    if keras.backend.backend() != "tensorflow":
+        return contextlib.nullcontext()
+    return (strategy or distribution_strategy()).scope()
+
+
 def distribution_strategy() -> tf.distribute.Strategy:
     """MirroredStrategy over all GPUs when there are several, else the default (single device) strategy."""
+    import tensorflow as tf
+
     if len(tf.config.list_logical_devices("GPU")) > 1:
         return tf.distribute.MirroredStrategy()
     return tf.distribute.get_strategy()
@@ -204,7 +284,7 @@ def train(name: str, cfg: dict, seed: int = 42, data_dir: Path = DATA, model_pat
     previous_policy = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy(cfg.get("mixed_precision") or "float32")
     try:
-        with (strategy or distribution_strategy()).scope():
+        with strategy_scope(strategy):
             model = build_model(name, (size, size, 3), cfg["filters"], cfg.get("weights"), cfg.get("input_norm"))
             train_ds, val_ds, n_train = make_datasets(Path(data_dir), size, batch, name in CLASSIFIERS,
                                                       cfg.get("tumour_slices_only", False), seed, len(model.outputs),
@@ -220,12 +300,13 @@ def train(name: str, cfg: dict, seed: int = 42, data_dir: Path = DATA, model_pat
     model_path = Path(model_path)
     model_path.parent.mkdir(parents=True, exist_ok=True)
     timer = TrainTimer()
+    limit = [TimeLimit(cfg["max_minutes"])] if cfg.get("max_minutes") else []
     # ModelCheckpoint writes into a private folder; only a finished run renames its file onto model_path.
     with tempfile.TemporaryDirectory(prefix=".train.", dir=model_path.parent) as tmp:
         checkpoint = Path(tmp) / model_path.name
         start = time.perf_counter()
         history = model.fit(train_ds, validation_data=val_ds, epochs=cfg["epochs"],
-                            callbacks=[*callbacks(cfg, checkpoint, live), timer], shuffle=False,
+                            callbacks=[*callbacks(cfg, checkpoint, live), timer, *limit], shuffle=False,
                             verbose=1 if sys.stdout.isatty() else 2).history
         seconds = time.perf_counter() - start
         if not checkpoint.is_file():

@@ -154,6 +154,13 @@ def test_auto_engine_is_litert_on_cpu_for_float32_and_keras_for_mixed_precision(
         inference.pick_engine(mixed, "tpu")
 
 
+def test_auto_engine_is_keras_on_other_keras_backends(monkeypatch):
+    """LiteRT's converter needs TensorFlow, which a JAX / PyTorch GPU machine may not have."""
+    model = flair_model(16)
+    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
+    assert inference.pick_engine(model) == "keras" and inference.pick_engine(model, "litert") == "litert"
+
+
 def test_auto_engine_falls_back_to_keras_when_litert_cannot_convert(monkeypatch):
     def refuse(model):
         raise RuntimeError("unsupported op")
@@ -198,3 +205,19 @@ def test_converted_graph_is_cached_by_weights_and_survives_a_bad_cache(tmp_path,
     blocked.write_text("a file where the cache folder would be")
     runner = inference.LiteRTRunner(model, blocked / "litert")
     assert not runner.cached and np.array_equal(runner(batch), first(batch))
+
+
+def test_jax_batches_are_padded_to_a_power_of_two_without_changing_predictions(monkeypatch):
+    """XLA compiles once per batch shape; padding keeps the shapes few and drops the blank rows again."""
+    model = flair_model(16)
+    x = images(3, size=16)
+    plain = inference.predict_probs(model, x, engine="keras")
+    shapes = []
+    predict = model.predict_on_batch
+    monkeypatch.setattr(model, "predict_on_batch", lambda batch: shapes.append(len(batch)) or predict(batch))
+    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
+    padded = inference.predict_probs(model, x, engine="keras")
+    assert shapes == [4] and padded.shape == plain.shape and np.allclose(padded, plain, atol=1e-6)
+    shapes.clear()
+    inference.predict_probs(model, images(5, size=16), batch_size=4, engine="keras")
+    assert shapes == [4, 1]

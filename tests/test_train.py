@@ -254,3 +254,71 @@ print("replicas", strategy.num_replicas_in_sync, "epochs", summary["epochs"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "replicas 2 epochs 1" in result.stdout
     assert (tmp_path / "model.keras").is_file()
+
+
+def test_other_keras_backends_get_the_same_batches_without_tf_data(prepared, monkeypatch):
+    """JAX / PyTorch (a GPU machine without TensorFlow) take SliceBatches: the same slices, targets and
+    augmentation as the tf.data path, reshuffled each epoch by the seed."""
+    tf_train, tf_val, n = make_datasets(prepared, 32, 4, outputs=2)
+    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
+    train_b, val_b, n_b = make_datasets(prepared, 32, 4, seed=3, outputs=2)
+    assert isinstance(train_b, train_stage.SliceBatches) and n_b == n == 8 and len(train_b) == 2
+    for (x, (y, y2)), (tx, (ty, _)) in zip((val_b[i] for i in range(len(val_b))), tf_val):
+        assert x.dtype == y.dtype == "float32" and np.array_equal(x, tx) and np.array_equal(y, ty)
+        assert y2 is y
+    tf_rows = sorted(np.asarray(x).tobytes() for x, _ in tf_train.unbatch())
+
+    def epoch(batches):
+        rows = [row for i in range(len(batches)) for row in batches[i][0]]
+        batches.on_epoch_end()
+        return [row.tobytes() for row in rows]
+
+    first, second = epoch(train_b), epoch(train_b)
+    assert sorted(first) == sorted(second) == tf_rows and first != second  # every slice once, new order
+    assert epoch(make_datasets(prepared, 32, 4, seed=3)[0]) == first  # the seed fixes the order
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (16, 8, 8, 3), dtype=np.uint8)
+    masks = np.zeros((16, 8, 8, 1), np.float16)
+    masks[:, 2:5, 1:3] = 1  # off-centre: a mirrored mask differs from the original
+    flipped = train_stage.SliceBatches(images, masks, 16, 3, train_stage.augmenter({"flip": True}, 3))
+    x, y = flipped[0]
+    mirrored = 0
+    for image, mask in zip(np.rint(x * 255), y):  # each mask moves with its slice
+        source = next(i for i in range(16) if np.array_equal(image, images[i])
+                      or np.array_equal(image, images[i][:, ::-1]))
+        same = np.array_equal(image, images[source])
+        assert np.array_equal(mask, masks[source] if same else masks[source][:, ::-1])
+        mirrored += not same
+    assert 0 < mirrored < len(x)
+
+
+def test_time_limit_stops_before_an_epoch_would_pass_it(monkeypatch):
+    clock = iter([0.0, 0.0, 50.0, 50.0, 100.0, 100.0, 170.0])  # train begins; epochs of 50, 50 and 70 s
+    monkeypatch.setattr(train_stage.time, "perf_counter", lambda: next(clock))
+    limit, stops = train_stage.TimeLimit(minutes=3), []
+    limit.set_model(keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)]))
+    limit.on_train_begin()
+    for epoch in range(3):
+        limit.model.stop_training = False
+        limit.on_epoch_begin(epoch)
+        limit.on_epoch_end(epoch)
+        stops.append(limit.model.stop_training)
+    assert stops == [False, False, True]  # 100 s + 50 s fits in 180 s; 170 s + 70 s does not
+
+
+def test_max_minutes_ends_training_early_and_keeps_the_best_epoch(prepared, cfg, tmp_path):
+    summary = train("cnn", {**cfg, "epochs": 3, "max_minutes": 1e-6}, 0, prepared, tmp_path / "m.keras", None)
+    assert summary["epochs"] == 1 and (tmp_path / "m.keras").is_file()
+
+
+def test_main_trains_without_dvclive_where_it_is_not_installed(prepared, cfg, tmp_path, monkeypatch, capsys):
+    seen = {}
+    find_spec = train_stage.importlib.util.find_spec
+    monkeypatch.setattr(train_stage.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "dvclive" else find_spec(name, *a))
+    monkeypatch.setattr(train_stage, "train", lambda name, cfg, seed, data, model, live: seen.update(live=live) or {})
+    monkeypatch.setattr(train_stage, "METRICS", tmp_path / "train.json")
+    monkeypatch.setattr(train_stage, "SOURCE", tmp_path / "missing.json")
+    train_stage.main()
+    assert seen == {"live": None} and "dvclive is not installed" in capsys.readouterr().out
