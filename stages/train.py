@@ -239,8 +239,8 @@ def callbacks(cfg: dict, checkpoint: Path, live=None) -> list:
 
 class TimeLimit(keras.callbacks.Callback):
     """Stops training before an epoch that would end past `minutes` (a batch job's wall-clock limit), so the
-    best epoch so far is still saved and evaluated. The next epoch is assumed as long as the last one (not the
-    first, which also compiles)."""
+    best epoch so far is still saved and evaluated. The next epoch is assumed to take as long as the one just
+    ended (after the first, whose compiling makes that a safe overestimate)."""
 
     def __init__(self, minutes: float):
         super().__init__()
