@@ -111,8 +111,8 @@ def unpack(parts: list[Path], out: Path, workers: int = 16) -> Path:
     for part in parts:
         with zipfile.ZipFile(part) as zf:
             manifest = json.loads(zf.read(MANIFEST))
-            for name in manifest:
-                (root.parent / name).parent.mkdir(parents=True, exist_ok=True)
+            for folder in {(root.parent / name).parent for name in manifest}:
+                folder.mkdir(parents=True, exist_ok=True)
             with ThreadPoolExecutor(workers) as pool:
                 list(tqdm(pool.map(lambda item: rebuild(zf, *item), manifest.items()), total=len(manifest),
                           desc=f"rebuilding {part.name}"))

@@ -23,7 +23,7 @@ from stages import prepared
 from stages.common import BrainsegError, load_params, run_main, train_config, write_json
 from stages.losses import get_loss, segmentation_metrics
 from stages.models import CLASSIFIERS, build_model
-from stages.preprocess import mask_to_model_size, resize_images
+from stages.preprocess import mask_to_model_size, resize_images, to_model_input
 
 if TYPE_CHECKING:  # TensorFlow is imported where used: JAX / PyTorch machines may not have it
     import tensorflow as tf
@@ -121,7 +121,8 @@ class SliceBatches(keras.utils.PyDataset):
 
     def __getitem__(self, i: int):
         rows = np.sort(self.order[i * self.batch_size:(i + 1) * self.batch_size])  # sorted: sequential reads
-        image, target = self.x[rows].astype(np.float32) / 255.0, self.y[rows].astype(np.float32)
+        # the slices are at model size already: to_model_input only scales, as for evaluation and inference
+        image, target = to_model_input(self.x[rows], self.x.shape[1]), self.y[rows].astype(np.float32)
         if self.transform is not None:
             image, target = (keras.ops.convert_to_numpy(t) for t in self.transform(image, target))
         return image, (target,) * self.outputs if self.outputs > 1 else target
