@@ -140,3 +140,19 @@ def test_prepared_data_from_another_index_or_layout_is_refused(tmp_path):
     pd.DataFrame({"patient": ["x"]}).to_csv(data / "prepared/val.csv", index=False)  # the old layout
     with pytest.raises(BrainsegError, match="no row / copy columns.*dvc repro balance"):
         prepared.load_split(data, "val")
+
+
+def test_area_weight_copies_small_tumours_more_often():
+    from stages.balance import augmentation_sources
+
+    areas = np.array([50] * 10 + [5000] * 10 + [0] * 20)
+    meta = pd.DataFrame({"tumour": (areas > 0).astype(int), "area": areas})
+    cfg = {"total": 200, "tumour_fraction": 0.5}
+    even = augmentation_sources(meta, {**cfg, "area_weight": 0}, seed=0)
+    weighted = augmentation_sources(meta, {**cfg, "area_weight": 0.5}, seed=0)
+    assert len(even) == len(weighted) == 160 and (areas[weighted[80:]] == 0).all()  # then the empty copies
+    small = lambda sources: int(np.isin(sources[:80], np.arange(10)).sum())  # noqa: E731
+    assert small(even) == 40  # each tumour slice 4 times
+    assert small(weighted) > 60  # weights 1/sqrt(50) vs 1/sqrt(5000): 10x, so about 91% of the 80 copies
+    with pytest.raises(BrainsegError, match="area_weight"):
+        augmentation_sources(meta, {**cfg, "area_weight": -1}, seed=0)
