@@ -240,22 +240,43 @@ def callbacks(cfg: dict, checkpoint: Path, live=None) -> list:
 
 class TimeLimit(keras.callbacks.Callback):
     """Stops training before an epoch that would end past `minutes` (a batch job's wall-clock limit), so the
-    best epoch so far is still saved and evaluated. The next epoch is assumed to take as long as the one just
-    ended (after the first, whose compiling makes that a safe overestimate)."""
+    best epoch so far is still saved and evaluated.
+
+    The next epoch is estimated as the median step of the one just ended times its steps, plus the shortest
+    validation (and callbacks) time seen so far. Medians and minima, not the last epoch's length: on XLA the
+    first epochs include compiling (60-120 s each on the H100, against 2-5 s once compiled), and taking those as
+    the next epoch's length stopped GPU runs after their second epoch."""
 
     def __init__(self, minutes: float):
         super().__init__()
-        self.seconds, self.start, self.epoch_start = 60.0 * minutes, None, None
+        self.seconds, self.start = 60.0 * minutes, None
+        self.epoch_start = self.last_step = self.train_end = None
+        self.steps: list[float] = []
+        self.overhead = float("inf")
 
     def on_train_begin(self, logs=None):
         self.start = time.perf_counter()
 
     def on_epoch_begin(self, epoch, logs=None):
-        self.epoch_start = time.perf_counter()
+        self.epoch_start, self.last_step, self.train_end, self.steps = time.perf_counter(), None, None, []
+
+    def on_train_batch_begin(self, batch, logs=None):  # a begin hook keeps Keras' asynchronous batch dispatch
+        now = time.perf_counter()
+        if self.last_step is not None:
+            self.steps.append(now - self.last_step)
+        self.last_step = now
+
+    def on_test_begin(self, logs=None):
+        if self.train_end is None:
+            self.train_end = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
         now = time.perf_counter()
-        if 2 * now - self.start - self.epoch_start > self.seconds:  # elapsed + this epoch's length
+        train_end = self.train_end or now
+        self.overhead = min(self.overhead, now - train_end)
+        batches = len(self.steps) + 1
+        step = float(np.median(self.steps)) if self.steps else train_end - self.epoch_start
+        if now - self.start + step * batches + self.overhead > self.seconds:
             print(f"TimeLimit: stopping after epoch {epoch + 1}: another would pass train.max_minutes", flush=True)
             self.model.stop_training = True
 

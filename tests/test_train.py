@@ -293,18 +293,43 @@ def test_other_keras_backends_get_the_same_batches_without_tf_data(prepared, mon
     assert 0 < mirrored < len(x)
 
 
-def test_time_limit_stops_before_an_epoch_would_pass_it(monkeypatch):
-    clock = iter([0.0, 0.0, 50.0, 50.0, 100.0, 100.0, 170.0])  # train begins; epochs of 50, 50 and 70 s
-    monkeypatch.setattr(train_stage.time, "perf_counter", lambda: next(clock))
-    limit, stops = train_stage.TimeLimit(minutes=3), []
-    limit.set_model(keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)]))
-    limit.on_train_begin()
-    for epoch in range(3):
+def _epoch(limit, epoch, steps_begin, test_begin, end):
+    """One epoch as Keras calls the callback, on a fake clock: batch starts, validation start, epoch end."""
+    times = iter([steps_begin[0], *steps_begin, test_begin, end])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_stage.time, "perf_counter", lambda: next(times))
         limit.model.stop_training = False
         limit.on_epoch_begin(epoch)
+        for i in range(len(steps_begin)):
+            limit.on_train_batch_begin(i)
+        limit.on_test_begin()
         limit.on_epoch_end(epoch)
-        stops.append(limit.model.stop_training)
-    assert stops == [False, False, True]  # 100 s + 50 s fits in 180 s; 170 s + 70 s does not
+    return limit.model.stop_training
+
+
+def test_time_limit_stops_before_an_epoch_would_pass_it():
+    limit = train_stage.TimeLimit(minutes=3)
+    limit.set_model(keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)]))
+    limit.start = 0.0
+    # epoch 1 compiles: its first step takes 50 s, validation 47 s. Once compiled an epoch takes about
+    # 4 x 1 s + 6 s, so 100 s elapsed + 10 s fits in 180 s (its own 100 s would not have: 200 s)
+    assert not _epoch(limit, 0, [0, 50, 51, 52], 53, 100)
+    assert not _epoch(limit, 1, [100, 101, 102, 103], 104, 110)
+    # steps of 30 s: 235 s elapsed + 4 x 30 s + 5 s passes 180 s
+    assert _epoch(limit, 2, [110, 140, 170, 200], 230, 235)
+
+
+def test_time_limit_without_validation_uses_the_epoch_itself():
+    limit = train_stage.TimeLimit(minutes=1)
+    limit.set_model(keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)]))
+    limit.start = 0.0
+    times = iter([0.0, 20.0, 40.0])  # epoch begins, its only batch begins, epoch ends: 40 s + 40 s > 60 s
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_stage.time, "perf_counter", lambda: next(times))
+        limit.on_epoch_begin(0)
+        limit.on_train_batch_begin(0)
+        limit.on_epoch_end(0)
+    assert limit.model.stop_training
 
 
 def test_max_minutes_ends_training_early_and_keeps_the_best_epoch(prepared, cfg, tmp_path):

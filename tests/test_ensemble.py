@@ -1,0 +1,67 @@
+import numpy as np
+import pytest
+
+from benchmarks import ensemble, gpu_recipe
+from stages import inference, models, prepared
+from stages.common import BrainsegError
+
+
+def _unet(seed: int):
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    return models.build_model("unet", (64, 64, 3), filters=4, input_norm="slice")
+
+
+def test_the_average_model_outputs_the_mean_of_its_members():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (3, 64, 64, 3), dtype=np.uint8)
+    a, b = _unet(1), _unet(2)
+    pa, pb = (inference.predict_probs(m, images, engine="keras") for m in (a, b))
+    assert not np.allclose(pa, pb)
+    both = ensemble.average([a, b])
+    assert both.name == "unet" and inference.model_kind(both) == "segmenter" and inference.input_size(both) == 64
+    np.testing.assert_allclose(inference.predict_probs(both, images, engine="keras"), (pa + pb) / 2, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two run folders of one synthetic split, each with its own (untrained) model."""
+    root = tmp_path_factory.mktemp("runs")
+    overrides = ["data.source=synthetic", "data.synthetic.patients=6", "data.synthetic.slices=8", "profile=demo"]
+    result = []
+    for seed in (1, 2):
+        run = root / f"r{seed}"
+        gpu_recipe.run_stages(run, overrides, names=["download", "index", "split", "balance"])
+        (run / "models").mkdir()
+        _unet(seed).save(run / "models/model.keras")
+        result.append(run)
+    return result
+
+
+def test_the_ensemble_is_scored_on_validation_then_test(runs):
+    scores = ensemble.evaluate_ensemble(runs)
+    test_patients = prepared.originals(runs[0] / "data", "test")[2]["patient"].unique()
+    assert scores["worst_test_patient"]["patient"] in test_patients
+    assert scores["validation"]["chosen"] in ("threshold", "min_component", "largest_3d", "tta_flip")
+    assert 0.0 <= scores["test"]["dice_volume_mean"] <= 1.0
+
+
+def test_runs_of_different_splits_are_refused(runs, tmp_path):
+    other = tmp_path / "other"
+    (other / "data").mkdir(parents=True)
+    (other / "data/split.csv").write_text("patient,split\nA,test\n")
+    with pytest.raises(BrainsegError, match="split.csv differ"):
+        ensemble.check_same_split([runs[0], other])
+
+
+def test_member_figures_come_from_the_members_own_evaluation(tmp_path):
+    import json
+
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics/eval.json").write_text(json.dumps(
+        {"dice_volume_mean": 0.74, "dice_volume_median": 0.85, "postprocess": {"chosen_on_validation": "tta_flip"},
+         "validation": {"dice_volume_mean": 0.77, "postprocess_compare": {"tta_flip": {"dice_volume_mean": 0.82}}}}))
+    assert ensemble.member_figures(tmp_path) == {
+        "test_dice_volume_mean": 0.74, "test_dice_volume_median": 0.85, "validation_dice_volume_mean": 0.77,
+        "postprocess_chosen": "tta_flip", "validation_chosen_dice_volume_mean": 0.82}
