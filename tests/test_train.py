@@ -311,8 +311,8 @@ def test_time_limit_stops_before_an_epoch_would_pass_it():
     limit = train_stage.TimeLimit(minutes=3)
     limit.set_model(keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)]))
     limit.start = 0.0
-    # epoch 1 compiles: its first step takes 50 s, validation 47 s. Once compiled an epoch takes about
-    # 4 x 1 s + 6 s, so 100 s elapsed + 10 s fits in 180 s (its own 100 s would not have: 200 s)
+    # epoch 1 compiles: its first step takes 50 s, validation 47 s. Estimate: 4 x 1 s (median step) + 47 s,
+    # so 100 s elapsed + 51 s fits in 180 s (the epoch's own 100 s would not have: 200 s); then 110 + 4 + 6 s
     assert not _epoch(limit, 0, [0, 50, 51, 52], 53, 100)
     assert not _epoch(limit, 1, [100, 101, 102, 103], 104, 110)
     # steps of 30 s: 235 s elapsed + 4 x 30 s + 5 s passes 180 s
