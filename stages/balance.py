@@ -42,12 +42,18 @@ def plan_balance(n_tumour: int, n_empty: int, total="auto", tumour_fraction: flo
     return max(0, want_tumour - n_tumour), max(0, target - want_tumour - n_empty)
 
 
-def pick_sources(candidates: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
-    """`count` source rows, cycling through shuffled candidates so each is used as evenly as possible."""
+def pick_sources(candidates: np.ndarray, count: int, rng: np.random.Generator,
+                 weights: np.ndarray | None = None) -> np.ndarray:
+    """`count` source rows: cycling through shuffled candidates so each is used as evenly as possible, or,
+    given `weights`, drawn with replacement with probability proportional to them."""
     if count and not len(candidates):
         raise BrainsegError("no training slices of a class to augment from; check the split")
-    rounds = -(-count // max(1, len(candidates)))
-    return np.concatenate([rng.permutation(candidates) for _ in range(rounds)])[:count] if count else candidates[:0]
+    if not count:
+        return candidates[:0]
+    if weights is not None:
+        return rng.choice(candidates, size=count, p=weights / weights.sum())
+    rounds = -(-count // len(candidates))
+    return np.concatenate([rng.permutation(candidates) for _ in range(rounds)])[:count]
 
 
 def augment(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, cfg: dict):
@@ -69,19 +75,10 @@ def augment(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, cfg: 
     return image, mask, "+".join(steps)
 
 
-def pick_by_area(candidates: np.ndarray, areas: np.ndarray, count: int, exponent: float,
-                 rng: np.random.Generator) -> np.ndarray:
-    """`count` source rows drawn with replacement, each with probability proportional to area ** -exponent,
-    so slices of small tumours (the ones missed at test) are copied more often."""
-    if count and not len(candidates):
-        raise BrainsegError("no training slices of a class to augment from; check the split")
-    weights = np.asarray(areas, np.float64) ** -float(exponent)
-    return rng.choice(candidates, size=count, p=weights / weights.sum()) if count else candidates[:0]
-
-
 def augmentation_sources(meta: pd.DataFrame, cfg: dict, seed: int) -> np.ndarray:
     """Rows of the training split to copy, tumour copies first: the plan of plan_balance, seeded.
-    `area_weight` > 0 draws the tumour copies weighted by area ** -area_weight (pick_by_area)."""
+    `area_weight` > 0 draws the tumour copies with probability proportional to area ** -area_weight, so
+    slices of small tumours (the ones missed at test) are copied more often."""
     tumour = meta["tumour"].to_numpy(bool)
     add_t, add_e = plan_balance(int(tumour.sum()), int((~tumour).sum()), cfg["total"], cfg["tumour_fraction"])
     rng = np.random.default_rng(seed)
@@ -89,9 +86,9 @@ def augmentation_sources(meta: pd.DataFrame, cfg: dict, seed: int) -> np.ndarray
     if exponent < 0:
         raise BrainsegError(f"params.yaml: balance.area_weight {exponent} is negative; use 0 (off) or e.g. 0.5")
     rows = np.flatnonzero(tumour)
-    tumour_sources = (pick_by_area(rows, meta["area"].to_numpy()[rows], add_t, exponent, rng) if exponent
-                      else pick_sources(rows, add_t, rng))
-    return np.concatenate([tumour_sources, pick_sources(np.flatnonzero(~tumour), add_e, rng)])
+    weights = meta["area"].to_numpy(np.float64)[rows] ** -exponent if exponent else None
+    return np.concatenate([pick_sources(rows, add_t, rng, weights),
+                           pick_sources(np.flatnonzero(~tumour), add_e, rng)])
 
 
 def augmented_copies(meta: pd.DataFrame, source, sources: np.ndarray, cfg: dict, seed: int):

@@ -47,6 +47,19 @@ def test_the_ensemble_is_scored_on_validation_then_test(runs):
     assert 0.0 <= scores["test"]["dice_volume_mean"] <= 1.0
 
 
+def test_one_member_scores_as_the_evaluate_stage_scores_it(runs):
+    import yaml
+
+    from stages import evaluate
+
+    alone = ensemble.evaluate_ensemble(runs[:1])
+    stage = evaluate.run_stage(yaml.safe_load((runs[0] / "params.yaml").read_text()), runs[0]).metrics
+    assert alone["validation"]["chosen"] == stage["postprocess"]["chosen_on_validation"]
+    assert alone["validation"]["dice_volume_mean"] == pytest.approx(stage["validation"]["dice_volume_mean"])
+    for key in ("dice_volume_mean", "dice_volume_median", "dice_pixel", "tversky"):
+        assert alone["test"][key] == pytest.approx(stage[key], abs=1e-6), key
+
+
 def test_runs_of_different_splits_are_refused(runs, tmp_path):
     other = tmp_path / "other"
     (other / "data").mkdir(parents=True)
