@@ -10,7 +10,10 @@ Prints, in one run on this machine:
 - inference slices/s through stages.inference.predict_probs (what evaluation, the CLI and the app use), with
   the engine params.yaml's evaluate.engine picks here (LiteRT on a CPU) against Keras' own predict.
 
-    python -m benchmarks.training [--steps 20] [--profile cpu]
+    python -m benchmarks.training [--steps 20] [--profile cpu] [--filters N]
+
+--filters measures the same network at another width (the profile's `filters` replaced), e.g. to see how the
+share of peak grows with the channel count.
 """
 from __future__ import annotations
 
@@ -91,7 +94,14 @@ def inference_rate(name, cfg, engine: str, n: int = 512) -> tuple[float, float]:
     return n / _time(lambda: predict_probs(model, images, batch_size=64, engine=engine)), first
 
 
-def child(setting: str, steps: int, profile: str, policy: str | None) -> dict:
+def profile_config(params: dict, profile: str, filters: int | None) -> dict:
+    from stages.common import train_config
+
+    cfg = train_config({**params, "profile": profile})
+    return {**cfg, "filters": filters} if filters else cfg
+
+
+def child(setting: str, steps: int, profile: str, policy: str | None, filters: int | None = None) -> dict:
     """One training measurement in this (fresh) process: TensorFlow reads its runtime options once, at import.
 
     plain: TensorFlow imported before anything of brainseg, with TF_ENABLE_ONEDNN_OPTS unset, so it runs with
@@ -105,10 +115,10 @@ def child(setting: str, steps: int, profile: str, policy: str | None) -> dict:
         import tensorflow as tf
     from tensorflow.python.util import _pywrap_util_port
 
-    from stages.common import load_params, train_config
+    from stages.common import load_params
 
     params = load_params()
-    cfg = train_config({**params, "profile": profile})
+    cfg = profile_config(params, profile, filters)
     policy = policy or ("float32" if setting == "plain" else cfg.get("mixed_precision") or "float32")
     jit = False if setting == "plain" else cfg.get("jit_compile", "auto")
     rate, gflop = train_rate(params["model"], cfg, steps, policy, jit)
@@ -119,7 +129,8 @@ def child(setting: str, steps: int, profile: str, policy: str | None) -> dict:
 
 def measure(setting: str, args, policy: str | None = None) -> dict:
     command = [sys.executable, "-m", "benchmarks.training", "--child", setting, "--steps", str(args.steps),
-               "--profile", args.profile] + (["--policy", policy] if policy else [])
+               "--profile", args.profile] + (["--policy", policy] if policy else []) + \
+              (["--filters", str(args.filters)] if args.filters else [])
     out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -128,11 +139,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--profile", default="cpu")
+    parser.add_argument("--filters", type=int, help="the network's width instead of the profile's")
     parser.add_argument("--child", choices=["plain", "recipe"], help=argparse.SUPPRESS)
     parser.add_argument("--policy", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.steps, args.profile, args.policy)))
+        print(json.dumps(child(args.child, args.steps, args.profile, args.policy, args.filters)))
         return
     # alternated and repeated, each in a fresh process, best of each, so neither gains from when it runs
     runs = {"plain": [], "recipe": []}
@@ -149,12 +161,12 @@ def main() -> None:
     mixed = measure("recipe", args, other)["rate"] if other != policy else None
 
     import stages  # noqa: F401  the pipeline's TensorFlow settings for the inference measured here
-    from stages.common import load_params, train_config
+    from stages.common import load_params
     from stages.inference import pick_engine
     from stages.models import build_model
 
     params = load_params()
-    cfg = train_config({**params, "profile": args.profile})
+    cfg = profile_config(params, args.profile, args.filters)
     name = params["model"]
     engine = pick_engine(build_model(name, (cfg["image_size"],) * 2 + (3,), cfg["filters"],
                                      input_norm=cfg.get("input_norm")),
