@@ -151,7 +151,10 @@ def test_area_weight_copies_small_tumours_more_often():
     even = augmentation_sources(meta, {**cfg, "area_weight": 0}, seed=0)
     weighted = augmentation_sources(meta, {**cfg, "area_weight": 0.5}, seed=0)
     assert len(even) == len(weighted) == 160 and (areas[weighted[80:]] == 0).all()  # then the empty copies
-    small = lambda sources: int(np.isin(sources[:80], np.arange(10)).sum())
+
+    def small(sources):  # copies of the ten small-tumour slices among the tumour copies
+        return int(np.isin(sources[:80], np.arange(10)).sum())
+
     assert small(even) == 40  # each tumour slice 4 times
     assert small(weighted) > 60  # weights 1/sqrt(50) vs 1/sqrt(5000): 10x, so about 91% of the 80 copies
     with pytest.raises(BrainsegError, match="area_weight"):
