@@ -35,6 +35,23 @@ def matmul_peak_gflops(tf, n: int = 2048, repeats: int = 5) -> float:
     return 2 * n ** 3 / best / 1e9
 
 
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
+
+
+def cpu_summary(cpuinfo: str | None = None) -> str:
+    """The CPU model and the instruction sets that decide TensorFlow's kernels (oneDNN by default only with
+    AVX512-VNNI / BF16 or AMX), since this project's machines differ from one session to the next."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = open("/proc/cpuinfo").read()
+        except OSError:
+            return "unknown CPU"
+    fields = dict(line.split(":", 1) for line in cpuinfo.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    return f"{fields.get('model name', 'unknown CPU')} ({' '.join(f for f in ISA_FLAGS if f in flags) or 'no AVX2'})"
+
+
 def _time(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -174,7 +191,7 @@ def main() -> None:
     infer_keras, first_keras = inference_rate(name, cfg, "keras")
     infer, first = inference_rate(name, cfg, engine)
     achieved = lambda rate: 3 * gflop * rate  # training ~ 3 forward passes of FLOPs  # noqa: E731
-    print(f"\nmachine: {os.cpu_count()} cores; model {name}, {cfg['image_size']} px, filters {cfg['filters']}, "
+    print(f"\nmachine: {os.cpu_count()} cores, {cpu_summary()}; model {name}, {cfg['image_size']} px, filters {cfg['filters']}, "
           f"batch {cfg['batch_size']}; {gflop:.2f} conv GFLOP per slice forward")
     peaks = ", ".join(f"{r['peak']:.1f}" for rs in runs.values() for r in rs)
     rates = {s: ", ".join(f"{r['rate']:.1f}" for r in runs[s]) for s in runs}

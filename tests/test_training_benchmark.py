@@ -1,7 +1,7 @@
 """benchmarks/training.py: the FLOP count behind its share-of-peak figure, and the --filters override."""
 import keras
 
-from benchmarks.training import conv_flops, profile_config
+from benchmarks.training import conv_flops, cpu_summary, profile_config
 from stages.common import load_params
 
 
@@ -21,3 +21,11 @@ def test_filters_override_changes_only_the_width():
     wide = profile_config(params, "cpu", default["filters"] + 4)
     assert wide["filters"] == default["filters"] + 4
     assert {k: v for k, v in wide.items() if k != "filters"} == {k: v for k, v in default.items() if k != "filters"}
+
+
+def test_cpu_summary_names_the_model_and_the_instruction_sets_that_pick_kernels():
+    avx2 = "model name\t: AMD EPYC\nflags\t\t: fpu sse2 avx2 fma\n"
+    avx512 = "model name\t: AMD EPYC\nflags\t\t: fpu avx2 fma avx512f avx512_vnni avx512_bf16\n"
+    assert cpu_summary(avx2) == "AMD EPYC (avx2 fma)"
+    assert cpu_summary(avx512) == "AMD EPYC (avx2 fma avx512f avx512_vnni avx512_bf16)"
+    assert cpu_summary("") == "unknown CPU (no AVX2)"
