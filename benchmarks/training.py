@@ -23,6 +23,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -43,7 +44,7 @@ def cpu_summary(cpuinfo: str | None = None) -> str:
     AVX512-VNNI / BF16 or AMX), since this project's machines differ from one session to the next."""
     if cpuinfo is None:
         try:
-            cpuinfo = open("/proc/cpuinfo").read()
+            cpuinfo = Path("/proc/cpuinfo").read_text()
         except OSError:
             return "unknown CPU"
     fields = dict(line.split(":", 1) for line in cpuinfo.splitlines() if ":" in line)
@@ -191,8 +192,8 @@ def main() -> None:
     infer_keras, first_keras = inference_rate(name, cfg, "keras")
     infer, first = inference_rate(name, cfg, engine)
     achieved = lambda rate: 3 * gflop * rate  # training ~ 3 forward passes of FLOPs  # noqa: E731
-    print(f"\nmachine: {os.cpu_count()} cores, {cpu_summary()}; model {name}, {cfg['image_size']} px, filters {cfg['filters']}, "
-          f"batch {cfg['batch_size']}; {gflop:.2f} conv GFLOP per slice forward")
+    print(f"\nmachine: {os.cpu_count()} cores, {cpu_summary()}; model {name}, {cfg['image_size']} px, "
+          f"filters {cfg['filters']}, batch {cfg['batch_size']}; {gflop:.2f} conv GFLOP per slice forward")
     peaks = ", ".join(f"{r['peak']:.1f}" for rs in runs.values() for r in rs)
     rates = {s: ", ".join(f"{r['rate']:.1f}" for r in runs[s]) for s in runs}
     print(f"matmul peak (float32, 2048^3)        {peak:8.1f} GFLOP/s  (best of both settings' processes: "
