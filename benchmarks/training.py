@@ -145,11 +145,19 @@ def child(setting: str, steps: int, profile: str, policy: str | None, filters: i
             "gpu": bool(tf.config.list_logical_devices("GPU"))}
 
 
-def measure(setting: str, args, policy: str | None = None) -> dict:
+def child_command(setting: str, args, policy: str | None = None) -> list[str]:
+    """The fresh process that measures one setting, with every option that shapes the network passed on."""
     command = [sys.executable, "-m", "benchmarks.training", "--child", setting, "--steps", str(args.steps),
-               "--profile", args.profile] + (["--policy", policy] if policy else []) + \
-              (["--filters", str(args.filters)] if args.filters else [])
-    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+               "--profile", args.profile]
+    if policy:
+        command += ["--policy", policy]
+    if args.filters:
+        command += ["--filters", str(args.filters)]
+    return command
+
+
+def measure(setting: str, args, policy: str | None = None) -> dict:
+    out = subprocess.run(child_command(setting, args, policy), capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 

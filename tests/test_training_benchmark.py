@@ -1,7 +1,9 @@
 """benchmarks/training.py: the FLOP count behind its share-of-peak figure, and the --filters override."""
+import argparse
+
 import keras
 
-from benchmarks.training import conv_flops, cpu_summary, profile_config
+from benchmarks.training import child_command, conv_flops, cpu_summary, profile_config
 from stages.common import load_params
 
 
@@ -21,6 +23,16 @@ def test_filters_override_changes_only_the_width():
     wide = profile_config(params, "cpu", default["filters"] + 4)
     assert wide["filters"] == default["filters"] + 4
     assert {k: v for k, v in wide.items() if k != "filters"} == {k: v for k, v in default.items() if k != "filters"}
+
+
+def test_the_width_and_policy_reach_the_measuring_process():
+    wide = argparse.Namespace(steps=5, profile="cpu", filters=12)
+    command = child_command("recipe", wide, "mixed_bfloat16")
+    assert command[command.index("--filters") + 1] == "12"
+    assert command[command.index("--policy") + 1] == "mixed_bfloat16"
+    assert command[command.index("--child") + 1] == "recipe" and command[command.index("--steps") + 1] == "5"
+    default = child_command("plain", argparse.Namespace(steps=5, profile="cpu", filters=None))
+    assert "--filters" not in default and "--policy" not in default
 
 
 def test_cpu_summary_names_the_model_and_the_instruction_sets_that_pick_kernels():
