@@ -36,6 +36,9 @@ DATA = Path("data")  # data/prepared's tables and the data/slices they point int
 SOURCE = Path("data/raw/SOURCE.json")
 EVAL_JSON = Path("metrics/eval.json")
 PER_PATIENT = Path("metrics/per_patient.csv")
+# segmenters: the validation patients' Dice under each postprocess_compare setting, which k-fold runs pool
+# (benchmarks.crossval) into a cross-validated per-volume Dice; classifiers: their per-patient accuracy
+PER_PATIENT_VALIDATION = Path("metrics/per_patient_validation.csv")
 ROC = Path("plots/roc.csv")
 CONFUSION = Path("plots/confusion.csv")
 OVERLAYS = Path("plots/overlays")
@@ -52,6 +55,8 @@ class Evaluation:
     roc: pd.DataFrame
     confusion: pd.DataFrame
     overlays: dict[str, np.ndarray] = field(default_factory=dict)  # name -> BGR image
+    # segmenters: patient, slices, true_volume and one per-volume Dice column per postprocess_compare setting
+    per_patient_compare: pd.DataFrame | None = None
 
 
 def compare_settings(params: dict) -> dict[str, dict]:
@@ -132,8 +137,17 @@ def _segment_patient(patient, truth, probs, tta, settings: dict, params: dict) -
             "score": p.reshape(len(p), -1).max(axis=1)}
 
 
-def _segmenter_summary(counts: dict[str, list], params: dict) -> tuple[dict, pd.DataFrame]:
-    """Headline scores (configured post-processing), the post-processing comparison and the per-patient table."""
+def _compare_table(configured: pd.DataFrame, frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Per patient: slices, true volume and the per-volume Dice under each compared post-processing."""
+    table = metrics.per_patient_table(configured).drop(columns=["dice", "predicted_volume"])
+    for name, frame in frames.items():
+        table[name] = table.patient.map(metrics.dice_per_volume(frame))
+    return table.sort_values("patient", kind="stable").reset_index(drop=True)
+
+
+def _segmenter_summary(counts: dict[str, list], params: dict) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
+    """Headline scores (configured post-processing), the post-processing comparison, the per-patient table
+    and the per-patient table of the comparison."""
     empty = metrics.slice_counts(np.zeros((0, 1, 1)), np.zeros((0, 1, 1)), [])
     frames = {name: pd.concat(c, ignore_index=True) if c else empty for name, c in counts.items()}
     configured = frames.pop("headline")
@@ -145,7 +159,7 @@ def _segmenter_summary(counts: dict[str, list], params: dict) -> tuple[dict, pd.
     for name, frame in frames.items():
         scores = metrics.segmentation_scores(frame)
         result["postprocess_compare"][name] = {k: scores[k] for k in ("dice_volume_mean", "dice_slice_mean")}
-    return result, metrics.per_patient_table(configured)
+    return result, metrics.per_patient_table(configured), _compare_table(configured, frames)
 
 
 def _classifier_summary(detection: dict, per_patient: list[dict], params: dict) -> tuple[dict, pd.DataFrame]:
@@ -224,11 +238,12 @@ def evaluate_model(model, images: np.ndarray, masks: np.ndarray, table: pd.DataF
 
     present, decided, score = (np.concatenate(a) if a else np.zeros(0) for a in (present, decided, score))
     detection = metrics.detection_scores(present, decided, score)
+    compare = None
     if kind == "classifier":
         result, per_patient = _classifier_summary(detection, classified, params)
         overlays = _overlays(per_patient, views, "accuracy", "accuracy")
     else:
-        result, per_patient = _segmenter_summary(counts, params)
+        result, per_patient, compare = _segmenter_summary(counts, params)
         result["detection"] = detection
         overlays = _overlays(per_patient, views, "dice", "Dice")
     result["model"] = {"name": model.name, "kind": kind, "parameters": int(model.count_params()),
@@ -237,7 +252,7 @@ def evaluate_model(model, images: np.ndarray, masks: np.ndarray, table: pd.DataF
                        "slices_per_second": round(len(present) / elapsed, 2) if elapsed else None}
     result["data"] = {"patients": len(patients), "slices": int(len(present)), "tumour_slices": int(present.sum())}
     return Evaluation(result, per_patient, metrics.roc_points(present, score),
-                      metrics.confusion_rows(present, decided), overlays)
+                      metrics.confusion_rows(present, decided), overlays, compare)
 
 
 def data_source(root: Path) -> str:
@@ -304,6 +319,9 @@ def run_stage(params: dict, root: Path = Path(".")) -> Evaluation:
     evaluation.metrics["validation"] = validation_summary(validation)
     evaluation.metrics["data_source"] = data_source(root)
     write_outputs(evaluation, root)
+    # classifiers have no post-processing to compare: their validation table is per_patient.csv's
+    compare = validation.per_patient_compare
+    write_csv(root / PER_PATIENT_VALIDATION, validation.per_patient if compare is None else compare)
     return evaluation
 
 

@@ -159,6 +159,7 @@ def test_classifier_writes_classifier_keys(tmp_path):
     assert result["validation"]["classifier_accuracy"] == result["classifier_accuracy"]
     assert result["model"]["kind"] == "classifier"
     assert pd.read_csv(root / "metrics/per_patient.csv").columns[2] == "accuracy"
+    assert pd.read_csv(root / "metrics/per_patient_validation.csv").columns[2] == "accuracy"
     assert len(list((root / "plots/overlays").glob("*.png"))) == 3
 
 
@@ -168,6 +169,20 @@ def test_validation_scores_sit_beside_test_scores(tmp_path):
     assert result["validation"]["dice_volume_mean"] == pytest.approx(result["dice_volume_mean"])
     assert result["validation"]["postprocess_compare"] == result["postprocess_compare"]
     assert result["postprocess"]["chosen_on_validation"] is None
+
+
+def test_validation_patients_are_scored_one_by_one_under_every_post_processing(tmp_path):
+    root, result = run(tmp_path, untrained_model(), threshold=0.3)
+    table = pd.read_csv(root / "metrics/per_patient_validation.csv")
+    compare = result["validation"]["postprocess_compare"]
+    assert table.columns.tolist() == ["patient", "slices", "true_volume", "threshold", "min_component",
+                                     "largest_3d", "tta_flip"] and set(table.columns[3:]) == set(compare)
+    assert table.patient.tolist() == ["TCGA_CS_4941", "TCGA_CS_4942", "TCGA_CS_4943"]
+    assert (table.true_volume == 200).all()
+    for name, scores in compare.items():  # the k-fold pooling (benchmarks.crossval) relies on this agreement
+        assert table[name].mean() == pytest.approx(scores["dice_volume_mean"])
+    # the untrained model scores something other than 0 or 1, so the check above is not trivially met
+    assert 0 < table["threshold"].mean() < 1
 
 
 def fake_validation(scores: dict) -> evaluate.Evaluation:

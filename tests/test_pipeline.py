@@ -42,7 +42,8 @@ def repo(tmp_path_factory):
 def test_demo_pipeline_writes_every_output(repo):
     repo, env, _ = repo
     for path in ["data/raw/kaggle_3m/data.csv", "data/index.csv", "data/split.csv", "data/prepared/train.csv",
-                 "models/model.keras", "metrics/train.json", "metrics/per_patient.csv", "plots/roc.csv",
+                 "models/model.keras", "metrics/train.json", "metrics/per_patient.csv",
+                 "metrics/per_patient_validation.csv", "plots/roc.csv",
                  "plots/confusion.csv", "plots/overlays/worst.png", "dvclive/train/plots/metrics/eval/loss.tsv"]:
         assert (repo / path).exists(), path
     scores = json.loads((repo / "metrics/eval.json").read_text())
