@@ -1,0 +1,115 @@
+"""Cross-validated per-volume Dice: the validation patients of k-fold DVC experiments, pooled.
+
+    A=$PWD/../shared/data/lgg-mri-segmentation-dev.zip
+    for f in 0 1 2 3 4; do
+      dvc exp run --queue -n cv5-fold$f -S split.folds=5 -S split.fold=$f -S data.source=archive -S data.archive=$A
+    done
+    dvc queue start -j 1
+    python -m benchmarks.crossval --exp cv5-fold0 --exp cv5-fold1 --exp cv5-fold2 --exp cv5-fold3 --exp cv5-fold4
+
+With `split.folds: k` the test patients stay aside and the others are cut into k folds by patient; the run with
+`split.fold: f` validates on fold f. Pooled over the k runs, every non-test patient is scored once by a model that
+never trained on it: the measure of Buda et al. 2019 (82% mean per-volume Dice, 5-fold cross-validation over all
+110 patients). Each post-processing setting is reported as fixed in advance over all folds, never chosen per fold,
+since a choice made on the same patients would flatter the score. Early stopping did see each fold's validation
+loss, as in the published protocol. Figures come from the metric files each experiment committed
+(`metrics/per_patient_validation.csv`, `metrics/eval.json`, `params.yaml`).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from benchmarks.architectures import experiments, git_show
+
+SETTINGS = ["threshold", "min_component", "largest_3d", "tta_flip"]  # evaluate.compare_settings, in order
+REFERENCE = "Buda et al. 2019: 0.82 mean (5-fold cross-validation, all 110 patients, 256 px, GPU)"
+
+
+def pool(folds: dict[int, pd.DataFrame], k: int) -> pd.DataFrame:
+    """The folds' validation tables stacked, with a `fold` column; every fold present and no patient twice."""
+    missing = sorted(set(range(k)) - set(folds))
+    if missing:
+        raise SystemExit(f"folds {missing} of {k} have no experiment: queue them with -S split.fold=N")
+    table = pd.concat([t.assign(fold=f) for f, t in sorted(folds.items())], ignore_index=True)
+    twice = table.patient[table.patient.duplicated()].unique().tolist()
+    if twice:
+        raise SystemExit(f"patients {twice} are validated in more than one fold: the runs do not share one split "
+                         "(same seed, split.val, split.test and split.folds needed)")
+    return table
+
+
+def summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Per post-processing setting: patients, mean, median, worst patient and its Dice, mean per fold."""
+    rows = []
+    for name in [s for s in SETTINGS if s in table]:
+        worst = table.loc[table[name].idxmin()]
+        rows.append({"post-processing": name, "patients": len(table), "mean": table[name].mean(),
+                     "median": table[name].median(), "worst": f"{worst[name]:.3f} ({worst.patient})",
+                     "fold means": " / ".join(f"{m:.3f}" for m in table.groupby("fold")[name].mean())})
+    return pd.DataFrame(rows)
+
+
+def fold_lines(evaluations: dict[int, dict]) -> list[str]:
+    """Each fold's model on the shared test patients, with the post-processing its validation chose."""
+    lines = []
+    for f, e in sorted(evaluations.items()):
+        lines.append(f"fold {f}: test per-volume Dice {e['dice_volume_mean']:.3f} (median "
+                     f"{e['dice_volume_median']:.3f}, {e['data']['patients']} patients, post-processing "
+                     f"{e['postprocess'].get('chosen_on_validation')}); validation chose from "
+                     f"{e['validation']['patients']} patients")
+    return lines
+
+
+def markdown(frame: pd.DataFrame) -> str:
+    cells = frame.map(lambda v: f"{v:.3f}" if isinstance(v, float) else str(v))
+    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in cells.itertuples(index=False)])
+
+
+def load(repo: Path, names: list[str]) -> tuple[dict[int, pd.DataFrame], dict[int, dict], int]:
+    """Each named experiment's fold number, validation table and eval.json; k, which they must share."""
+    found = dict(experiments(repo))
+    tables, evaluations, ks = {}, {}, set()
+    for name in names:
+        if name not in found:
+            raise SystemExit(f"{repo}: no experiment named {name} (`dvc exp show` lists them)")
+        params = yaml.safe_load(git_show(repo, found[name], "params.yaml") or "{}")
+        csv = git_show(repo, found[name], "metrics/per_patient_validation.csv")
+        if csv is None:
+            raise SystemExit(f"{name}: no metrics/per_patient_validation.csv (a run from before it was written)")
+        split = params.get("split", {})
+        if int(split.get("folds", 0)) < 2:
+            raise SystemExit(f"{name}: split.folds is {split.get('folds')}: not a k-fold run")
+        ks.add(int(split["folds"]))
+        fold = int(split["fold"])
+        if fold in tables:
+            raise SystemExit(f"{name}: fold {fold} is named twice")
+        tables[fold] = pd.read_csv(io.StringIO(csv))
+        evaluations[fold] = json.loads(git_show(repo, found[name], "metrics/eval.json"))
+    if len(ks) != 1:
+        raise SystemExit(f"the experiments use different split.folds: {sorted(ks)}")
+    return tables, evaluations, ks.pop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.crossval", description=__doc__.splitlines()[0])
+    parser.add_argument("--repo", type=Path, default=Path("."))
+    parser.add_argument("--exp", action="append", required=True, help="one experiment per fold (repeatable)")
+    args = parser.parse_args(argv)
+    tables, evaluations, k = load(args.repo, args.exp)
+    table = pool(tables, k)
+    print(f"{k}-fold cross-validation over {len(table)} non-test patients, per-volume Dice of each patient's "
+          "held-out fold; each post-processing fixed for all folds")
+    print(markdown(summary(table)))
+    print(f"reference: {REFERENCE}")
+    print("\n".join(fold_lines(evaluations)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+import json
+
+import pandas as pd
+import pytest
+import yaml
+
+from benchmarks import crossval
+
+
+def fold_table(patients, threshold, tta_flip):
+    return pd.DataFrame({"patient": patients, "slices": 20, "true_volume": 100, "threshold": threshold,
+                         "min_component": threshold, "largest_3d": threshold, "tta_flip": tta_flip})
+
+
+def test_pooled_scores_weigh_every_patient_once_not_every_fold():
+    folds = {0: fold_table(["A", "B", "C"], [0.9, 0.6, 0.0], [0.9, 0.7, 0.2]), 1: fold_table(["D"], [0.5], [0.6])}
+    table = crossval.pool(folds, 2)
+    assert table.fold.tolist() == [0, 0, 0, 1]
+    rows = crossval.summary(table).set_index("post-processing")
+    assert rows.loc["threshold", "mean"] == pytest.approx(0.5)  # (0.9+0.6+0+0.5)/4, not the folds' (0.5+0.5)/2
+    assert rows.loc["threshold", "median"] == pytest.approx(0.55)
+    assert rows.loc["threshold", "worst"] == "0.000 (C)"
+    assert rows.loc["tta_flip", "fold means"] == "0.600 / 0.600"
+    assert rows.loc["tta_flip", "patients"] == 4
+
+
+def test_a_missing_fold_or_a_patient_in_two_folds_is_refused():
+    with pytest.raises(SystemExit, match=r"folds \[2\] of 3"):
+        crossval.pool({0: fold_table(["A"], [1], [1]), 1: fold_table(["B"], [1], [1])}, 3)
+    with pytest.raises(SystemExit, match=r"\['B'\] are validated in more than one fold"):
+        crossval.pool({0: fold_table(["A", "B"], [1, 1], [1, 1]), 1: fold_table(["B"], [1], [1])}, 2)
+
+
+def fake_repo(monkeypatch, runs: dict[str, dict]):
+    """Experiments named like DVC's, their files served as `git show` would."""
+    monkeypatch.setattr(crossval, "experiments", lambda repo: [(name, name) for name in runs])
+    monkeypatch.setattr(crossval, "git_show", lambda repo, rev, path: runs[rev].get(path))
+
+
+def run_files(fold, folds, table):
+    evaluation = {"dice_volume_mean": 0.7 + fold / 100, "dice_volume_median": 0.8, "data": {"patients": 12},
+                  "postprocess": {"chosen_on_validation": "tta_flip"}, "validation": {"patients": len(table)}}
+    return {"params.yaml": yaml.safe_dump({"split": {"folds": folds, "fold": fold}}),
+            "metrics/per_patient_validation.csv": table.to_csv(index=False),
+            "metrics/eval.json": json.dumps(evaluation)}
+
+
+def test_main_reads_each_experiment_fold_and_prints_the_pooled_table(monkeypatch, capsys):
+    fake_repo(monkeypatch, {"cv-b": run_files(1, 2, fold_table(["C"], [0.4], [0.5])),
+                            "cv-a": run_files(0, 2, fold_table(["A", "B"], [0.8, 0.6], [0.9, 0.7]))})
+    crossval.main(["--exp", "cv-b", "--exp", "cv-a"])
+    out = capsys.readouterr().out
+    assert "2-fold cross-validation over 3 non-test patients" in out
+    assert "| threshold | 3 | 0.600 | 0.600 | 0.400 (C) | 0.700 / 0.400 |" in out
+    assert "| tta_flip | 3 | 0.700 | 0.700 | 0.500 (C) | 0.800 / 0.500 |" in out
+    assert "fold 0: test per-volume Dice 0.700" in out and "fold 1: test per-volume Dice 0.710" in out
+
+
+def test_runs_that_do_not_make_one_k_fold_set_are_refused(monkeypatch):
+    table = fold_table(["A"], [1], [1])
+    fake_repo(monkeypatch, {"a": run_files(0, 2, table), "b": run_files(0, 2, fold_table(["B"], [1], [1])),
+                            "c": run_files(1, 3, table), "plain": run_files(0, 0, table)})
+    with pytest.raises(SystemExit, match="fold 0 is named twice"):
+        crossval.main(["--exp", "a", "--exp", "b"])
+    with pytest.raises(SystemExit, match="different split.folds"):
+        crossval.main(["--exp", "a", "--exp", "c"])
+    with pytest.raises(SystemExit, match="not a k-fold run"):
+        crossval.main(["--exp", "plain"])
+    with pytest.raises(SystemExit, match="no experiment named nope"):
+        crossval.main(["--exp", "nope"])
