@@ -232,6 +232,11 @@ def _predict(model: keras.Model, images: np.ndarray, batch_size: int, progress: 
     return np.concatenate(out)
 
 
+def volume_normalised(model: keras.Model) -> bool:
+    """Whether the model expects each patient's slices standardised together (train.input_norm: volume)."""
+    return any(type(layer).__name__ == "VolumeDecode" for layer in model.layers)
+
+
 def predict_probs(model: keras.Model, images: np.ndarray, batch_size: int = 32, tta_flip: bool = False,
                   progress: bool = False, engine: str = "auto") -> np.ndarray:
     """Tumour probabilities for uint8 slices (N,H,W,3) (or one slice (H,W,3), returned as N=1).
@@ -245,6 +250,8 @@ def predict_probs(model: keras.Model, images: np.ndarray, batch_size: int = 32, 
         images = images[None]
     if images.ndim != 4 or images.shape[-1] != 3:
         raise BrainsegError(f"expected RGB slices shaped (N,H,W,3), got {images.shape}")
+    if volume_normalised(model):  # the slices given are taken as one patient's volume
+        images = preprocess.standardise_volume(images)
     probs = _predict(model, images, batch_size, progress, engine)
     if tta_flip:
         flipped = _predict(model, images[:, :, ::-1], batch_size, progress, engine)
