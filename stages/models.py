@@ -245,7 +245,8 @@ def build_model(name: str, input_shape=(128, 128, 3), filters: int = 16, weights
                 input_norm: str | None = None) -> keras.Model:
     """A freshly initialised `name` model (model.name == name). `weights` ("imagenet" or None) only
     concerns the pretrained encoders of efficientunet, doubleunet and xception. `input_norm="slice"` puts
-    BrainStandardise in front of the network (ImageNet encoders then no longer see the range they expect)."""
+    BrainStandardise in front of the network, `"volume"` VolumeDecode (ImageNet encoders then no longer see the
+    range they expect)."""
     if name not in BUILDERS:
         raise BrainsegError(f"params.yaml: model '{name}' is not one of {SEGMENTERS + CLASSIFIERS}; "
                             "set it with `dvc exp run -S model=unet`")
