@@ -23,7 +23,8 @@ def rebuild(model, policy: str, filters: int):
     previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy(policy)
     try:
-        norm = "slice" if any(layer.name == "standardise" for layer in model.layers) else None
+        names = {layer.name for layer in model.layers}
+        norm = "slice" if "standardise" in names else "volume" if "volume_decode" in names else None
         twin = build_model(model.name, model.input_shape[1:], filters, input_norm=norm)
     finally:
         keras.mixed_precision.set_global_policy(previous)

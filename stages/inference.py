@@ -232,19 +232,35 @@ def _predict(model: keras.Model, images: np.ndarray, batch_size: int, progress: 
     return np.concatenate(out)
 
 
+def volume_normalised(model: keras.Model) -> bool:
+    """Whether the model expects each patient's slices standardised together (train.input_norm: volume)."""
+    return any(type(layer).__name__ == "VolumeDecode" for layer in model.layers)
+
+
 def predict_probs(model: keras.Model, images: np.ndarray, batch_size: int = 32, tta_flip: bool = False,
-                  progress: bool = False, engine: str = "auto") -> np.ndarray:
+                  progress: bool = False, engine: str = "auto", patients=None) -> np.ndarray:
     """Tumour probabilities for uint8 slices (N,H,W,3) (or one slice (H,W,3), returned as N=1).
 
     Segmenter: float32 (N,H,W) at the images' size. Classifier: float32 (N,) tumour probability.
     tta_flip averages with the prediction on the left-right mirrored slices (mirrored back):
     0.5 * (p(x) + flip(p(flip(x)))). `engine`: auto | keras | litert (see the module's docstring).
+    A model trained with `train.input_norm: volume` gets each patient's slices standardised together
+    (`patients`: one id per slice; None: all the slices are one patient's).
     """
     images = np.asarray(images)
     if images.ndim == 3:
         images = images[None]
     if images.ndim != 4 or images.shape[-1] != 3:
         raise BrainsegError(f"expected RGB slices shaped (N,H,W,3), got {images.shape}")
+    if volume_normalised(model):
+        ids = np.zeros(len(images)) if patients is None else np.asarray(patients)
+        if len(ids) != len(images):
+            raise BrainsegError(f"{len(ids)} patient ids for {len(images)} slices")
+        standardised = np.empty_like(images)
+        for patient in dict.fromkeys(ids):
+            rows = np.flatnonzero(ids == patient)
+            standardised[rows] = preprocess.standardise_volume(images[rows])
+        images = standardised
     probs = _predict(model, images, batch_size, progress, engine)
     if tta_flip:
         flipped = _predict(model, images[:, :, ::-1], batch_size, progress, engine)
@@ -263,7 +279,8 @@ def segment(model: keras.Model, images: np.ndarray, params: dict, patients=None,
     volume; without it every slice is its own volume.
     """
     probs = predict_probs(model, images, batch_size or params.get("batch_size", 32),
-                          tta_flip=params.get("tta_flip", False), engine=params.get("engine", "auto"))
+                          tta_flip=params.get("tta_flip", False), engine=params.get("engine", "auto"),
+                          patients=patients)
     if probs.ndim == 1:
         return probs > params.get("threshold", 0.5), probs
     return postprocess.postprocess(probs, params, patients), probs

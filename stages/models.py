@@ -55,6 +55,16 @@ class BrainStandardise(layers.Layer):
         return {**super().get_config(), "threshold": self.threshold}
 
 
+@keras.saving.register_keras_serializable(package="brainseg")
+class VolumeDecode(layers.Layer):
+    """Inputs already standardised per patient volume by preprocess.standardise_volume (uint8 code / 255 in,
+    z-scores out, non-head pixels 0). Its presence tells inference to standardise each volume first."""
+
+    def call(self, x):
+        head = ops.cast(ops.max(x, axis=-1, keepdims=True) > 10 / 255, x.dtype)
+        return (x * 255.0 - 128.0) / 32.0 * head
+
+
 # ---------------------------------------------------------------- shared blocks
 
 def conv_bn_relu(x, filters, kernel_size=3, dilation_rate=1):
@@ -235,7 +245,8 @@ def build_model(name: str, input_shape=(128, 128, 3), filters: int = 16, weights
                 input_norm: str | None = None) -> keras.Model:
     """A freshly initialised `name` model (model.name == name). `weights` ("imagenet" or None) only
     concerns the pretrained encoders of efficientunet, doubleunet and xception. `input_norm="slice"` puts
-    BrainStandardise in front of the network (ImageNet encoders then no longer see the range they expect)."""
+    BrainStandardise in front of the network, `"volume"` VolumeDecode (ImageNet encoders then no longer see the
+    range they expect)."""
     if name not in BUILDERS:
         raise BrainsegError(f"params.yaml: model '{name}' is not one of {SEGMENTERS + CLASSIFIERS}; "
                             "set it with `dvc exp run -S model=unet`")
@@ -244,8 +255,12 @@ def build_model(name: str, input_shape=(128, 128, 3), filters: int = 16, weights
     if height % step or width % step or channels != 3:
         raise BrainsegError(f"{name} needs (H, W, 3) inputs with H and W multiples of {step}, got {input_shape}; "
                             "fix image_size in params.yaml's profiles")
-    if input_norm not in (None, "none", "slice"):
-        raise BrainsegError(f"params.yaml: train.input_norm '{input_norm}' is not none or slice")
+    if input_norm not in (None, "none", "slice", "volume"):
+        raise BrainsegError(f"params.yaml: train.input_norm '{input_norm}' is not none, slice or volume")
     inputs = keras.Input(tuple(input_shape), name="image")
-    x = BrainStandardise(dtype="float32", name="standardise")(inputs) if input_norm == "slice" else inputs
+    x = inputs
+    if input_norm == "slice":
+        x = BrainStandardise(dtype="float32", name="standardise")(inputs)
+    elif input_norm == "volume":
+        x = VolumeDecode(dtype="float32", name="volume_decode")(inputs)
     return keras.Model(inputs, BUILDERS[name](x, filters=filters, weights=weights), name=name)

@@ -38,3 +38,47 @@ def to_native(probs: np.ndarray, height: int, width: int) -> np.ndarray:
     if probs.shape[1:] == (height, width):
         return probs
     return np.stack([cv2.resize(p, (width, height), interpolation=cv2.INTER_LINEAR) for p in probs])
+
+
+HEAD = 10  # uint8: a pixel is head when any channel is above it (models.BrainStandardise's threshold)
+Z_ZERO, Z_STEP = 128, 32  # standardise_volume's uint8 code: z = (value - 128) / 32, head pixels 1..255, rest 0
+
+
+def _planes(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 slices (N,H,W,3) as one (N*H, W, 3) image for OpenCV, and its head mask (uint8 0/1, any channel
+    above HEAD)."""
+    flat = np.ascontiguousarray(images).reshape(-1, images.shape[-2], 3)
+    head = np.maximum(np.maximum(flat[..., 0], flat[..., 1]), flat[..., 2]) > HEAD
+    return flat, head.view(np.uint8)
+
+
+def volume_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per channel mean and standard deviation of the head pixels of a patient's uint8 slices (N,H,W,3)."""
+    return _stats(*_planes(np.asarray(images)))
+
+
+def _stats(flat: np.ndarray, head: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    values = np.arange(256, dtype=np.float64)
+    mean, std = np.zeros(3, np.float32), np.ones(3, np.float32)
+    for c in range(3):
+        # the head pixels' histogram gives exact sums without gathering them
+        counts = cv2.calcHist([flat], [c], head, [256], [0, 256]).ravel().astype(np.float64)
+        if counts.sum():
+            m = counts @ values / counts.sum()
+            mean[c], std[c] = m, max(np.sqrt(counts @ (values - m) ** 2 / counts.sum()), 1.0)
+    return mean, std
+
+
+def standardise_volume(images: np.ndarray, stats=None) -> np.ndarray:
+    """uint8 slices z-scored per channel over a volume's head pixels (`stats` from volume_stats, default the
+    slices' own), stored back as uint8 (32 levels per standard deviation, +-4 sd) so every later step
+    (resizing, augmented copies, batches) stays as for raw slices; non-head pixels 0."""
+    images = np.asarray(images)
+    if images.size == 0:
+        return images.copy()
+    flat, head = _planes(images)
+    mean, std = _stats(flat, head) if stats is None else stats
+    z = (np.arange(256, dtype=np.float32)[:, None] - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    table = np.clip(np.rint(Z_ZERO + Z_STEP * z), 1, 255).astype(np.uint8)  # one lookup per channel
+    coded = cv2.LUT(flat, table.reshape(1, 256, 3))
+    return cv2.bitwise_and(coded, coded, mask=head).reshape(images.shape)

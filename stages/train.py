@@ -23,7 +23,8 @@ from stages import prepared
 from stages.common import BrainsegError, load_params, run_main, train_config, write_json
 from stages.losses import get_loss, segmentation_metrics
 from stages.models import CLASSIFIERS, build_model
-from stages.preprocess import mask_to_model_size, resize_images, to_model_input
+from stages.preprocess import (mask_to_model_size, resize_images, standardise_volume, to_model_input,
+                               volume_stats)
 
 if TYPE_CHECKING:  # TensorFlow is imported where used: JAX / PyTorch machines may not have it
     import tensorflow as tf
@@ -51,7 +52,7 @@ def main() -> None:
 
 def make_datasets(data_dir: Path, image_size: int, batch_size: int, classifier: bool = False,
                   tumour_slices_only: bool = False, seed: int = 0, outputs: int = 1,
-                  augment: dict | None = None):
+                  augment: dict | None = None, input_norm: str | None = None):
     """Batched (train, val) tf.data datasets of model-size inputs and targets, plus the training slice count.
 
     Slices are resized once here, a chunk at a time, and kept as uint8 (masks as float16: the soft edges of
@@ -69,7 +70,15 @@ def make_datasets(data_dir: Path, image_size: int, batch_size: int, classifier: 
     transform = augmenter(augment or {}, seed)
     datasets = []
     for split in ("train", "val"):
-        x, y, _ = prepared.load_split(data_dir, split, transform=to_model_size)
+        if input_norm == "volume":
+            x, y, table = prepared.load_split(data_dir, split)
+            x = x.copy()
+            for _, rows in table.reset_index(drop=True).groupby("patient").indices.items():
+                originals = rows[table["copy"].to_numpy()[rows] < 0]
+                x[rows] = standardise_volume(x[rows], volume_stats(x[originals]))
+            x, y = to_model_size(x, y)
+        else:
+            x, y, _ = prepared.load_split(data_dir, split, transform=to_model_size)
         tumour = y.max(axis=tuple(range(1, y.ndim))) > 0  # works on an empty split too
         if split == "train" and tumour_slices_only:
             keep = np.flatnonzero(tumour)
@@ -310,7 +319,7 @@ def train(name: str, cfg: dict, seed: int = 42, data_dir: Path = DATA, model_pat
             model = build_model(name, (size, size, 3), cfg["filters"], cfg.get("weights"), cfg.get("input_norm"))
             train_ds, val_ds, n_train = make_datasets(Path(data_dir), size, batch, name in CLASSIFIERS,
                                                       cfg.get("tumour_slices_only", False), seed, len(model.outputs),
-                                                      cfg.get("augment"))
+                                                      cfg.get("augment"), cfg.get("input_norm"))
             compile_model(model, cfg, math.ceil(n_train / batch))
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)

@@ -221,3 +221,19 @@ def test_jax_batches_are_padded_to_a_power_of_two_without_changing_predictions(m
     shapes.clear()
     inference.predict_probs(model, images(5, size=16), batch_size=4, engine="keras")
     assert shapes == [4, 1]
+
+
+def test_a_volume_normalised_model_standardises_each_patient_on_its_own():
+    from stages.models import build_model
+    model = build_model("unet", (32, 32, 3), 4, input_norm="volume")
+    assert inference.volume_normalised(model) and not inference.volume_normalised(build_model("unet", (32, 32, 3), 4))
+    rng = np.random.default_rng(0)
+    a = rng.integers(20, 250, (3, 32, 32, 3), dtype=np.uint8)
+    b = (a // 3).astype(np.uint8)  # the same slices from a dimmer scanner
+    both = np.concatenate([a, b])
+    alone = inference.predict_probs(model, a, engine="keras")
+    per_patient = inference.predict_probs(model, both, engine="keras", patients=["A"] * 3 + ["B"] * 3)
+    assert np.allclose(per_patient[:3], alone, atol=1e-6)
+    assert np.abs(per_patient[3:] - alone).max() < 0.05  # scale removed, up to the uint8 coding
+    pooled = inference.predict_probs(model, both, engine="keras")  # one volume: A's statistics are mixed with B's
+    assert not np.allclose(pooled[:3], alone, atol=1e-3)

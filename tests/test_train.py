@@ -139,6 +139,20 @@ def test_make_datasets_labels_filters_and_targets(prepared):
     assert np.array_equal(x, to_model_input(images, 32)) and np.array_equal(y, mask_to_model_size(masks, 32))
 
 
+def test_volume_norm_standardises_copies_with_their_patients_originals(prepared):
+    from stages.preprocess import standardise_volume, volume_stats
+    images, _, table = prepared_data.load_split(prepared, "train")
+    originals = images[table["copy"].to_numpy() < 0]  # one patient: the copies are of its slices
+    expected = to_model_input(standardise_volume(images, volume_stats(originals)), 32)
+    x, _ = next(iter(make_datasets(prepared, 32, 16, input_norm="volume")[0]))
+    def key(batch):  # the training batches are shuffled
+        return sorted(np.asarray(s).tobytes() for s in batch)
+    assert key(x) == key(expected)
+    val_images, _, _ = prepared_data.load_split(prepared, "val")
+    x, _ = next(iter(make_datasets(prepared, 32, 16, input_norm="volume")[1]))
+    assert np.array_equal(x, to_model_input(standardise_volume(val_images), 32))
+
+
 def test_online_augmentation_moves_each_training_slice_with_its_mask_anew_each_epoch(prepared):
     images, masks, _ = prepared_data.load_split(prepared, "train")
     originals = to_model_input(images, 32)

@@ -1,0 +1,36 @@
+import numpy as np
+
+from stages.preprocess import standardise_volume, volume_stats
+
+
+def decoded(code):
+    return (code.astype(np.float64) - 128) / 32
+
+
+def volume(seed=0):
+    images = np.random.default_rng(seed).integers(20, 200, (5, 16, 16, 3), dtype=np.uint8)
+    images[:, :4] = 0  # outside the head
+    return images
+
+
+def test_standardise_volume_z_scores_each_channel_over_the_head_of_the_whole_volume():
+    images = volume()
+    images[0, 4:] += 40  # one brighter slice stays brighter: the scale is the volume's, not each slice's
+    out = standardise_volume(images)
+    assert out.dtype == np.uint8 and (out[:, :4] == 0).all() and (out[:, 4:] > 0).all()
+    z = decoded(out[:, 4:]).reshape(-1, 3)
+    assert np.allclose(z.mean(axis=0), 0, atol=0.02) and np.allclose(z.std(axis=0), 1, atol=0.02)
+    assert decoded(out[0, 4:]).mean() > decoded(out[1:, 4:]).mean() + 0.5
+
+
+def test_a_copy_standardised_with_its_volume_statistics_matches_the_volume():
+    images = volume()
+    assert np.array_equal(standardise_volume(images[:2], volume_stats(images)), standardise_volume(images)[:2])
+    assert not np.array_equal(standardise_volume(images[:2]), standardise_volume(images)[:2])
+
+
+def test_standardise_volume_ignores_a_linear_change_of_scanner_scale():
+    images = volume()
+    dimmer = (images // 2).astype(np.uint8)
+    dimmer[:, :4] = 0
+    assert np.abs(decoded(standardise_volume(dimmer)[:, 4:]) - decoded(standardise_volume(images)[:, 4:])).max() < 0.1
