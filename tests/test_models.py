@@ -99,12 +99,20 @@ def test_brain_standardise_zscores_the_head_and_zeroes_the_background():
     assert np.isfinite(empty).all() and not empty.any()
 
 
-def test_input_norm_model_reloads_in_safe_mode(tmp_path):
-    model = build_model("unet", (32, 32, 3), filters=4, input_norm="slice")
-    assert model.get_layer("standardise") is not None
+@pytest.mark.parametrize("norm, layer", [("slice", "standardise"), ("volume", "volume_decode")])
+def test_input_norm_model_reloads_in_safe_mode(tmp_path, norm, layer):
+    model = build_model("unet", (32, 32, 3), filters=4, input_norm=norm)
+    assert model.get_layer(layer) is not None
     x = np.random.default_rng(1).random((2, 32, 32, 3), dtype=np.float32)
     model.save(tmp_path / "m.keras")
     loaded = keras.models.load_model(tmp_path / "m.keras", safe_mode=True)
     np.testing.assert_allclose(model(x), loaded(x), atol=1e-6)
     with pytest.raises(BrainsegError, match="input_norm"):
-        build_model("unet", (32, 32, 3), filters=4, input_norm="volume")
+        build_model("unet", (32, 32, 3), filters=4, input_norm="patient")
+
+
+def test_volume_decode_gives_z_scores_inside_the_head_and_zero_outside():
+    from stages.models import VolumeDecode
+    code = np.array([[0, 0, 0], [128, 160, 96], [5, 5, 200]], np.float32).reshape(1, 1, 3, 3) / 255
+    z = np.asarray(VolumeDecode()(code))[0, 0]
+    np.testing.assert_allclose(z, [[0, 0, 0], [0, 1, -1], [(5 - 128) / 32, (5 - 128) / 32, 72 / 32]], atol=1e-5)
