@@ -235,7 +235,7 @@ def test_ema_weights_are_validated_chosen_and_saved(prepared, cfg, tmp_path):
         losses[ema] = pd.read_csv(run / "live/plots/metrics/eval/loss.tsv", sep="\t")["loss"].to_numpy()
         if ema:
             model = keras.models.load_model(run / "model.keras")
-            _, val_ds, _ = make_datasets(prepared, SIZE, 4, classifier=True)
+            _, val_ds, _ = make_datasets(prepared, SIZE, 4, classifier=True, input_norm=cfg.get("input_norm"))
             compile_model(model, cfg)
             assert model.evaluate(val_ds, verbose=0, return_dict=True)["loss"] == pytest.approx(
                 summary["best_val_loss"], rel=1e-5)
