@@ -6,6 +6,7 @@
     done
     dvc queue start -j 1
     python -m benchmarks.crossval --exp cv5-fold0 --exp cv5-fold1 --exp cv5-fold2 --exp cv5-fold3 --exp cv5-fold4
+    python -m benchmarks.crossval --partial --exp ...   # the folds done so far, said to be partial
 
 With `split.folds: k` the test patients stay aside and the others are cut into k folds by patient; the run with
 `split.fold: f` validates on fold f. Pooled over the k runs, every non-test patient is scored once by a model that
@@ -31,10 +32,11 @@ SETTINGS = ["threshold", "min_component", "largest_3d", "tta_flip"]  # evaluate.
 REFERENCE = "Buda et al. 2019: 0.82 mean (5-fold cross-validation, all 110 patients, 256 px, GPU)"
 
 
-def pool(folds: dict[int, pd.DataFrame], k: int) -> pd.DataFrame:
-    """The folds' validation tables stacked, with a `fold` column; every fold present and no patient twice."""
+def pool(folds: dict[int, pd.DataFrame], k: int, partial: bool = False) -> pd.DataFrame:
+    """The folds' validation tables stacked, with a `fold` column; no patient twice, and every fold present
+    unless `partial` (then the score covers only the folds' patients, and says so)."""
     missing = sorted(set(range(k)) - set(folds))
-    if missing:
+    if missing and not partial:
         raise SystemExit(f"folds {missing} of {k} have no experiment: queue them with -S split.fold=N")
     table = pd.concat([t.assign(fold=f) for f, t in sorted(folds.items())], ignore_index=True)
     twice = table.patient[table.patient.duplicated()].unique().tolist()
@@ -101,11 +103,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.crossval", description=__doc__.splitlines()[0])
     parser.add_argument("--repo", type=Path, default=Path("."))
     parser.add_argument("--exp", action="append", required=True, help="one experiment per fold (repeatable)")
+    parser.add_argument("--partial", action="store_true",
+                        help="pool the folds named even if some are missing (an unfinished cross-validation)")
     args = parser.parse_args(argv)
     tables, evaluations, k = load(args.repo, args.exp)
-    table = pool(tables, k)
-    print(f"{k}-fold cross-validation over {len(table)} non-test patients, per-volume Dice of each patient's "
-          "held-out fold; each post-processing fixed for all folds")
+    table = pool(tables, k, args.partial)
+    done = "" if len(tables) == k else f" (PARTIAL: folds {sorted(tables)} only)"
+    print(f"{k}-fold cross-validation{done} over {len(table)} non-test patients, per-volume Dice of each "
+          "patient's held-out fold; each post-processing fixed for all folds")
     print(markdown(summary(table)))
     print(f"reference: {REFERENCE}")
     print("\n".join(fold_lines(evaluations)))

@@ -27,6 +27,7 @@ def test_pooled_scores_weigh_every_patient_once_not_every_fold():
 def test_a_missing_fold_or_a_patient_in_two_folds_is_refused():
     with pytest.raises(SystemExit, match=r"folds \[2\] of 3"):
         crossval.pool({0: fold_table(["A"], [1], [1]), 1: fold_table(["B"], [1], [1])}, 3)
+    assert len(crossval.pool({0: fold_table(["A"], [1], [1]), 1: fold_table(["B"], [1], [1])}, 3, partial=True)) == 2
     with pytest.raises(SystemExit, match=r"\['B'\] are validated in more than one fold"):
         crossval.pool({0: fold_table(["A", "B"], [1, 1], [1, 1]), 1: fold_table(["B"], [1], [1])}, 2)
 
@@ -54,6 +55,15 @@ def test_main_reads_each_experiment_fold_and_prints_the_pooled_table(monkeypatch
     assert "| threshold | 3 | 0.600 | 0.600 | 0.400 (C) | 0.700 / 0.400 |" in out
     assert "| tta_flip | 3 | 0.700 | 0.700 | 0.500 (C) | 0.800 / 0.500 |" in out
     assert "fold 0: test per-volume Dice 0.700" in out and "fold 1: test per-volume Dice 0.710" in out
+
+
+def test_an_unfinished_cross_validation_is_pooled_only_when_asked_and_says_so(monkeypatch, capsys):
+    fake_repo(monkeypatch, {"cv-a": run_files(0, 3, fold_table(["A", "B"], [0.8, 0.6], [0.9, 0.7])),
+                            "cv-c": run_files(2, 3, fold_table(["C"], [0.4], [0.5]))})
+    with pytest.raises(SystemExit, match=r"folds \[1\] of 3"):
+        crossval.main(["--exp", "cv-a", "--exp", "cv-c"])
+    crossval.main(["--exp", "cv-a", "--exp", "cv-c", "--partial"])
+    assert "3-fold cross-validation (PARTIAL: folds [0, 2] only) over 3 non-test patients" in capsys.readouterr().out
 
 
 def test_runs_that_do_not_make_one_k_fold_set_are_refused(monkeypatch):
