@@ -276,7 +276,8 @@ def segment(model: keras.Model, images: np.ndarray, params: dict, patients=None,
     Returns (masks, probs). Segmenter: masks bool (N,H,W), probs float32 (N,H,W).
     Classifier: masks bool (N,) 'tumour present' (probability above the threshold), probs float32 (N,).
     `patients` (one id per slice, each patient's slices in slice order) lets largest_3d work per patient
-    volume; without it every slice is its own volume.
+    volume; without it every slice is its own volume for largest_3d, while a model trained with
+    `train.input_norm: volume` standardises all the slices together (predict_probs).
     """
     probs = predict_probs(model, images, batch_size or params.get("batch_size", 32),
                           tta_flip=params.get("tta_flip", False), engine=params.get("engine", "auto"),
