@@ -61,6 +61,8 @@ def make_datasets(data_dir: Path, image_size: int, batch_size: int, classifier: 
     Targets are (size, size, 1) masks, or for a classifier 1.0 when the slice's mask has any tumour; a model
     with several `outputs` gets the target once per output. `tumour_slices_only` filters training slices only.
     `augment` (params.yaml's train.augment) transforms training batches anew each epoch: see augmenter().
+    `input_norm: volume` standardises each patient's slices first (its copies with its originals' statistics,
+    stages.preprocess.standardise_volume), so that split is held once at full size before it is resized.
     On a Keras backend other than TensorFlow (JAX, PyTorch: a GPU machine without TensorFlow), the same batches
     come from SliceBatches instead of tf.data.
     """
@@ -72,7 +74,6 @@ def make_datasets(data_dir: Path, image_size: int, batch_size: int, classifier: 
     for split in ("train", "val"):
         if input_norm == "volume":
             x, y, table = prepared.load_split(data_dir, split)
-            x = x.copy()
             for _, rows in table.reset_index(drop=True).groupby("patient").indices.items():
                 originals = rows[table["copy"].to_numpy()[rows] < 0]
                 x[rows] = standardise_volume(x[rows], volume_stats(x[originals]))
