@@ -14,6 +14,7 @@ from keras import layers, ops
 
 import stages.losses  # noqa: F401  registers the losses and metrics a saved model's compile config names
 from stages.common import BrainsegError
+from stages.preprocess import HEAD, Z_STEP, Z_ZERO
 
 SEGMENTERS = ("unet", "resunet", "efficientunet", "doubleunet")
 CLASSIFIERS = ("cnn", "xception")
@@ -61,8 +62,9 @@ class VolumeDecode(layers.Layer):
     z-scores out, non-head pixels 0). Its presence tells inference to standardise each volume first."""
 
     def call(self, x):
-        head = ops.cast(ops.max(x, axis=-1, keepdims=True) > 10 / 255, x.dtype)
-        return (x * 255.0 - 128.0) / 32.0 * head
+        # the coding's constants come from preprocess, so the two sides cannot drift apart
+        head = ops.cast(ops.max(x, axis=-1, keepdims=True) > HEAD / 255, x.dtype)
+        return (x * 255.0 - Z_ZERO) / Z_STEP * head
 
 
 # ---------------------------------------------------------------- shared blocks
