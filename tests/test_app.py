@@ -76,6 +76,40 @@ def test_process_upload_gives_overlay_verdict_and_mask(models_dir):
     assert verdict(result).startswith("Tumour present")
 
 
+def test_kaggle_slices_are_grouped_by_patient_in_slice_order():
+    from app.streamlit_app import volumes
+
+    square, wide = np.zeros((8, 8, 3), np.uint8), np.zeros((8, 12, 3), np.uint8)
+    uploads = [("TCGA_CS_4941_19960909_12.tif", square), ("own.png", square),
+               ("TCGA_CS_4941_19960909_3.tif", square), ("TCGA_DU_5849_19950405_1.tif", square),
+               ("TCGA_CS_4941_19960909_7.tif", square), ("TCGA_CS_4941_19960909_8.tif", wide),
+               ("TCGA_CS_4941_19960909_2_mask.tif", square), ("other.png", square)]
+    # a mask-named file and a differently sized slice are not part of the volume
+    assert volumes(uploads) == [[2, 4, 0], [1], [3], [5], [6], [7]]
+
+
+def test_a_volume_normalised_model_sees_the_patients_uploads_together():
+    """The app standardises a patient's uploaded slices together, as evaluation and the CLI do: one slice
+    alone would be scaled by its own statistics, not its volume's."""
+    from app.streamlit_app import segment_uploads
+    from stages.inference import predict_probs
+    from stages.models import build_model
+
+    model = build_model("unet", (32, 32, 3), 4, input_norm="volume")
+    rng = np.random.default_rng(0)
+    slices = rng.integers(0, 250, (3, 32, 32, 3), dtype=np.uint8)
+    slices[2] //= 4  # a dim end slice: alone, standardisation would brighten it
+    names = [f"TCGA_CS_4941_19960909_{n}.tif" for n in (3, 1, 2)]
+    params = {**load_params("evaluate"), "threshold": 0.5, "largest_3d": False, "min_component": 0,
+              "tta_flip": False, "engine": "keras"}
+    results = segment_uploads(model, list(zip(names, slices)), params)
+    volume = predict_probs(model, slices[[1, 2, 0]], engine="keras")  # the volume in slice order
+    assert [r["name"] for r in results] == names and all(r["volume_slices"] == 3 for r in results)
+    assert np.allclose([r["probability"] for r in results], volume[[2, 0, 1]].max(axis=(1, 2)), atol=1e-6)
+    alone = predict_probs(model, slices[2:], engine="keras")
+    assert not np.isclose(results[0]["probability"], alone.max(), atol=1e-4)
+
+
 @pytest.mark.parametrize("name,data,reason", [
     ("x.png", b"<html>not an image</html>", "readable"),
     ("x.pdf", b"%PDF-1.4", "suffix"),
