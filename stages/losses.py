@@ -53,6 +53,20 @@ class FocalTversky(keras.losses.Loss):
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
+class FocalTverskyBCE(FocalTversky):
+    """Focal Tversky plus pixel-mean binary cross-entropy. Focal Tversky's sums run over the batch, so false
+    positives on a tumour-free slice weigh only beta / (the batch's tumour); cross-entropy charges every wrong
+    pixel on its own, wherever it is."""
+
+    def __init__(self, alpha=0.7, beta=0.3, gamma=0.75, smooth=SMOOTH, name="focal_tversky_bce", **kwargs):
+        super().__init__(alpha, beta, gamma, smooth, name=name, **kwargs)
+
+    def call(self, y_true, y_pred):
+        bce = ops.mean(keras.losses.binary_crossentropy(ops.cast(y_true, "float32"), ops.cast(y_pred, "float32")))
+        return super().call(y_true, y_pred) + bce
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
 class DiceLoss(keras.losses.Loss):
     """Soft Dice loss: 1 - (2*TP + s) / (2*TP + FN + FP + s)."""
 
@@ -116,14 +130,15 @@ class Dice(TverskyIndex):
         return config
 
 
-LOSSES = ("focal_tversky", "dice", "bce_dice")
+LOSSES = ("focal_tversky", "focal_tversky_bce", "dice", "bce_dice")
 
 
 def get_loss(cfg: dict) -> keras.losses.Loss:
     """The loss named by params.yaml `train.loss`, with train.alpha / beta / gamma for focal Tversky."""
     name = cfg.get("loss", "focal_tversky")
-    if name == "focal_tversky":
-        return FocalTversky(cfg.get("alpha", 0.7), cfg.get("beta", 0.3), cfg.get("gamma", 0.75))
+    if name in ("focal_tversky", "focal_tversky_bce"):
+        loss = FocalTversky if name == "focal_tversky" else FocalTverskyBCE
+        return loss(cfg.get("alpha", 0.7), cfg.get("beta", 0.3), cfg.get("gamma", 0.75))
     if name == "dice":
         return DiceLoss()
     if name == "bce_dice":

@@ -1,0 +1,187 @@
+"""Where per-volume Dice is lost: the validation patients of DVC experiments, their wrong pixels by kind and place.
+
+    python -m benchmarks.errors --exp vnorm-fold0 --exp vnorm-s42-fold1 --exp vnorm-fold2 --exp vnorm-fold3
+    python -m benchmarks.errors --repo ../clone --exp ... --data ../shared/data/lgg-mri-segmentation-dev.zip
+
+Each experiment's trained model (models/model.keras, taken from the DVC cache by dvc.lock's hash) segments its
+validation patients (metrics/per_patient_validation.csv), read from its data source (params.yaml's data.archive,
+or --data), at evaluate.threshold with no post-processing. The wrong pixels are split four ways: tumour missed on
+slices where none of it was found, tumour missed on slices where some was (under-segmentation), false positives on
+tumour-free slices and false positives on tumour slices. Printed: each kind's share, the mean per-volume Dice if
+that kind were gone (what a perfect fix of it would buy: a ceiling, not a forecast), the worst patients, and the
+false positives on tumour-free slices by position in the volume (tenths, first slice to last; Kaggle numbers slices
+from the bottom of the head). Validation patients only: what it shows may steer the next lever without
+looking at test.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from benchmarks.architectures import experiments, git_show
+
+MODEL = "models/model.keras"
+KINDS = ["fn_missed_slices", "fn_found_slices", "fp_tumour_free", "fp_tumour_slices"]
+
+
+def slice_table(truth: np.ndarray, pred: np.ndarray) -> pd.DataFrame:
+    """One patient's slices in volume order (N,H,W) booleans -> per slice: position (0 first, 1 last), true,
+    predicted and true-positive pixels."""
+    n = len(truth)
+    return pd.DataFrame({"position": np.arange(n) / max(n - 1, 1),
+                         "true": truth.sum(axis=(1, 2)), "pred": pred.sum(axis=(1, 2)),
+                         "tp": (truth & pred).sum(axis=(1, 2))})
+
+
+def patient_errors(slices: pd.DataFrame) -> dict:
+    """A patient's slice table -> true positives and the four kinds of wrong pixels."""
+    tumour, found = slices["true"] > 0, slices["tp"] > 0
+    missed, fp = slices["true"] - slices["tp"], slices["pred"] - slices["tp"]
+    return {"true": int(slices["true"].sum()), "tp": int(slices["tp"].sum()),
+            "fn_missed_slices": int(missed[tumour & ~found].sum()), "fn_found_slices": int(missed[found].sum()),
+            "fp_tumour_free": int(fp[~tumour].sum()), "fp_tumour_slices": int(fp[tumour].sum())}
+
+
+def volume_dice(frame: pd.DataFrame, without: tuple[str, ...] = ()) -> pd.Series:
+    """Per-volume Dice of each row; the kinds in `without` counted as right (missed pixels as found)."""
+    tp = frame["tp"] + sum(frame[k] for k in without if k.startswith("fn"))
+    wrong = sum(frame[k] for k in KINDS if k not in without)
+    denominator = 2 * tp + wrong
+    # a patient with no tumour and nothing predicted scores 1, as stages.metrics scores empty volumes
+    return pd.Series(np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1), 1.0), index=frame.index)
+
+
+def ceilings(patients: pd.DataFrame) -> pd.DataFrame:
+    """Each kind's share of the wrong pixels, and the mean per-volume Dice with that kind gone."""
+    total = patients[KINDS].to_numpy().sum()
+    rows = [{"error": "none removed (as segmented)", "pixels": "", "share": "",
+             "mean per-volume Dice": volume_dice(patients).mean()}]
+    for kind in KINDS:
+        rows.append({"error": kind, "pixels": int(patients[kind].sum()),
+                     "share": f"{patients[kind].sum() / max(total, 1):.0%}",
+                     "mean per-volume Dice": volume_dice(patients, (kind,)).mean()})
+    rows.append({"error": "all false positives", "pixels": int(patients[KINDS[2:]].to_numpy().sum()), "share": "",
+                 "mean per-volume Dice": volume_dice(patients, tuple(KINDS[2:])).mean()})
+    rows.append({"error": "all missed tumour", "pixels": int(patients[KINDS[:2]].to_numpy().sum()), "share": "",
+                 "mean per-volume Dice": volume_dice(patients, tuple(KINDS[:2])).mean()})
+    return pd.DataFrame(rows)
+
+
+def by_position(slices: pd.DataFrame, bins: int = 10) -> pd.DataFrame:
+    """Tumour-free and tumour slices by tenth of the volume: false positives on the former, tumour on the latter."""
+    frame = slices.assign(tenth=np.minimum((slices["position"] * bins).astype(int), bins - 1))
+    free = frame[frame["true"] == 0]
+    out = pd.DataFrame({"tumour-free slices": free.groupby("tenth").size(),
+                        "with false positives": free[free["pred"] > 0].groupby("tenth").size(),
+                        "false-positive pixels": free.groupby("tenth")["pred"].sum(),
+                        "tumour slices": frame[frame["true"] > 0].groupby("tenth").size(),
+                        "tumour pixels": frame.groupby("tenth")["true"].sum()})
+    return out.reindex(range(bins)).fillna(0).astype(int).rename_axis("tenth").reset_index()
+
+
+def markdown(frame: pd.DataFrame) -> str:
+    def cell(value):
+        return f"{value:.3f}" if isinstance(value, float) else str(value)
+    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ experiments
+
+def model_hash(lock: dict) -> str:
+    for stage in lock.get("stages", {}).values():
+        for out in stage.get("outs", []):
+            if out.get("path") == MODEL:
+                return out["md5"]
+    raise SystemExit(f"dvc.lock names no {MODEL}: not a training run")
+
+
+def cached_model(repo: Path, md5: str, folder: Path) -> Path:
+    """The DVC cache's copy of a model, under a .keras name (Keras loads by suffix)."""
+    source = repo / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]
+    if not source.is_file():
+        raise SystemExit(f"{source}: not in the DVC cache; fix: `dvc exp pull` or run the experiment here")
+    target = folder / f"{md5}.keras"
+    shutil.copyfile(source, target)
+    return target
+
+
+def data_path(params: dict, override: Path | None, name: str) -> Path:
+    if override is not None:
+        return override
+    data = params.get("data", {})
+    if data.get("source") != "archive":
+        raise SystemExit(f"{name}: data.source is {data.get('source')}; pass --data with its Kaggle-layout data")
+    return Path(data["archive"])
+
+
+def segment_patients(model_path: Path, data: Path, patients: list[str], threshold: float, name: str):
+    """Each patient's slices, segmented as evaluation does before post-processing -> (errors, slices) tables."""
+    from stages import index, inference, rawdata
+
+    raw = rawdata.open_raw(data)
+    frame, _ = index.pair_slices(raw)
+    model = inference.load_model(model_path)
+    errors, slices = [], []
+    for patient in patients:
+        rows = frame[frame["patient"] == patient].reset_index(drop=True)  # in slice order
+        if rows.empty:
+            raise SystemExit(f"{name}: validation patient {patient} is not in {data}")
+        images, masks, _ = index.load_slices(raw, rows, progress=False)
+        pred = inference.predict_probs(model, images) > threshold
+        table = slice_table(masks > 0, pred).assign(run=name, patient=patient)
+        slices.append(table)
+        errors.append({"run": name, "patient": patient, **patient_errors(table)})
+    return pd.DataFrame(errors), pd.concat(slices, ignore_index=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.errors", description=__doc__.splitlines()[0])
+    parser.add_argument("--repo", type=Path, default=Path("."))
+    parser.add_argument("--exp", action="append", required=True, help="an experiment (repeatable)")
+    parser.add_argument("--data", type=Path, help="Kaggle-layout zip or folder (default: each run's data.archive)")
+    parser.add_argument("--worst", type=int, default=8, help="patients listed, worst first")
+    args = parser.parse_args(argv)
+    found = dict(experiments(args.repo))
+    errors, slices = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.exp:
+            if name not in found:
+                raise SystemExit(f"{args.repo}: no experiment named {name} (`dvc exp show` lists them)")
+            params = yaml.safe_load(git_show(args.repo, found[name], "params.yaml") or "{}")
+            csv = git_show(args.repo, found[name], "metrics/per_patient_validation.csv")
+            if csv is None:
+                raise SystemExit(f"{name}: no metrics/per_patient_validation.csv (a run from before it was written)")
+            model = cached_model(args.repo, model_hash(yaml.safe_load(git_show(args.repo, found[name], "dvc.lock"))),
+                                 Path(tmp))
+            patients = pd.read_csv(io.StringIO(csv))["patient"].tolist()
+            threshold = float(params.get("evaluate", {}).get("threshold", 0.5))
+            e, s = segment_patients(model, data_path(params, args.data, name), patients, threshold, name)
+            errors.append(e)
+            slices.append(s)
+            print(f"{name}: {len(patients)} validation patients segmented", flush=True)
+    errors, slices = pd.concat(errors, ignore_index=True), pd.concat(slices, ignore_index=True)
+    dice = volume_dice(errors)
+    print(f"\n{len(errors)} validation patients of {len(args.exp)} runs, threshold only: mean per-volume Dice "
+          f"{dice.mean():.3f}, median {dice.median():.3f}")
+    print(markdown(ceilings(errors)))
+    tumour = slices[slices["true"] > 0]
+    print(f"\ntumour slices with no tumour pixel found: {int((tumour['tp'] == 0).sum())} of {len(tumour)} "
+          f"({int(tumour.loc[tumour['tp'] == 0, 'true'].sum())} tumour pixels)")
+    worst = errors.assign(dice=dice).nsmallest(args.worst, "dice")
+    print(f"\nworst {len(worst)} patients")
+    print(markdown(worst[["run", "patient", "dice", "true", "tp", *KINDS]]))
+    print("\nby tenth of the volume (0: first slices, the bottom of the head in Kaggle's numbering)")
+    print(markdown(by_position(slices)))
+
+
+if __name__ == "__main__":
+    main()
