@@ -7,13 +7,17 @@
     dvc queue start -j 1
     python -m benchmarks.crossval --exp cv5-fold0 --exp cv5-fold1 --exp cv5-fold2 --exp cv5-fold3 --exp cv5-fold4
     python -m benchmarks.crossval --partial --exp ...   # the folds done so far, said to be partial
+    python -m benchmarks.crossval --exp lever-fold0 ... --against cv5-fold0 ...  # a lever, paired by patient
 
 With `split.folds: k` the test patients stay aside and the others are cut into k folds by patient; the run with
 `split.fold: f` validates on fold f. Pooled over the k runs, every non-test patient is scored once by a model that
 never trained on it: the measure of Buda et al. 2019 (82% mean per-volume Dice, 5-fold cross-validation over all
 110 patients). Each post-processing setting is reported as fixed in advance over all folds, never chosen per fold,
 since a choice made on the same patients would flatter the score. Early stopping did see each fold's validation
-loss, as in the published protocol. Figures come from the metric files each experiment committed
+loss, as in the published protocol. With --against, a second set of k-fold runs (the baseline of a lever) is pooled
+the same way and compared patient by patient: mean difference, patients better and worse, and the two-sided
+Wilcoxon signed-rank p-value (scipy), the test of a paired difference that does not assume it is normal. Figures
+come from the metric files each experiment committed
 (`metrics/per_patient_validation.csv`, `metrics/eval.json`, `params.yaml`).
 """
 from __future__ import annotations
@@ -54,6 +58,26 @@ def summary(table: pd.DataFrame) -> pd.DataFrame:
         rows.append({"post-processing": name, "patients": len(table), "mean": table[name].mean(),
                      "median": table[name].median(), "worst": f"{worst[name]:.3f} ({worst.patient})",
                      "fold means": " / ".join(f"{m:.3f}" for m in table.groupby("fold")[name].mean())})
+    return pd.DataFrame(rows)
+
+
+def paired(table: pd.DataFrame, baseline: pd.DataFrame) -> pd.DataFrame:
+    """Per post-processing setting, `table` against `baseline` on the same patients: mean difference, how many
+    patients gained and lost more than 0.005, and the Wilcoxon signed-rank p-value."""
+    from scipy.stats import wilcoxon
+
+    both = table.merge(baseline, on="patient", suffixes=("", "_base"))
+    if len(both) != len(table) or len(both) != len(baseline):
+        raise SystemExit(f"the two sets validate different patients ({len(table)} and {len(baseline)}, "
+                         f"{len(both)} shared): compare runs of one split")
+    rows = []
+    for name in [s for s in SETTINGS if s in table and s in baseline]:
+        diff = both[name] - both[f"{name}_base"]
+        p = wilcoxon(diff).pvalue if (diff != 0).any() else 1.0
+        rows.append({"post-processing": name, "patients": len(both), "mean": both[name].mean(),
+                     "baseline": both[f"{name}_base"].mean(), "difference": diff.mean(),
+                     "better / worse": f"{int((diff > 0.005).sum())} / {int((diff < -0.005).sum())}",
+                     "Wilcoxon p": float(p)})
     return pd.DataFrame(rows)
 
 
@@ -105,6 +129,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--exp", action="append", required=True, help="one experiment per fold (repeatable)")
     parser.add_argument("--partial", action="store_true",
                         help="pool the folds named even if some are missing (an unfinished cross-validation)")
+    parser.add_argument("--against", action="append", default=[],
+                        help="the baseline's runs, one per fold (repeatable): compared patient by patient")
     args = parser.parse_args(argv)
     tables, evaluations, k = load(args.repo, args.exp)
     table = pool(tables, k, args.partial)
@@ -114,6 +140,14 @@ def main(argv: list[str] | None = None) -> None:
     print(markdown(summary(table)))
     print(f"reference: {REFERENCE}")
     print("\n".join(fold_lines(evaluations)))
+    if args.against:
+        base_tables, base_evaluations, base_k = load(args.repo, args.against)
+        if base_k != k or sorted(base_tables) != sorted(tables):
+            raise SystemExit(f"--against names folds {sorted(base_tables)} of {base_k}, --exp folds {sorted(tables)} "
+                             f"of {k}: pair the same folds")
+        print(f"\nagainst {', '.join(args.against)}, patient by patient:")
+        print(markdown(paired(table, pool(base_tables, base_k, args.partial))))
+        print("baseline " + "\nbaseline ".join(fold_lines(base_evaluations)))
 
 
 if __name__ == "__main__":

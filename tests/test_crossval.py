@@ -78,3 +78,31 @@ def test_runs_that_do_not_make_one_k_fold_set_are_refused(monkeypatch):
         crossval.main(["--exp", "plain"])
     with pytest.raises(SystemExit, match="no experiment named nope"):
         crossval.main(["--exp", "nope"])
+
+
+def test_a_lever_is_compared_with_its_baseline_patient_by_patient(monkeypatch, capsys):
+    patients = [f"P{i}" for i in range(8)]
+    base = [0.5, 0.6, 0.7, 0.8, 0.4, 0.5, 0.6, 0.9]
+    lever = [b + d for b, d in zip(base, [0.05, 0.04, 0.06, 0.02, 0.03, 0.05, -0.01, 0.0])]
+    table = crossval.paired(crossval.pool({0: fold_table(patients[:4], lever[:4], lever[:4]),
+                                           1: fold_table(patients[4:], lever[4:], lever[4:])}, 2),
+                            crossval.pool({0: fold_table(patients[:4], base[:4], base[:4]),
+                                           1: fold_table(patients[4:], base[4:], base[4:])}, 2))
+    row = table.set_index("post-processing").loc["threshold"]
+    assert row["difference"] == pytest.approx(0.03) and row["better / worse"] == "6 / 1"
+    assert 0.01 < row["Wilcoxon p"] < 0.1  # six of seven non-zero differences positive: suggestive, not sure
+    same = crossval.pool({0: fold_table(patients, base, base)}, 1)
+    assert crossval.paired(same, same).loc[0, "Wilcoxon p"] == 1.0
+    with pytest.raises(SystemExit, match="different patients"):
+        crossval.paired(same, crossval.pool({0: fold_table(patients[:7], base[:7], base[:7])}, 1))
+
+    fake_repo(monkeypatch, {"lev-a": run_files(0, 2, fold_table(patients[:4], lever[:4], lever[:4])),
+                            "lev-b": run_files(1, 2, fold_table(patients[4:], lever[4:], lever[4:])),
+                            "base-a": run_files(0, 2, fold_table(patients[:4], base[:4], base[:4])),
+                            "base-b": run_files(1, 2, fold_table(patients[4:], base[4:], base[4:]))})
+    crossval.main(["--exp", "lev-a", "--exp", "lev-b", "--against", "base-a", "--against", "base-b"])
+    out = capsys.readouterr().out
+    assert "against base-a, base-b, patient by patient:" in out
+    assert "| threshold | 8 | 0.655 | 0.625 | 0.030 | 6 / 1 |" in out
+    with pytest.raises(SystemExit, match="pair the same folds"):
+        crossval.main(["--exp", "lev-a", "--exp", "lev-b", "--against", "base-a", "--partial"])
