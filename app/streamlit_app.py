@@ -20,6 +20,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # `streamlit run` puts only app/ on sys.path; the stages live one up
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import numpy as np  # noqa: E402
 import streamlit as st  # noqa: E402
 
 from stages.common import BrainsegError, load_params  # noqa: E402
@@ -67,8 +68,6 @@ def volumes(named_images: list[tuple[str, object]]) -> list[list[int]]:
 
 def segment_uploads(model, named_images: list[tuple[str, object]], params_evaluate: dict) -> list[dict]:
     """Decoded uploads [(name, image)] -> what the page shows for each, in upload order."""
-    import numpy as np
-
     results: list[dict | None] = [None] * len(named_images)
     for group in volumes(named_images):
         images = np.stack([named_images[i][1] for i in group])
@@ -165,6 +164,7 @@ def main() -> None:
         return
     for index, result in enumerate(results):
         show_result(result, index)
+
 
 if __name__ == "__main__":  # `streamlit run` (and AppTest) run the script as __main__; tests import it
     main()
