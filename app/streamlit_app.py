@@ -87,9 +87,8 @@ def page_result(name: str, image, result: dict, volume_slices: int = 1) -> dict:
 
 
 def process_upload(model, data: bytes, name: str, params_evaluate: dict) -> dict:
-    """One uploaded file, segmented on its own -> what the page shows; a BadImage for anything unusable."""
-    image = decode(data, name)
-    return page_result(name, image, analyse(model, image[None], params_evaluate)[0])
+    """One uploaded file, through the page's own path -> what the page shows; a BadImage for anything unusable."""
+    return segment_uploads(model, [(name, decode(data, name))], params_evaluate)[0]
 
 
 def verdict(result: dict) -> str:

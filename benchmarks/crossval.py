@@ -98,17 +98,29 @@ def markdown(frame: pd.DataFrame) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in cells.itertuples(index=False)])
 
 
-def load(repo: Path, names: list[str]) -> tuple[dict[int, pd.DataFrame], dict[int, dict], int]:
-    """Each named experiment's fold number, validation table and eval.json; k, which they must share."""
+def commits(repo: Path, names: list[str]) -> dict[str, str]:
+    """Each named experiment's commit; an error naming the first that does not exist."""
     found = dict(experiments(repo))
-    tables, evaluations, ks = {}, {}, set()
     for name in names:
         if name not in found:
             raise SystemExit(f"{repo}: no experiment named {name} (`dvc exp show` lists them)")
-        params = yaml.safe_load(git_show(repo, found[name], "params.yaml") or "{}")
-        csv = git_show(repo, found[name], "metrics/per_patient_validation.csv")
-        if csv is None:
-            raise SystemExit(f"{name}: no metrics/per_patient_validation.csv (a run from before it was written)")
+    return {name: found[name] for name in names}
+
+
+def run_files(repo: Path, name: str, rev: str) -> tuple[dict, pd.DataFrame]:
+    """An experiment's params.yaml and its validation patients' table."""
+    params = yaml.safe_load(git_show(repo, rev, "params.yaml") or "{}")
+    csv = git_show(repo, rev, "metrics/per_patient_validation.csv")
+    if csv is None:
+        raise SystemExit(f"{name}: no metrics/per_patient_validation.csv (a run from before it was written)")
+    return params, pd.read_csv(io.StringIO(csv))
+
+
+def load(repo: Path, names: list[str]) -> tuple[dict[int, pd.DataFrame], dict[int, dict], int]:
+    """Each named experiment's fold number, validation table and eval.json; k, which they must share."""
+    tables, evaluations, ks = {}, {}, set()
+    for name, rev in commits(repo, names).items():
+        params, validation = run_files(repo, name, rev)
         split = params.get("split", {})
         if int(split.get("folds", 0)) < 2:
             raise SystemExit(f"{name}: split.folds is {split.get('folds')}: not a k-fold run")
@@ -116,8 +128,8 @@ def load(repo: Path, names: list[str]) -> tuple[dict[int, pd.DataFrame], dict[in
         fold = int(split["fold"])
         if fold in tables:
             raise SystemExit(f"{name}: fold {fold} is named twice")
-        tables[fold] = pd.read_csv(io.StringIO(csv))
-        evaluations[fold] = json.loads(git_show(repo, found[name], "metrics/eval.json"))
+        tables[fold] = validation
+        evaluations[fold] = json.loads(git_show(repo, rev, "metrics/eval.json"))
     if len(ks) != 1:
         raise SystemExit(f"the experiments use different split.folds: {sorted(ks)}")
     return tables, evaluations, ks.pop()

@@ -16,7 +16,6 @@ looking at test.
 from __future__ import annotations
 
 import argparse
-import io
 import shutil
 import tempfile
 from pathlib import Path
@@ -25,7 +24,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from benchmarks.architectures import experiments, git_show
+from benchmarks.architectures import git_show
+from benchmarks.crossval import commits, markdown, run_files
 
 MODEL = "models/model.keras"
 KINDS = ["fn_missed_slices", "fn_found_slices", "fp_tumour_free", "fp_tumour_slices"]
@@ -86,14 +86,6 @@ def by_position(slices: pd.DataFrame, bins: int = 10) -> pd.DataFrame:
     return out.reindex(range(bins)).fillna(0).astype(int).rename_axis("tenth").reset_index()
 
 
-def markdown(frame: pd.DataFrame) -> str:
-    def cell(value):
-        return f"{value:.3f}" if isinstance(value, float) else str(value)
-    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join(lines)
-
-
 # ------------------------------------------------------------------ experiments
 
 def model_hash(lock: dict) -> str:
@@ -123,18 +115,18 @@ def data_path(params: dict, override: Path | None, name: str) -> Path:
     return Path(data["archive"])
 
 
-def segment_patients(model_path: Path, data: Path, patients: list[str], threshold: float, name: str):
-    """Each patient's slices, segmented as evaluation does before post-processing -> (errors, slices) tables."""
-    from stages import index, inference, rawdata
+def segment_patients(model_path: Path, raw, frame: pd.DataFrame, patients: list[str], threshold: float,
+                     name: str):
+    """Each patient's slices (`frame`: the source's pair_slices table), segmented as evaluation does before
+    post-processing -> (errors, slices) tables."""
+    from stages import index, inference
 
-    raw = rawdata.open_raw(data)
-    frame, _ = index.pair_slices(raw)
     model = inference.load_model(model_path)
     errors, slices = [], []
     for patient in patients:
         rows = frame[frame["patient"] == patient].reset_index(drop=True)  # in slice order
         if rows.empty:
-            raise SystemExit(f"{name}: validation patient {patient} is not in {data}")
+            raise SystemExit(f"{name}: validation patient {patient} is not in {raw.label()}")
         images, masks, _ = index.load_slices(raw, rows, progress=False)
         pred = inference.predict_probs(model, images) > threshold
         table = slice_table(masks > 0, pred).assign(run=name, patient=patient)
@@ -150,24 +142,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", type=Path, help="Kaggle-layout zip or folder (default: each run's data.archive)")
     parser.add_argument("--worst", type=int, default=8, help="patients listed, worst first")
     args = parser.parse_args(argv)
-    found = dict(experiments(args.repo))
+    from stages import index, rawdata
+
+    sources = {}  # data path -> (raw, its pair_slices table): each archive opened and listed once
     errors, slices = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.exp:
-            if name not in found:
-                raise SystemExit(f"{args.repo}: no experiment named {name} (`dvc exp show` lists them)")
-            params = yaml.safe_load(git_show(args.repo, found[name], "params.yaml") or "{}")
-            csv = git_show(args.repo, found[name], "metrics/per_patient_validation.csv")
-            if csv is None:
-                raise SystemExit(f"{name}: no metrics/per_patient_validation.csv (a run from before it was written)")
-            model = cached_model(args.repo, model_hash(yaml.safe_load(git_show(args.repo, found[name], "dvc.lock"))),
-                                 Path(tmp))
-            patients = pd.read_csv(io.StringIO(csv))["patient"].tolist()
+        for name, rev in commits(args.repo, args.exp).items():
+            params, validation = run_files(args.repo, name, rev)
+            lock = yaml.safe_load(git_show(args.repo, rev, "dvc.lock"))
+            model = cached_model(args.repo, model_hash(lock), Path(tmp))
+            data = data_path(params, args.data, name)
+            if data not in sources:
+                raw = rawdata.open_raw(data)
+                sources[data] = raw, index.pair_slices(raw)[0]
             threshold = float(params.get("evaluate", {}).get("threshold", 0.5))
-            e, s = segment_patients(model, data_path(params, args.data, name), patients, threshold, name)
+            e, s = segment_patients(model, *sources[data], validation["patient"].tolist(), threshold, name)
             errors.append(e)
             slices.append(s)
-            print(f"{name}: {len(patients)} validation patients segmented", flush=True)
+            print(f"{name}: {len(validation)} validation patients segmented", flush=True)
     errors, slices = pd.concat(errors, ignore_index=True), pd.concat(slices, ignore_index=True)
     dice = volume_dice(errors)
     print(f"\n{len(errors)} validation patients of {len(args.exp)} runs, threshold only: mean per-volume Dice "

@@ -24,6 +24,11 @@ def _overlap(y_true, y_pred):
     return tp, fn, fp
 
 
+def _pixel_bce(y_true, y_pred):
+    """Binary cross-entropy, the mean over every pixel of the batch."""
+    return ops.mean(keras.losses.binary_crossentropy(ops.cast(y_true, "float32"), ops.cast(y_pred, "float32")))
+
+
 def tversky_index(tp, fn, fp, alpha, beta, smooth=SMOOTH):
     """TI = (TP + s) / (TP + alpha*FN + beta*FP + s); alpha = beta = 0.5 gives the Dice coefficient."""
     return (tp + smooth) / (tp + alpha * fn + beta * fp + smooth)
@@ -62,8 +67,7 @@ class FocalTverskyBCE(FocalTversky):
         super().__init__(alpha, beta, gamma, smooth, name=name, **kwargs)
 
     def call(self, y_true, y_pred):
-        bce = ops.mean(keras.losses.binary_crossentropy(ops.cast(y_true, "float32"), ops.cast(y_pred, "float32")))
-        return super().call(y_true, y_pred) + bce
+        return super().call(y_true, y_pred) + _pixel_bce(y_true, y_pred)
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -89,8 +93,7 @@ class BCEDice(DiceLoss):
         super().__init__(smooth=smooth, name=name, **kwargs)
 
     def call(self, y_true, y_pred):
-        bce = ops.mean(keras.losses.binary_crossentropy(ops.cast(y_true, "float32"), ops.cast(y_pred, "float32")))
-        return bce + super().call(y_true, y_pred)
+        return _pixel_bce(y_true, y_pred) + super().call(y_true, y_pred)
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)

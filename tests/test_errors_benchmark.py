@@ -56,3 +56,31 @@ def test_the_model_comes_from_the_dvc_cache_by_the_locks_hash(tmp_path):
     assert errors.cached_model(tmp_path, md5, tmp_path).name == f"{md5}.keras"
     with pytest.raises(SystemExit, match="pass --data"):
         errors.data_path({"data": {"source": "kaggle"}}, None, "run")
+
+
+def test_patients_are_read_from_the_source_and_every_pixel_is_accounted_for(synthetic_root, tmp_path):
+    """The real path on the synthetic data set: slices in volume order, every true pixel either found or missed,
+    every predicted pixel either right or a false positive."""
+    import keras
+
+    from stages import index, rawdata
+
+    inputs = keras.Input((32, 32, 3))
+    conv = keras.layers.Conv2D(1, 1, activation="sigmoid")
+    model = keras.Model(inputs, conv(inputs), name="unet")
+    conv.set_weights([np.array([-40.0, 40.0, 0.0], np.float32).reshape(1, 1, 3, 1), np.array([-2.0], np.float32)])
+    model.save(tmp_path / "m.keras")
+    raw = rawdata.open_raw(synthetic_root)
+    frame = index.pair_slices(raw)[0]
+    patients = sorted(frame["patient"].unique())[:2]
+    per_patient, slices = errors.segment_patients(tmp_path / "m.keras", raw, frame, patients, 0.5, "run")
+    assert per_patient["patient"].tolist() == patients and len(slices) == (frame["patient"].isin(patients)).sum()
+    _, masks, _ = index.load_slices(raw, frame[frame["patient"] == patients[0]].reset_index(drop=True),
+                                    progress=False)
+    first = per_patient.iloc[0]
+    assert first["true"] == masks.sum() > 0
+    assert first["tp"] + first["fn_missed_slices"] + first["fn_found_slices"] == first["true"]
+    assert slices[slices["patient"] == patients[0]]["true"].tolist() == masks.sum(axis=(1, 2)).tolist()
+    assert (slices["pred"] >= slices["tp"]).all() and slices["pred"].sum() > 0
+    with pytest.raises(SystemExit, match="TCGA_XX_0000 is not in"):
+        errors.segment_patients(tmp_path / "m.keras", raw, frame, ["TCGA_XX_0000"], 0.5, "run")
