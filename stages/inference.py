@@ -237,6 +237,11 @@ def volume_normalised(model: keras.Model) -> bool:
     return any(type(layer).__name__ == "VolumeDecode" for layer in model.layers)
 
 
+def slice_positioned(model: keras.Model) -> bool:
+    """Whether the model takes each slice's place in its volume as a fourth channel (train.slice_position)."""
+    return any(type(layer).__name__ == "SplitPosition" for layer in model.layers)
+
+
 def predict_probs(model: keras.Model, images: np.ndarray, batch_size: int = 32, tta_flip: bool = False,
                   progress: bool = False, engine: str = "auto", patients=None) -> np.ndarray:
     """Tumour probabilities for uint8 slices (N,H,W,3) (or one slice (H,W,3), returned as N=1).
@@ -245,22 +250,26 @@ def predict_probs(model: keras.Model, images: np.ndarray, batch_size: int = 32, 
     tta_flip averages with the prediction on the left-right mirrored slices (mirrored back):
     0.5 * (p(x) + flip(p(flip(x)))). `engine`: auto | keras | litert (see the module's docstring).
     A model trained with `train.input_norm: volume` gets each patient's slices standardised together
-    (`patients`: one id per slice; None: all the slices are one patient's).
+    (`patients`: one id per slice; None: all the slices are one patient's). A model trained with
+    `train.slice_position` gets each slice's place in its patient's volume, which assumes every patient's
+    slices are all there, in slice order (a lone slice is placed in the middle: preprocess.slice_positions).
     """
     images = np.asarray(images)
     if images.ndim == 3:
         images = images[None]
     if images.ndim != 4 or images.shape[-1] != 3:
         raise BrainsegError(f"expected RGB slices shaped (N,H,W,3), got {images.shape}")
+    ids = np.zeros(len(images)) if patients is None else np.asarray(patients)
+    if len(ids) != len(images):
+        raise BrainsegError(f"{len(ids)} patient ids for {len(images)} slices")
     if volume_normalised(model):
-        ids = np.zeros(len(images)) if patients is None else np.asarray(patients)
-        if len(ids) != len(images):
-            raise BrainsegError(f"{len(ids)} patient ids for {len(images)} slices")
         standardised = np.empty_like(images)
         for patient in dict.fromkeys(ids):
             rows = np.flatnonzero(ids == patient)
             standardised[rows] = preprocess.standardise_volume(images[rows])
         images = standardised
+    if slice_positioned(model):
+        images = preprocess.add_position(images, preprocess.slice_positions(ids))
     probs = _predict(model, images, batch_size, progress, engine)
     if tta_flip:
         flipped = _predict(model, images[:, :, ::-1], batch_size, progress, engine)

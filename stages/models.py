@@ -67,6 +67,15 @@ class VolumeDecode(layers.Layer):
         return (x * 255.0 - Z_ZERO) / Z_STEP * head
 
 
+@keras.saving.register_keras_serializable(package="brainseg")
+class SplitPosition(layers.Layer):
+    """(H, W, 4) inputs -> the slice's three channels and the plane holding its place in the volume
+    (preprocess.add_position). Its presence tells inference to add that plane."""
+
+    def call(self, x):
+        return x[..., :3], x[..., 3:]
+
+
 # ---------------------------------------------------------------- shared blocks
 
 def conv_bn_relu(x, filters, kernel_size=3, dilation_rate=1):
@@ -243,12 +252,16 @@ BUILDERS = {"unet": unet, "resunet": resunet, "efficientunet": efficientunet, "d
             "cnn": cnn, "xception": xception}
 
 
+POSITION_MODELS = ("unet", "resunet", "cnn")  # the others' ImageNet encoders take exactly three channels
+
+
 def build_model(name: str, input_shape=(128, 128, 3), filters: int = 16, weights: str | None = None,
-                input_norm: str | None = None) -> keras.Model:
+                input_norm: str | None = None, slice_position: bool = False) -> keras.Model:
     """A freshly initialised `name` model (model.name == name). `weights` ("imagenet" or None) only
     concerns the pretrained encoders of efficientunet, doubleunet and xception. `input_norm="slice"` puts
     BrainStandardise in front of the network, `"volume"` VolumeDecode (ImageNet encoders then no longer see the
-    range they expect)."""
+    range they expect). `slice_position` adds a fourth input channel, the slice's place in the volume, which
+    bypasses the normalisation and joins the normalised slice at the network's first layer."""
     if name not in BUILDERS:
         raise BrainsegError(f"params.yaml: model '{name}' is not one of {SEGMENTERS + CLASSIFIERS}; "
                             "set it with `dvc exp run -S model=unet`")
@@ -259,10 +272,17 @@ def build_model(name: str, input_shape=(128, 128, 3), filters: int = 16, weights
                             "fix image_size in params.yaml's profiles")
     if input_norm not in (None, "none", "slice", "volume"):
         raise BrainsegError(f"params.yaml: train.input_norm '{input_norm}' is not none, slice or volume")
-    inputs = keras.Input(tuple(input_shape), name="image")
+    if slice_position and name not in POSITION_MODELS:
+        raise BrainsegError(f"params.yaml: train.slice_position works with {', '.join(POSITION_MODELS)}, not "
+                            f"{name}; set `-S train.slice_position=false`")
+    inputs = keras.Input((height, width, 4 if slice_position else 3), name="image")
     x = inputs
+    if slice_position:
+        x, position = SplitPosition(dtype="float32", name="slice_position")(inputs)
     if input_norm == "slice":
-        x = BrainStandardise(dtype="float32", name="standardise")(inputs)
+        x = BrainStandardise(dtype="float32", name="standardise")(x)
     elif input_norm == "volume":
-        x = VolumeDecode(dtype="float32", name="volume_decode")(inputs)
+        x = VolumeDecode(dtype="float32", name="volume_decode")(x)
+    if slice_position:
+        x = layers.Concatenate(name="with_position")([x, position])
     return keras.Model(inputs, BUILDERS[name](x, filters=filters, weights=weights), name=name)

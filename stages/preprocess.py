@@ -82,3 +82,28 @@ def standardise_volume(images: np.ndarray, stats=None) -> np.ndarray:
     table = np.clip(np.rint(Z_ZERO + Z_STEP * z), 1, 255).astype(np.uint8)  # one lookup per channel
     coded = cv2.LUT(flat, table.reshape(1, 256, 3))
     return cv2.bitwise_and(coded, coded, mask=head).reshape(images.shape)
+
+
+def slice_positions(patients) -> np.ndarray:
+    """Each slice's place in its patient's volume, 0 (the lowest slice: Kaggle numbers them from the bottom of
+    the head) to 1 (the top), from one id per slice with each patient's slices in slice order; a patient of a
+    single slice gets 0.5, the middle, since nothing says where it lies."""
+    ids = np.asarray(patients)
+    positions = np.full(len(ids), 0.5, np.float32)
+    for patient in dict.fromkeys(ids.tolist()):
+        rows = np.flatnonzero(ids == patient)
+        if len(rows) > 1:
+            positions[rows] = np.arange(len(rows)) / (len(rows) - 1)
+    return positions
+
+
+def add_position(images: np.ndarray, positions) -> np.ndarray:
+    """uint8 slices (N,H,W,3) with a fourth channel, constant over each slice: its place in the volume (0-1,
+    slice_positions) as uint8 0-255, so resizing, augmented copies and batches treat it like the pixels."""
+    images = np.asarray(images)
+    positions = np.asarray(positions, np.float32)
+    if len(positions) != len(images):
+        raise ValueError(f"{len(positions)} slice positions for {len(images)} slices")
+    plane = np.broadcast_to(np.rint(255 * np.clip(positions, 0, 1)).astype(np.uint8)[:, None, None, None],
+                            (*images.shape[:3], 1))
+    return np.concatenate([images, plane], axis=-1)

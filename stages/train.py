@@ -23,8 +23,8 @@ from stages import prepared
 from stages.common import BrainsegError, load_params, run_main, train_config, write_json
 from stages.losses import get_loss, segmentation_metrics
 from stages.models import CLASSIFIERS, build_model
-from stages.preprocess import (mask_to_model_size, resize_images, standardise_volume, to_model_input,
-                               volume_stats)
+from stages.preprocess import (add_position, mask_to_model_size, resize_images, slice_positions,
+                               standardise_volume, to_model_input, volume_stats)
 
 if TYPE_CHECKING:  # TensorFlow is imported where used: JAX / PyTorch machines may not have it
     import tensorflow as tf
@@ -52,7 +52,7 @@ def main() -> None:
 
 def make_datasets(data_dir: Path, image_size: int, batch_size: int, classifier: bool = False,
                   tumour_slices_only: bool = False, seed: int = 0, outputs: int = 1,
-                  augment: dict | None = None, input_norm: str | None = None):
+                  augment: dict | None = None, input_norm: str | None = None, slice_position: bool = False):
     """Batched (train, val) tf.data datasets of model-size inputs and targets, plus the training slice count.
 
     Slices are resized once here, a chunk at a time, and kept as uint8 (masks as float16: the soft edges of
@@ -63,6 +63,8 @@ def make_datasets(data_dir: Path, image_size: int, batch_size: int, classifier: 
     `augment` (params.yaml's train.augment) transforms training batches anew each epoch: see augmenter().
     `input_norm: volume` standardises each patient's slices first (its copies with its originals' statistics,
     stages.preprocess.standardise_volume), so that split is held once at full size before it is resized.
+    `slice_position` adds each slice's place in its patient's volume as a fourth channel (an augmented copy
+    takes its source's: table_positions).
     On a Keras backend other than TensorFlow (JAX, PyTorch: a GPU machine without TensorFlow), the same batches
     come from SliceBatches instead of tf.data.
     """
@@ -79,7 +81,9 @@ def make_datasets(data_dir: Path, image_size: int, batch_size: int, classifier: 
                 x[rows] = standardise_volume(x[rows], volume_stats(x[originals]))
             x, y = to_model_size(x, y)
         else:
-            x, y, _ = prepared.load_split(data_dir, split, transform=to_model_size)
+            x, y, table = prepared.load_split(data_dir, split, transform=to_model_size)
+        if slice_position:
+            x = add_position(x, table_positions(table))
         tumour = y.max(axis=tuple(range(1, y.ndim))) > 0  # works on an empty split too
         if split == "train" and tumour_slices_only:
             keep = np.flatnonzero(tumour)
@@ -109,6 +113,22 @@ def make_datasets(data_dir: Path, image_size: int, batch_size: int, classifier: 
             ds = ds.map(lambda image, target: (image, (target,) * outputs))
         datasets.append(ds.prefetch(tf.data.AUTOTUNE))
     return *datasets, n_train
+
+
+def table_positions(table) -> np.ndarray:
+    """preprocess.slice_positions for a prepared split's rows: the place of each slice among its patient's
+    original slices, by slice number (copies come after the originals and keep their source's number)."""
+    positions = np.empty(len(table), np.float32)
+    numbers = table["slice"].to_numpy()
+    originals = table["copy"].to_numpy() < 0
+    for _, rows in table.reset_index(drop=True).groupby("patient").indices.items():
+        own = np.sort(numbers[rows[originals[rows]]])
+        if len(own) == 0:
+            raise BrainsegError(f"patient {table['patient'].iloc[rows[0]]} has augmented copies but no original "
+                                "slices in its split. Fix: run `dvc repro balance --force`")
+        place = np.searchsorted(own, numbers[rows]).clip(0, len(own) - 1)
+        positions[rows] = slice_positions(np.zeros(len(own)))[place]
+    return positions
 
 
 class SliceBatches(keras.utils.PyDataset):
@@ -317,10 +337,12 @@ def train(name: str, cfg: dict, seed: int = 42, data_dir: Path = DATA, model_pat
     keras.mixed_precision.set_global_policy(cfg.get("mixed_precision") or "float32")
     try:
         with strategy_scope(strategy):
-            model = build_model(name, (size, size, 3), cfg["filters"], cfg.get("weights"), cfg.get("input_norm"))
+            model = build_model(name, (size, size, 3), cfg["filters"], cfg.get("weights"), cfg.get("input_norm"),
+                                bool(cfg.get("slice_position")))
             train_ds, val_ds, n_train = make_datasets(Path(data_dir), size, batch, name in CLASSIFIERS,
                                                       cfg.get("tumour_slices_only", False), seed, len(model.outputs),
-                                                      cfg.get("augment"), cfg.get("input_norm"))
+                                                      cfg.get("augment"), cfg.get("input_norm"),
+                                                      bool(cfg.get("slice_position")))
             compile_model(model, cfg, math.ceil(n_train / batch))
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)

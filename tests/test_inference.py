@@ -237,3 +237,21 @@ def test_a_volume_normalised_model_standardises_each_patient_on_its_own():
     assert np.abs(per_patient[3:] - alone).max() < 0.05  # scale removed, up to the uint8 coding
     pooled = inference.predict_probs(model, both, engine="keras")  # one volume: A's statistics are mixed with B's
     assert not np.allclose(pooled[:3], alone, atol=1e-3)
+
+
+@pytest.mark.parametrize("engine", ["keras", "litert"])
+def test_a_slice_position_model_gets_each_slice_place_in_its_own_patients_volume(engine):
+    from stages import preprocess
+    from stages.models import build_model
+    model = build_model("unet", (32, 32, 3), 4, input_norm="volume", slice_position=True)
+    assert inference.slice_positioned(model) and not inference.slice_positioned(build_model("unet", (32, 32, 3), 4))
+    images = np.random.default_rng(0).integers(20, 250, (5, 32, 32, 3), dtype=np.uint8)
+    ids = ["A"] * 3 + ["B"] * 2
+    probs = inference.predict_probs(model, images, engine=engine, patients=ids)
+    x = np.concatenate([preprocess.standardise_volume(images[:3]), preprocess.standardise_volume(images[3:])])
+    x = preprocess.add_position(x, [0, 0.5, 1, 0, 1])
+    expected = keras.ops.convert_to_numpy(model(preprocess.to_model_input(x, 32)))[..., 0]
+    assert np.allclose(probs, expected, atol=1e-5)
+    # the same pixels placed elsewhere in the volume give another prediction: the position reaches the network
+    moved = inference.predict_probs(model, images[::-1], engine=engine, patients=ids)[::-1]
+    assert not np.allclose(moved, probs, atol=1e-4)

@@ -116,3 +116,18 @@ def test_volume_decode_gives_z_scores_inside_the_head_and_zero_outside():
     code = np.array([[0, 0, 0], [128, 160, 96], [5, 5, 200]], np.float32).reshape(1, 1, 3, 3) / 255
     z = np.asarray(VolumeDecode()(code))[0, 0]
     np.testing.assert_allclose(z, [[0, 0, 0], [0, 1, -1], [(5 - 128) / 32, (5 - 128) / 32, 72 / 32]], atol=1e-5)
+
+
+def test_slice_position_model_normalises_only_the_slice_and_reloads_in_safe_mode(tmp_path):
+    model = build_model("unet", (32, 32, 3), filters=4, input_norm="volume", slice_position=True)
+    assert model.input_shape == (None, 32, 32, 4)
+    x = np.random.default_rng(1).random((2, 32, 32, 4), dtype=np.float32)
+    split = keras.Model(model.input, model.get_layer("with_position").output)(x)
+    decode = keras.ops.convert_to_numpy(model.get_layer("volume_decode")(x[..., :3]))
+    np.testing.assert_allclose(split[..., :3], decode, atol=1e-6)
+    np.testing.assert_allclose(split[..., 3], x[..., 3], atol=1e-6)  # the position is passed on as it came
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras", safe_mode=True)
+    np.testing.assert_allclose(model(x), loaded(x), atol=1e-6)
+    with pytest.raises(BrainsegError, match="slice_position works with unet, resunet, cnn"):
+        build_model("efficientunet", (32, 32, 3), filters=4, slice_position=True)

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from stages.preprocess import standardise_volume, volume_stats
 
@@ -34,3 +35,21 @@ def test_standardise_volume_ignores_a_linear_change_of_scanner_scale():
     dimmer = (images // 2).astype(np.uint8)
     dimmer[:, :4] = 0
     assert np.abs(decoded(standardise_volume(dimmer)[:, 4:]) - decoded(standardise_volume(images)[:, 4:])).max() < 0.1
+
+
+def test_slice_positions_run_bottom_to_top_per_patient_and_a_lone_slice_sits_in_the_middle():
+    from stages.preprocess import slice_positions
+    positions = slice_positions(["a", "a", "a", "b", "c", "c"])
+    assert np.allclose(positions, [0, 0.5, 1, 0.5, 0, 1])
+
+
+def test_add_position_appends_a_constant_uint8_plane_and_keeps_the_pixels():
+    from stages.preprocess import add_position, resize_images
+    images = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    out = add_position(images, [0.0, 0.5, 1.0])
+    assert out.dtype == np.uint8 and out.shape == (3, 8, 8, 4)
+    assert np.array_equal(out[..., :3], images)
+    assert [np.unique(p).tolist() for p in out[..., 3]] == [[0], [128], [255]]
+    assert np.array_equal(resize_images(out, 4)[..., 3], out[:, :4, :4, 3])  # resizing keeps the plane
+    with pytest.raises(ValueError, match="2 slice positions for 3 slices"):
+        add_position(images, [0.0, 1.0])

@@ -361,3 +361,24 @@ def test_main_trains_without_dvclive_where_it_is_not_installed(prepared, cfg, tm
     monkeypatch.setattr(train_stage, "SOURCE", tmp_path / "missing.json")
     train_stage.main()
     assert seen == {"live": None} and "dvclive is not installed" in capsys.readouterr().out
+
+
+def test_slice_position_channel_gives_each_slice_and_its_copies_their_place_in_the_volume(prepared):
+    from stages.train import table_positions
+    table = pd.DataFrame({"patient": ["B", "A", "A", "A", "B", "A", "B"], "slice": [2, 1, 2, 3, 1, 2, 2],
+                          "copy": [-1, -1, -1, -1, -1, 0, 1]})  # the last two: copies of A's and B's slice 2
+    assert np.allclose(table_positions(table), [1, 0, 0.5, 1, 0, 0.5, 1])
+    x, _ = next(iter(make_datasets(prepared, 32, 16, slice_position=True, input_norm="volume")[1]))
+    assert x.shape[-1] == 4
+    plane = np.asarray(x[..., 3])
+    assert np.allclose(plane, np.round(255 * np.arange(4) / 3)[:, None, None] / 255)  # val: 4 slices, in order
+    plain, _ = next(iter(make_datasets(prepared, 32, 16, input_norm="volume")[1]))
+    assert np.array_equal(np.asarray(x[..., :3]), np.asarray(plain))  # the pixels are untouched
+
+
+def test_train_with_slice_position_saves_a_four_channel_model(prepared, cfg, tmp_path):
+    model_path = tmp_path / "model.keras"
+    train("unet", {**cfg, "slice_position": True}, 0, prepared, model_path, None)
+    from stages.inference import load_model, slice_positioned
+    model = load_model(model_path)
+    assert model.input_shape[-1] == 4 and slice_positioned(model)
