@@ -5,7 +5,8 @@ float32 sigmoid, so mixed precision never reaches the probabilities. Segmenters 
 probability map; `doubleunet` outputs [mask1, mask2] and its prediction is mask2. Classifiers output (1,),
 the probability that the slice shows tumour. Pretrained encoders receive the input range their ImageNet
 weights expect through Rescaling layers, never Lambda layers, so saved models load with safe_mode=True
-once this module is imported (it registers the custom layer and, via stages.losses, the losses).
+once this module is imported (it registers the custom layers and, via stages.losses, the losses). With
+`slice_position`, unet, resunet and cnn take (H, W, 4): the fourth channel is the slice's place in its volume.
 """
 from __future__ import annotations
 
