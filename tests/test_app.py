@@ -110,6 +110,23 @@ def test_a_volume_normalised_model_sees_the_patients_uploads_together():
     assert not np.isclose(results[0]["probability"], alone.max(), atol=1e-4)
 
 
+def test_a_slice_position_model_places_a_patients_uploads_in_slice_order_and_a_lone_upload_in_the_middle():
+    from app.streamlit_app import segment_uploads
+    from stages.inference import predict_probs
+    from stages.models import build_model
+
+    model = build_model("unet", (32, 32, 3), 4, input_norm="volume", slice_position=True)
+    slices = np.random.default_rng(1).integers(0, 250, (4, 32, 32, 3), dtype=np.uint8)
+    names = [f"TCGA_CS_4941_19960909_{n}.tif" for n in (3, 1, 2)] + ["own.png"]
+    params = {**load_params("evaluate"), "threshold": 0.5, "largest_3d": False, "min_component": 0,
+              "tta_flip": False, "engine": "keras"}
+    results = segment_uploads(model, list(zip(names, slices)), params)
+    volume = predict_probs(model, slices[[1, 2, 0]], engine="keras")  # positions 0, 0.5, 1 in slice order
+    assert np.allclose([r["probability"] for r in results[:3]], volume[[2, 0, 1]].max(axis=(1, 2)), atol=1e-6)
+    assert [r["placed_in_middle"] for r in results] == [False, False, False, True]
+    assert np.isclose(results[3]["probability"], predict_probs(model, slices[3:], engine="keras").max(), atol=1e-6)
+
+
 @pytest.mark.parametrize("name,data,reason", [
     ("x.png", b"<html>not an image</html>", "readable"),
     ("x.pdf", b"%PDF-1.4", "suffix"),

@@ -43,6 +43,18 @@ def test_false_positives_are_placed_by_tenth_of_the_volume():
     assert table.loc[1].tolist() == [1, 0, 0, 1, 3]
 
 
+def test_a_cut_below_a_position_removes_the_low_slices_predictions_and_rescores():
+    slices = errors.slice_table(*volume()).assign(run="r", patient="p")
+    table = errors.below_cut(slices, cuts=(0.2, 0.5)).set_index("below position")
+    assert table.loc[0.0, "mean per-volume Dice"] == pytest.approx(4 / 12)  # nothing removed: as segmented
+    # slice 0 (position 0) holds the 2 false positives on a tumour-free slice: 2TP / (7 true + 3 predicted)
+    assert table.loc[0.2, "predicted pixels removed"] == 2 and table.loc[0.2, "of them tumour"] == 0
+    assert table.loc[0.2, "mean per-volume Dice"] == pytest.approx(4 / 10)
+    # below 0.5 also takes slice 1, whose 3 predicted pixels hold 2 of the true positives
+    assert table.loc[0.5, "predicted pixels removed"] == 5 and table.loc[0.5, "of them tumour"] == 2
+    assert table.loc[0.5, "mean per-volume Dice"] == 0.0
+
+
 def test_the_model_comes_from_the_dvc_cache_by_the_locks_hash(tmp_path):
     md5 = "a182944097733f98d8ea8117c918689c"
     lock = {"stages": {"index": {"outs": [{"path": "data/index.csv", "md5": "x"}]},

@@ -239,3 +239,22 @@ def test_cli_masks_equal_evaluation_masks_on_dev_slices(dev_zip, tmp_path, model
         assert pred.loc[file, "area"] == mask.sum()
         assert pred.loc[file, "tumour"] == (mask.sum() >= params["detection_min_area"])  # evaluation's rule
     assert 0 < pred["area"].sum() < pred.shape[0] * 256 * 256, "a trivial all-or-nothing mask proves nothing"
+
+
+def test_cli_says_when_a_slice_position_model_gets_slices_it_cannot_place(tmp_path, capsys):
+    import keras
+
+    from stages.models import build_model
+
+    keras.utils.set_random_seed(0)
+    path = tmp_path / "positioned.keras"
+    build_model("unet", (64, 64, 3), filters=4, input_norm="volume", slice_position=True).save(path)
+    src = tmp_path / "in"
+    src.mkdir()
+    for n in (1, 2):
+        tifffile.imwrite(src / f"TCGA_HT_7602_19951103_{n}.tif", slice_image(n))
+    assert main([str(src), "--model", str(path), "--out", str(tmp_path / "a"), "--no-progress"]) == EXIT_OK
+    assert "middle of the head" not in capsys.readouterr().err  # a patient's volume: every slice placed
+    write_png(src / "scan.png", slice_image(3))
+    assert main([str(src), "--model", str(path), "--out", str(tmp_path / "b"), "--no-progress"]) == EXIT_OK
+    assert "1 slice(s) without a Kaggle name were taken to lie in the middle of the head" in capsys.readouterr().err
