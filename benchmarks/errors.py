@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     print(markdown(worst[["run", "patient", "dice", "true", "tp", *KINDS]]))
     print("\nby tenth of the volume (0: first slices, the bottom of the head in Kaggle's numbering)")
     print(markdown(by_position(slices)))
-    print("\nwith every prediction below a position removed (a fixed prior, not a post-processing step of the pipeline)")
+    print("\nwith every prediction below a position removed (a fixed prior, not a step of the pipeline)")
     print(markdown(below_cut(slices)))
 
 
