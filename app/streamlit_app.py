@@ -76,7 +76,8 @@ def segment_uploads(model, named_images: list[tuple[str, object]], params_evalua
         images = np.stack([named_images[i][1] for i in group])
         patient = kaggle_slice(Path(named_images[group[0]][0]).name)
         patients = [patient[0] if patient else named_images[group[0]][0]] * len(group)
-        for i, result in zip(group, analyse(model, images, params_evaluate, patients)):
+        numbers = [kaggle_slice(Path(named_images[i][0]).name)[1] for i in group] if patient else None
+        for i, result in zip(group, analyse(model, images, params_evaluate, patients, numbers)):
             results[i] = page_result(named_images[i][0], named_images[i][1], result, len(group), positioned)
     return results
 

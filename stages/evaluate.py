@@ -70,7 +70,8 @@ def compare_settings(params: dict) -> dict[str, dict]:
 
 def _key(settings: dict) -> tuple:
     return (settings.get("threshold", 0.5), int(settings.get("min_component") or 0),
-            bool(settings.get("largest_3d")), bool(settings.get("tta_flip")))
+            float(settings.get("min_position") or 0), bool(settings.get("largest_3d")),
+            bool(settings.get("tta_flip")))
 
 
 def _representative(truth: np.ndarray, pred: np.ndarray) -> int:
@@ -153,7 +154,8 @@ def _segmenter_summary(counts: dict[str, list], params: dict) -> tuple[dict, pd.
     configured = frames.pop("headline")
     result = metrics.segmentation_scores(configured)
     result["postprocess"] = {
-        **{k: params.get(k) for k in ("threshold", "min_component", "largest_3d", "tta_flip", "detection_min_area")},
+        **{k: params.get(k) for k in ("threshold", "min_component", "min_position", "largest_3d", "tta_flip",
+                                      "detection_min_area")},
         "compare_min_component": compare_settings(params)["min_component"]["min_component"]}
     result["postprocess_compare"] = {}
     for name, frame in frames.items():

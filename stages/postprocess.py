@@ -1,9 +1,10 @@
 """Probability maps -> binary tumour masks, driven by the `evaluate` section of params.yaml.
 
-Steps, in order (each one off by default so that `dvc exp run -S evaluate.KEY=VALUE` measures it):
-threshold -> drop small 2D components (`min_component`) -> keep the largest 3D component per patient
-(`largest_3d`). Test-time flip averaging (`tta_flip`) happens before, in stages.inference, because it
-needs the model.
+Steps, in order (each one off when its key is 0 / false, so `dvc exp run -S evaluate.KEY=VALUE` measures it):
+threshold -> drop small 2D components (`min_component`) -> drop every prediction on the slices in the lowest
+part of each patient's volume (`min_position`, on by default: 0.2, where no training tumour lies) -> keep the
+largest 3D component per patient (`largest_3d`). Test-time flip averaging (`tta_flip`) happens before, in
+stages.inference, because it needs the model.
 """
 from __future__ import annotations
 
@@ -69,6 +70,19 @@ def largest_3d_per_patient(masks: np.ndarray, patients=None) -> np.ndarray:
     return out
 
 
+def drop_low_slices(masks: np.ndarray, patients, min_position: float) -> np.ndarray:
+    """Empty the slices that lie below `min_position` of their patient's volume (0 the lowest slice, 1 the top:
+    stages.preprocess.slice_positions; a patient's rows in slice order). With patients=None, or for a patient of
+    one slice, nothing says where a slice lies and nothing is dropped."""
+    masks = np.asarray(masks, dtype=bool)
+    if patients is None or not min_position:
+        return masks
+    from stages.preprocess import slice_positions
+
+    low = slice_positions(patients) < min_position
+    return np.where(low[:, None, None], False, masks) if low.any() else masks
+
+
 def tumour_present(masks: np.ndarray, params: dict) -> np.ndarray:
     """Slice-level detection from masks (N,H,W): True where the predicted area is non-zero and reaches
     `detection_min_area`, given in pixels of a 256x256 slice and scaled to the slices' size."""
@@ -81,11 +95,12 @@ def tumour_present(masks: np.ndarray, params: dict) -> np.ndarray:
 def postprocess(probs: np.ndarray, params: dict, patients=None) -> np.ndarray:
     """Probability maps (N,H,W) -> bool masks (N,H,W) with the steps `params` (the evaluate section) turns on.
 
-    Keys used: threshold (default 0.5), min_component (pixels, 0 = off), largest_3d (bool).
-    See largest_3d_per_patient for `patients`.
+    Keys used: threshold (default 0.5), min_component (pixels, 0 = off), min_position (0-1, 0 = off),
+    largest_3d (bool). See largest_3d_per_patient for `patients`.
     """
     masks = threshold(probs, params.get("threshold", 0.5))
     masks = remove_small_components(masks, int(params.get("min_component", 0) or 0))
+    masks = drop_low_slices(masks, patients, float(params.get("min_position", 0) or 0))
     if params.get("largest_3d", False):
         masks = largest_3d_per_patient(masks, patients)
     return masks

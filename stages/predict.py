@@ -82,15 +82,29 @@ def write_bytes(dest: Path, data: bytes) -> None:
 
 # ---------------------------------------------------------------- prediction (shared with the app)
 
-def analyse(model, images: np.ndarray, params_evaluate: dict, patients=None) -> list[dict]:
+MIN_VOLUME_SLICES = 20  # the fewest slices of any Kaggle volume
+
+
+def whole_volume(numbers) -> bool:
+    """Whether Kaggle slice numbers (in order) are a whole volume: 1, 2, ..., n with n >= MIN_VOLUME_SLICES."""
+    return numbers is not None and len(numbers) >= MIN_VOLUME_SLICES and list(numbers) == list(
+        range(1, len(numbers) + 1))
+
+
+def analyse(model, images: np.ndarray, params_evaluate: dict, patients=None, numbers=None) -> list[dict]:
     """Segment same-sized uint8 slices (N,H,W,3) -> per slice: mask (uint8 0/255), tumour, area, max_probability.
 
     `patients` (one id per slice) keeps evaluate.largest_3d from joining slices of different patients.
+    `numbers`: the slices' Kaggle numbers; evaluate.min_position, which places each slice in its patient's
+    volume, applies only where they are a whole volume (whole_volume): a few uploaded slices of a patient would
+    otherwise lose their lowest ones.
     A classifier model gives no mask: mask and area are None, tumour is its probability above the threshold.
     """
     from stages.inference import segment  # TensorFlow loads only when a prediction is made
     from stages.postprocess import tumour_present
 
+    if params_evaluate.get("min_position") and not whole_volume(numbers):
+        params_evaluate = {**params_evaluate, "min_position": 0}
     masks, probs = segment(model, images, params_evaluate, patients=patients)
     masks, probs = np.asarray(masks), np.asarray(probs)
     if masks.ndim == 1:
@@ -220,7 +234,8 @@ def predict_slices(model, slices: list[Slice], out: Path, params_evaluate: dict,
         for members in by_shape.values():
             images = np.stack([image for _, image in members])
             patients = [item.patient or item.file for item, _ in members]
-            for (item, image), result in zip(members, analyse(model, images, params_evaluate, patients)):
+            numbers = [item.number for item, _ in members] if all(item.patient for item, _ in members) else None
+            for (item, image), result in zip(members, analyse(model, images, params_evaluate, patients, numbers)):
                 name, files = names[item.file], {"mask": "", "overlay": ""}
                 if result["mask"] is not None:  # a classifier says only whether there is a tumour
                     files = {"mask": f"masks/{name}.tif", "overlay": f"overlays/{name}.png"}

@@ -80,3 +80,20 @@ def test_serving_settings_follow_the_evaluation_choice(tmp_path):
     assert serving_settings({**params, "choose_on_validation": False}, eval_json)["tta_flip"] is False
     eval_json.write_text(json.dumps({"classifier_accuracy": 0.9, "postprocess": {"threshold": 0.5}}))
     assert serving_settings(params, eval_json) == params
+
+
+def test_min_position_empties_each_patients_lowest_slices_before_largest_3d():
+    from stages.postprocess import drop_low_slices, postprocess
+    probs = np.zeros((6, 4, 4), np.float32)
+    probs[:, 1:3, 1:3] = 0.9  # a prediction on every slice
+    probs[0, :, :] = 0.9      # patient A's lowest slice: a large false positive
+    patients = ["A"] * 4 + ["B"] * 2
+    masks = drop_low_slices(probs > 0.5, patients, 0.3)
+    # A's slices sit at 0, 1/3, 2/3, 1 and B's at 0, 1: only each one's lowest slice is below 0.3
+    assert masks.reshape(6, -1).any(axis=1).tolist() == [False, True, True, True, False, True]
+    assert np.array_equal(drop_low_slices(probs > 0.5, None, 0.3), probs > 0.5)  # no patients: nowhere to place
+    assert np.array_equal(drop_low_slices(probs > 0.5, patients, 0), probs > 0.5)
+    params = {"threshold": 0.5, "largest_3d": True, "min_position": 0.3}
+    out = postprocess(probs, params, patients)
+    assert out.sum() == 4 * 4  # 2x2 on A's slices 1-3 and B's top slice; slice 0's blob went first
+    assert postprocess(probs, {**params, "min_position": 0}, patients)[0].all()  # off: the blob is kept

@@ -258,3 +258,27 @@ def test_cli_says_when_a_slice_position_model_gets_slices_it_cannot_place(tmp_pa
     write_png(src / "scan.png", slice_image(3))
     assert main([str(src), "--model", str(path), "--out", str(tmp_path / "b"), "--no-progress"]) == EXIT_OK
     assert "1 slice(s) without a Kaggle name were taken to lie in the middle of the head" in capsys.readouterr().err
+
+
+def test_min_position_applies_only_to_a_whole_kaggle_volume(monkeypatch):
+    import stages.inference
+    from stages.predict import analyse, whole_volume
+
+    assert whole_volume(list(range(1, 21))) and whole_volume(range(1, 89))
+    assert not whole_volume(list(range(1, 20)))         # fewer slices than any Kaggle volume: a part of one
+    assert not whole_volume(list(range(5, 25)))         # the lowest slices are not there
+    assert not whole_volume([1, 2, 4, *range(5, 23)])   # a gap
+    assert not whole_volume(None)
+    seen = []
+
+    def segment(model, images, params, patients=None):
+        seen.append(params["min_position"])
+        return np.zeros(images.shape[:3], bool), np.zeros(images.shape[:3], np.float32)
+
+    monkeypatch.setattr(stages.inference, "segment", segment)
+    images = np.zeros((20, 8, 8, 3), np.uint8)
+    params = {**EVALUATE, "min_position": 0.2}
+    analyse(None, images, params, ["P"] * 20, list(range(1, 21)))
+    analyse(None, images, params, ["P"] * 20, list(range(3, 23)))
+    analyse(None, images, params, ["P"] * 20)
+    assert seen == [0.2, 0, 0]

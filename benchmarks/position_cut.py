@@ -1,0 +1,112 @@
+"""`evaluate.min_position` chosen on validation: k-fold runs' validation patients re-scored with each cut.
+
+    python -m benchmarks.position_cut --exp vnorm-fold0 --exp vnorm-s42-fold1 ... --cut 0.1 --cut 0.15 --cut 0.2
+    python -m benchmarks.position_cut --repo ../clone --exp ... --data ../shared/data/lgg-mri-segmentation-dev.zip
+
+Each experiment's saved model (from the DVC cache, by dvc.lock's hash) segments its validation patients once, with
+and without the flip; every post-processing setting the evaluation stage compares (evaluate.compare_settings) is
+then applied with each `min_position` cut (0: the setting as the runs used it) and scored per volume
+(stages.metrics' convention: a patient with no tumour and nothing predicted scores 1). Printed per cut: the pooled
+table benchmarks.crossval prints, and the cut against no cut, patient by patient. Validation patients only, so
+the cut can be chosen here and the test patients looked at once, with the cut chosen.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from benchmarks.architectures import git_show
+from benchmarks.crossval import REFERENCE, SETTINGS, commits, markdown, paired, pool, run_files, summary
+from benchmarks.errors import cached_model, data_path, model_hash
+
+
+def volume_dice(truth: np.ndarray, pred: np.ndarray) -> float:
+    """One patient's per-volume Dice; 1 when there is no tumour and nothing is predicted."""
+    total = truth.sum() + pred.sum()
+    return float(2 * (truth & pred).sum() / total) if total else 1.0
+
+
+def scores(truth: np.ndarray, probs: np.ndarray, flipped: np.ndarray, params: dict, cuts) -> dict[float, dict]:
+    """One patient (slices in order): {cut: {setting: per-volume Dice}} for every compare setting and cut."""
+    from stages.evaluate import compare_settings
+    from stages.postprocess import postprocess
+
+    patients = np.zeros(len(truth))  # one volume, in slice order
+    out = {}
+    for cut in cuts:
+        out[cut] = {}
+        for name, setting in compare_settings(params).items():
+            p = 0.5 * (probs + flipped) if setting.get("tta_flip") else probs
+            out[cut][name] = volume_dice(truth, postprocess(p, {**setting, "min_position": cut}, patients))
+    return out
+
+
+def segment_run(model_path: Path, raw, frame: pd.DataFrame, patients: list[str], params: dict, cuts,
+                fold: int) -> dict[float, pd.DataFrame]:
+    """A run's validation patients -> {cut: table of patient, fold and one Dice column per setting}."""
+    from stages import index, inference
+
+    model = inference.load_model(model_path)
+    rows: dict[float, list] = {cut: [] for cut in cuts}
+    for patient in patients:
+        slices = frame[frame["patient"] == patient].reset_index(drop=True)  # in slice order
+        if slices.empty:
+            raise SystemExit(f"validation patient {patient} is not in {raw.label()}")
+        images, masks, _ = index.load_slices(raw, slices, progress=False)
+        probs = inference.predict_probs(model, images)
+        flipped = inference.predict_probs(model, images[:, :, ::-1])[:, :, ::-1]
+        for cut, dice in scores(masks > 0, probs, flipped, params, cuts).items():
+            rows[cut].append({"patient": patient, "fold": fold, **dice})
+    return {cut: pd.DataFrame(r) for cut, r in rows.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.position_cut", description=__doc__.splitlines()[0])
+    parser.add_argument("--repo", type=Path, default=Path("."))
+    parser.add_argument("--exp", action="append", required=True, help="one k-fold experiment per fold (repeatable)")
+    parser.add_argument("--cut", action="append", type=float, required=True, help="a min_position to try (0-1)")
+    parser.add_argument("--data", type=Path, help="Kaggle-layout zip or folder (default: each run's data.archive)")
+    args = parser.parse_args(argv)
+    from stages import index, rawdata
+
+    cuts = [0.0, *sorted(set(args.cut) - {0.0})]
+    sources, tables, k = {}, {cut: {} for cut in cuts}, set()
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, rev in commits(args.repo, args.exp).items():
+            params, validation = run_files(args.repo, name, rev)
+            split = params.get("split", {})
+            k.add(int(split.get("folds", 0)))
+            model = cached_model(args.repo, model_hash(yaml.safe_load(git_show(args.repo, rev, "dvc.lock"))),
+                                 Path(tmp))
+            data = data_path(params, args.data, name)
+            if data not in sources:
+                raw = rawdata.open_raw(data)
+                sources[data] = raw, index.pair_slices(raw)[0]
+            evaluate = {**params.get("evaluate", {}), "min_position": 0}
+            per_cut = segment_run(model, *sources[data], validation["patient"].tolist(), evaluate, cuts,
+                                  int(split.get("fold", 0)))
+            for cut, table in per_cut.items():
+                tables[cut][int(split.get("fold", 0))] = table
+            print(f"{name}: {len(validation)} validation patients segmented", flush=True)
+    if len(k) != 1 or k == {0}:
+        raise SystemExit(f"the experiments are not k-fold runs of one k (split.folds {sorted(k)})")
+    k = k.pop()
+    partial = len(tables[0.0]) < k
+    base = pool(tables[0.0], k, partial)
+    for cut in cuts:
+        table = pool(tables[cut], k, partial)
+        print(f"\nmin_position {cut}: {len(table)} validation patients"
+              + (f" (PARTIAL: folds {sorted(tables[cut])} of {k})" if partial else ""))
+        print(markdown(summary(table)))
+        if cut:
+            print(markdown(paired(table, base).rename(columns={"baseline": "no cut"})))
+    print(f"reference: {REFERENCE}; settings as evaluate compares them: {', '.join(SETTINGS)}")
+
+
+if __name__ == "__main__":
+    main()
