@@ -131,19 +131,44 @@ def data_path(params: dict, override: Path | None, name: str) -> Path:
     return Path(data["archive"])
 
 
-def segment_patients(model_path: Path, raw, frame: pd.DataFrame, patients: list[str], threshold: float,
-                     name: str):
-    """Each patient's slices (`frame`: the source's pair_slices table), segmented as evaluation does before
-    post-processing -> (errors, slices) tables."""
-    from stages import index, inference
+def patient_volumes(raw, frame: pd.DataFrame, patients: list[str], name: str):
+    """Each patient's (patient, images, masks), its slices in order, read from the source (`frame`: the source's
+    pair_slices table); an error naming the run and the patient the source lacks."""
+    from stages import index
 
-    model = inference.load_model(model_path)
-    errors, slices = [], []
     for patient in patients:
         rows = frame[frame["patient"] == patient].reset_index(drop=True)  # in slice order
         if rows.empty:
             raise SystemExit(f"{name}: validation patient {patient} is not in {raw.label()}")
         images, masks, _ = index.load_slices(raw, rows, progress=False)
+        yield patient, images, masks
+
+
+def validation_runs(repo: Path, names: list[str], data: Path | None, folder: Path):
+    """Each named run as (name, params, validation table, its model copied into `folder`, raw source, the source's
+    pair_slices table); each data source opened and listed once."""
+    from stages import index, rawdata
+
+    sources = {}
+    for name, rev in commits(repo, names).items():
+        params, validation = run_files(repo, name, rev)
+        model = cached_model(repo, model_hash(yaml.safe_load(git_show(repo, rev, "dvc.lock"))), folder)
+        path = data_path(params, data, name)
+        if path not in sources:
+            raw = rawdata.open_raw(path)
+            sources[path] = raw, index.pair_slices(raw)[0]
+        yield name, params, validation, model, *sources[path]
+
+
+def segment_patients(model_path: Path, raw, frame: pd.DataFrame, patients: list[str], threshold: float,
+                     name: str):
+    """Each patient's slices (`frame`: the source's pair_slices table), segmented as evaluation does before
+    post-processing -> (errors, slices) tables."""
+    from stages import inference
+
+    model = inference.load_model(model_path)
+    errors, slices = [], []
+    for patient, images, masks in patient_volumes(raw, frame, patients, name):
         pred = inference.predict_probs(model, images) > threshold
         table = slice_table(masks > 0, pred).assign(run=name, patient=patient)
         slices.append(table)
@@ -158,21 +183,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", type=Path, help="Kaggle-layout zip or folder (default: each run's data.archive)")
     parser.add_argument("--worst", type=int, default=8, help="patients listed, worst first")
     args = parser.parse_args(argv)
-    from stages import index, rawdata
-
-    sources = {}  # data path -> (raw, its pair_slices table): each archive opened and listed once
     errors, slices = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, rev in commits(args.repo, args.exp).items():
-            params, validation = run_files(args.repo, name, rev)
-            lock = yaml.safe_load(git_show(args.repo, rev, "dvc.lock"))
-            model = cached_model(args.repo, model_hash(lock), Path(tmp))
-            data = data_path(params, args.data, name)
-            if data not in sources:
-                raw = rawdata.open_raw(data)
-                sources[data] = raw, index.pair_slices(raw)[0]
+        for name, params, validation, model, raw, frame in validation_runs(args.repo, args.exp, args.data, Path(tmp)):
             threshold = float(params.get("evaluate", {}).get("threshold", 0.5))
-            e, s = segment_patients(model, *sources[data], validation["patient"].tolist(), threshold, name)
+            e, s = segment_patients(model, raw, frame, validation["patient"].tolist(), threshold, name)
             errors.append(e)
             slices.append(s)
             print(f"{name}: {len(validation)} validation patients segmented", flush=True)

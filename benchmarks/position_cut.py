@@ -18,17 +18,17 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 
-from benchmarks.architectures import git_show
-from benchmarks.crossval import REFERENCE, SETTINGS, commits, markdown, paired, pool, run_files, summary
-from benchmarks.errors import cached_model, data_path, model_hash
+from benchmarks.crossval import REFERENCE, SETTINGS, markdown, paired, pool, summary
+from benchmarks.errors import patient_volumes, validation_runs
 
 
 def volume_dice(truth: np.ndarray, pred: np.ndarray) -> float:
-    """One patient's per-volume Dice; 1 when there is no tumour and nothing is predicted."""
-    total = truth.sum() + pred.sum()
-    return float(2 * (truth & pred).sum() / total) if total else 1.0
+    """One patient's per-volume Dice, as stages.metrics scores it (1 when there is no tumour and nothing is
+    predicted)."""
+    from stages import metrics
+
+    return float(metrics.dice_per_volume(metrics.slice_counts(truth, pred, ["patient"] * len(truth))).iloc[0])
 
 
 def scores(truth: np.ndarray, probs: np.ndarray, flipped: np.ndarray, params: dict, cuts) -> dict[float, dict]:
@@ -47,17 +47,13 @@ def scores(truth: np.ndarray, probs: np.ndarray, flipped: np.ndarray, params: di
 
 
 def segment_run(model_path: Path, raw, frame: pd.DataFrame, patients: list[str], params: dict, cuts,
-                fold: int) -> dict[float, pd.DataFrame]:
+                fold: int, name: str) -> dict[float, pd.DataFrame]:
     """A run's validation patients -> {cut: table of patient, fold and one Dice column per setting}."""
-    from stages import index, inference
+    from stages import inference
 
     model = inference.load_model(model_path)
     rows: dict[float, list] = {cut: [] for cut in cuts}
-    for patient in patients:
-        slices = frame[frame["patient"] == patient].reset_index(drop=True)  # in slice order
-        if slices.empty:
-            raise SystemExit(f"validation patient {patient} is not in {raw.label()}")
-        images, masks, _ = index.load_slices(raw, slices, progress=False)
+    for patient, images, masks in patient_volumes(raw, frame, patients, name):
         probs = inference.predict_probs(model, images)
         flipped = inference.predict_probs(model, images[:, :, ::-1])[:, :, ::-1]
         for cut, dice in scores(masks > 0, probs, flipped, params, cuts).items():
@@ -72,26 +68,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cut", action="append", type=float, required=True, help="a min_position to try (0-1)")
     parser.add_argument("--data", type=Path, help="Kaggle-layout zip or folder (default: each run's data.archive)")
     args = parser.parse_args(argv)
-    from stages import index, rawdata
-
     cuts = [0.0, *sorted(set(args.cut) - {0.0})]
-    sources, tables, k = {}, {cut: {} for cut in cuts}, set()
+    tables, k = {cut: {} for cut in cuts}, set()
     with tempfile.TemporaryDirectory() as tmp:
-        for name, rev in commits(args.repo, args.exp).items():
-            params, validation = run_files(args.repo, name, rev)
+        for name, params, validation, model, raw, frame in validation_runs(args.repo, args.exp, args.data, Path(tmp)):
             split = params.get("split", {})
             k.add(int(split.get("folds", 0)))
-            model = cached_model(args.repo, model_hash(yaml.safe_load(git_show(args.repo, rev, "dvc.lock"))),
-                                 Path(tmp))
-            data = data_path(params, args.data, name)
-            if data not in sources:
-                raw = rawdata.open_raw(data)
-                sources[data] = raw, index.pair_slices(raw)[0]
+            fold = int(split.get("fold", 0))
             evaluate = {**params.get("evaluate", {}), "min_position": 0}
-            per_cut = segment_run(model, *sources[data], validation["patient"].tolist(), evaluate, cuts,
-                                  int(split.get("fold", 0)))
+            per_cut = segment_run(model, raw, frame, validation["patient"].tolist(), evaluate, cuts, fold, name)
             for cut, table in per_cut.items():
-                tables[cut][int(split.get("fold", 0))] = table
+                tables[cut][fold] = table
             print(f"{name}: {len(validation)} validation patients segmented", flush=True)
     if len(k) != 1 or k == {0}:
         raise SystemExit(f"the experiments are not k-fold runs of one k (split.folds {sorted(k)})")

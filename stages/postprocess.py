@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from stages.preprocess import slice_positions
+
 # 8-connectivity in 2D and 26-connectivity in 3D: a tumour that shifts by a pixel from one slice to the
 # next, or touches itself only diagonally, is still one object.
 STRUCTURE_2D = ndimage.generate_binary_structure(2, 2)
@@ -77,8 +79,6 @@ def drop_low_slices(masks: np.ndarray, patients, min_position: float) -> np.ndar
     masks = np.asarray(masks, dtype=bool)
     if patients is None or not min_position:
         return masks
-    from stages.preprocess import slice_positions
-
     low = slice_positions(patients) < min_position
     return np.where(low[:, None, None], False, masks) if low.any() else masks
 
