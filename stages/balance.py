@@ -9,6 +9,7 @@ and slices.json, the digest of the index those rows refer to (see stages.prepare
 """
 from __future__ import annotations
 
+import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -73,6 +74,27 @@ def augment(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, cfg: 
         image = cv2.GaussianBlur(image, (0, 0), sigma)
         steps.append(f"blur{sigma:.2f}")
     return image, mask, "+".join(steps)
+
+
+def replay(image: np.ndarray, how: str) -> np.ndarray:
+    """Apply an augmentation that augment() recorded as `how` (e.g. "flip+rot-12.3+blur0.54") to another image
+    of the same size, such as the FLAIR of a copy's neighbouring slices; the angle was recorded to 0.1 degree
+    and the blur to 0.01 pixel, so the replay is within that of the copy."""
+    image = np.ascontiguousarray(image)
+    h, w = image.shape[:2]
+    steps = re.findall(r"flip|rot[+-][0-9.]+|blur[0-9.]+", how or "")
+    if "+".join(steps) != (how or ""):
+        raise BrainsegError(f"augmentation '{how}' is not one balance records. Fix: run `dvc repro balance --force` "
+                            "with this version")
+    for step in steps:
+        if step == "flip":
+            image = image[:, ::-1]
+        elif step.startswith("rot"):
+            rot = cv2.getRotationMatrix2D((w / 2, h / 2), float(step[3:]), 1.0)
+            image = cv2.warpAffine(np.ascontiguousarray(image), rot, (w, h), flags=cv2.INTER_LINEAR)
+        else:
+            image = cv2.GaussianBlur(image, (0, 0), float(step[4:]))
+    return np.ascontiguousarray(image)
 
 
 def augmentation_sources(meta: pd.DataFrame, cfg: dict, seed: int) -> np.ndarray:

@@ -242,6 +242,11 @@ def slice_positioned(model: keras.Model) -> bool:
     return any(type(layer).__name__ == "SplitPosition" for layer in model.layers)
 
 
+def neighbour_count(model: keras.Model) -> int:
+    """How many slices below and above a model takes the FLAIR of (train.neighbours; 0 for a 2D model)."""
+    return max([layer.count for layer in model.layers if type(layer).__name__ == "SplitNeighbours"], default=0)
+
+
 def predict_probs(model: keras.Model, images: np.ndarray, batch_size: int = 32, tta_flip: bool = False,
                   progress: bool = False, engine: str = "auto", patients=None) -> np.ndarray:
     """Tumour probabilities for uint8 slices (N,H,W,3) (or one slice (H,W,3), returned as N=1).
@@ -252,7 +257,9 @@ def predict_probs(model: keras.Model, images: np.ndarray, batch_size: int = 32, 
     A model trained with `train.input_norm: volume` gets each patient's slices standardised together
     (`patients`: one id per slice; None: all the slices are one patient's). A model trained with
     `train.slice_position` gets each slice's place in its patient's volume, which assumes every patient's
-    slices are all there, in slice order (a lone slice is placed in the middle: preprocess.slice_positions).
+    slices are all there, in slice order (a lone slice is placed in the middle: preprocess.slice_positions);
+    so does a model trained with `train.neighbours`, which gets the FLAIR of the slices around each one (a lone
+    slice, or the end of a volume, stands in for the neighbours it lacks: preprocess.neighbour_rows).
     """
     images = np.asarray(images)
     if images.ndim == 3:
@@ -268,6 +275,8 @@ def predict_probs(model: keras.Model, images: np.ndarray, batch_size: int = 32, 
             rows = np.flatnonzero(ids == patient)
             standardised[rows] = preprocess.standardise_volume(images[rows])
         images = standardised
+    if neighbour_count(model):
+        images = preprocess.add_neighbours(images, preprocess.neighbour_rows(ids, neighbour_count(model)))
     if slice_positioned(model):
         images = preprocess.add_position(images, preprocess.slice_positions(ids))
     probs = _predict(model, images, batch_size, progress, engine)

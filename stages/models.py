@@ -6,7 +6,8 @@ probability map; `doubleunet` outputs [mask1, mask2] and its prediction is mask2
 the probability that the slice shows tumour. Pretrained encoders receive the input range their ImageNet
 weights expect through Rescaling layers, never Lambda layers, so saved models load with safe_mode=True
 once this module is imported (it registers the custom layers and, via stages.losses, the losses). With
-`slice_position`, unet, resunet and cnn take (H, W, 4): the fourth channel is the slice's place in its volume.
+`slice_position`, unet, resunet and cnn take (H, W, 4): the fourth channel is the slice's place in its volume;
+with `neighbours` k, 2k FLAIR planes of the slices around it come before that (H, W, 3 + 2k [+ 1]).
 """
 from __future__ import annotations
 
@@ -74,7 +75,33 @@ class SplitPosition(layers.Layer):
     (preprocess.add_position). Its presence tells inference to add that plane."""
 
     def call(self, x):
-        return x[..., :3], x[..., 3:]
+        return x[..., :-1], x[..., -1:]
+
+
+@keras.saving.register_keras_serializable(package="brainseg")
+class SplitNeighbours(layers.Layer):
+    """(H, W, 3 + 2*count) inputs -> the slice's three channels and the FLAIR planes of its `count` neighbours
+    below and above (preprocess.add_neighbours). Its presence tells inference to add those planes."""
+
+    def __init__(self, count=1, **kwargs):
+        super().__init__(**kwargs)
+        self.count = int(count)
+
+    def call(self, x):
+        return x[..., :3], x[..., 3:3 + 2 * self.count]
+
+    def get_config(self):
+        return {**super().get_config(), "count": self.count}
+
+
+@keras.saving.register_keras_serializable(package="brainseg")
+class PlaneDecode(layers.Layer):
+    """VolumeDecode for single planes (a neighbour's FLAIR): each plane's coded head pixels back to z-scores,
+    the rest 0, the head taken from the plane itself."""
+
+    def call(self, x):
+        head = ops.cast(x > HEAD / 255, x.dtype)
+        return (x * 255.0 - Z_ZERO) / Z_STEP * head
 
 
 # ---------------------------------------------------------------- shared blocks
@@ -253,16 +280,18 @@ BUILDERS = {"unet": unet, "resunet": resunet, "efficientunet": efficientunet, "d
             "cnn": cnn, "xception": xception}
 
 
-POSITION_MODELS = ("unet", "resunet", "cnn")  # the others' ImageNet encoders take exactly three channels
+# the others' ImageNet encoders take exactly three channels: slice_position and neighbours are for these
+POSITION_MODELS = ("unet", "resunet", "cnn")
 
 
 def build_model(name: str, input_shape=(128, 128, 3), filters: int = 16, weights: str | None = None,
-                input_norm: str | None = None, slice_position: bool = False) -> keras.Model:
+                input_norm: str | None = None, slice_position: bool = False, neighbours: int = 0) -> keras.Model:
     """A freshly initialised `name` model (model.name == name). `weights` ("imagenet" or None) only
     concerns the pretrained encoders of efficientunet, doubleunet and xception. `input_norm="slice"` puts
     BrainStandardise in front of the network, `"volume"` VolumeDecode (ImageNet encoders then no longer see the
     range they expect). `slice_position` adds a fourth input channel, the slice's place in the volume, which
-    bypasses the normalisation and joins the normalised slice at the network's first layer."""
+    bypasses the normalisation and joins the normalised slice at the network's first layer. `neighbours` > 0 adds
+    the FLAIR of that many slices below and above as channels before it (2.5D input), decoded as the slice is."""
     if name not in BUILDERS:
         raise BrainsegError(f"params.yaml: model '{name}' is not one of {SEGMENTERS + CLASSIFIERS}; "
                             "set it with `dvc exp run -S model=unet`")
@@ -276,14 +305,25 @@ def build_model(name: str, input_shape=(128, 128, 3), filters: int = 16, weights
     if slice_position and name not in POSITION_MODELS:
         raise BrainsegError(f"params.yaml: train.slice_position works with {', '.join(POSITION_MODELS)}, not "
                             f"{name}; set `-S train.slice_position=false`")
-    inputs = keras.Input((height, width, 4 if slice_position else 3), name="image")
+    if neighbours and name not in POSITION_MODELS:
+        raise BrainsegError(f"params.yaml: train.neighbours works with {', '.join(POSITION_MODELS)}, not {name}; "
+                            "set `-S train.neighbours=0`")
+    if neighbours and input_norm == "slice":
+        raise BrainsegError("params.yaml: train.neighbours needs train.input_norm volume or none (a neighbour's "
+                            "plane has no slice statistics of its own to standardise with); set one of them")
+    inputs = keras.Input((height, width, 3 + 2 * neighbours + bool(slice_position)), name="image")
     x = inputs
     if slice_position:
         x, position = SplitPosition(dtype="float32", name="slice_position")(inputs)
+    if neighbours:
+        x, around = SplitNeighbours(neighbours, dtype="float32", name="neighbours")(x)
     if input_norm == "slice":
         x = BrainStandardise(dtype="float32", name="standardise")(x)
     elif input_norm == "volume":
         x = VolumeDecode(dtype="float32", name="volume_decode")(x)
+        around = PlaneDecode(dtype="float32", name="neighbours_decode")(around) if neighbours else None
+    if neighbours:
+        x = layers.Concatenate(name="with_neighbours")([x, around])
     if slice_position:
         x = layers.Concatenate(name="with_position")([x, position])
     return keras.Model(inputs, BUILDERS[name](x, filters=filters, weights=weights), name=name)

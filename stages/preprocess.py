@@ -107,3 +107,34 @@ def add_position(images: np.ndarray, positions) -> np.ndarray:
     plane = np.broadcast_to(np.rint(255 * np.clip(positions, 0, 1)).astype(np.uint8)[:, None, None, None],
                             (*images.shape[:3], 1))
     return np.concatenate([images, plane], axis=-1)
+
+
+FLAIR = 1  # the Kaggle slices' channels: pre-contrast, FLAIR, post-contrast
+
+
+def neighbour_places(length: int, count: int) -> np.ndarray:
+    """(length, 2*count) places of each slice's neighbours in a volume of `length` slices: the `count` below
+    (farthest first), then the `count` above (nearest first); past an end of the volume the end slice repeats."""
+    offsets = np.r_[np.arange(-count, 0), np.arange(1, count + 1)]
+    return np.clip(np.arange(length)[:, None] + offsets, 0, max(length - 1, 0))
+
+
+def neighbour_rows(patients, count: int) -> np.ndarray:
+    """neighbour_places as rows of the whole batch, from one id per slice with each patient's slices in slice
+    order (as slice_positions); a lone slice is its own neighbour."""
+    ids = np.asarray(patients)
+    rows = np.empty((len(ids), 2 * count), np.int64)
+    for patient in dict.fromkeys(ids.tolist()):
+        own = np.flatnonzero(ids == patient)
+        rows[own] = own[neighbour_places(len(own), count)]
+    return rows
+
+
+def add_neighbours(images: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """uint8 slices (N,H,W,3) with 2*count more channels: the FLAIR of the slices `rows` names (neighbour_rows),
+    so a 2D network sees the tumour's extent above and below the slice (2.5D input)."""
+    images = np.asarray(images)
+    rows = np.asarray(rows)
+    if len(rows) != len(images):
+        raise ValueError(f"{len(rows)} neighbour rows for {len(images)} slices")
+    return np.concatenate([images, np.moveaxis(images[rows, ..., FLAIR], 1, -1)], axis=-1)

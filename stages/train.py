@@ -23,8 +23,9 @@ from stages import prepared
 from stages.common import BrainsegError, load_params, run_main, train_config, write_json
 from stages.losses import get_loss, segmentation_metrics
 from stages.models import CLASSIFIERS, build_model
-from stages.preprocess import (add_position, mask_to_model_size, resize_images, slice_positions,
-                               standardise_volume, to_model_input, volume_stats)
+from stages.balance import replay
+from stages.preprocess import (add_neighbours, add_position, mask_to_model_size, neighbour_places, resize_images,
+                               slice_positions, standardise_volume, to_model_input, volume_stats)
 
 if TYPE_CHECKING:  # TensorFlow is imported where used: JAX / PyTorch machines may not have it
     import tensorflow as tf
@@ -52,7 +53,8 @@ def main() -> None:
 
 def make_datasets(data_dir: Path, image_size: int, batch_size: int, classifier: bool = False,
                   tumour_slices_only: bool = False, seed: int = 0, outputs: int = 1,
-                  augment: dict | None = None, input_norm: str | None = None, slice_position: bool = False):
+                  augment: dict | None = None, input_norm: str | None = None, slice_position: bool = False,
+                  neighbours: int = 0):
     """Batched (train, val) tf.data datasets of model-size inputs and targets, plus the training slice count.
 
     Slices are resized once here, a chunk at a time, and kept as uint8 (masks as float16: the soft edges of
@@ -64,7 +66,8 @@ def make_datasets(data_dir: Path, image_size: int, batch_size: int, classifier: 
     `input_norm: volume` standardises each patient's slices first (its copies with its originals' statistics,
     stages.preprocess.standardise_volume), so that split is held once at full size before it is resized.
     `slice_position` adds each slice's place in its patient's volume as a fourth channel (an augmented copy
-    takes its source's: table_positions).
+    takes its source's: table_positions). `neighbours` > 0 adds the FLAIR of that many slices below and above
+    each slice as channels (with_neighbours), before the position; that split is then held once at full size too.
     On a Keras backend other than TensorFlow (JAX, PyTorch: a GPU machine without TensorFlow), the same batches
     come from SliceBatches instead of tf.data.
     """
@@ -74,11 +77,14 @@ def make_datasets(data_dir: Path, image_size: int, batch_size: int, classifier: 
     transform = augmenter(augment or {}, seed)
     datasets = []
     for split in ("train", "val"):
-        if input_norm == "volume":
+        if input_norm == "volume" or neighbours:
             x, y, table = prepared.load_split(data_dir, split)
-            for _, rows in table.reset_index(drop=True).groupby("patient").indices.items():
-                originals = rows[table["copy"].to_numpy()[rows] < 0]
-                x[rows] = standardise_volume(x[rows], volume_stats(x[originals]))
+            if input_norm == "volume":
+                for _, rows in table.reset_index(drop=True).groupby("patient").indices.items():
+                    originals = rows[table["copy"].to_numpy()[rows] < 0]
+                    x[rows] = standardise_volume(x[rows], volume_stats(x[originals]))
+            if neighbours:
+                x = with_neighbours(x, table, neighbours)
             x, y = to_model_size(x, y)
         else:
             x, y, table = prepared.load_split(data_dir, split, transform=to_model_size)
@@ -129,6 +135,33 @@ def table_positions(table) -> np.ndarray:
         place = np.searchsorted(own, numbers[rows]).clip(0, len(own) - 1)
         positions[rows] = slice_positions(np.zeros(len(own)))[place]
     return positions
+
+
+def table_neighbours(table, count: int) -> np.ndarray:
+    """preprocess.neighbour_rows for a prepared split's rows: the rows of each slice's `count` neighbours below
+    and above among its patient's original slices, by slice number (a copy takes its source's)."""
+    out = np.empty((len(table), 2 * count), np.int64)
+    numbers = table["slice"].to_numpy()
+    originals = table["copy"].to_numpy() < 0
+    for _, rows in table.reset_index(drop=True).groupby("patient").indices.items():
+        own = rows[originals[rows]]
+        if len(own) == 0:
+            raise BrainsegError(f"patient {table['patient'].iloc[rows[0]]} has augmented copies but no original "
+                                "slices in its split. Fix: run `dvc repro balance --force`")
+        own = own[np.argsort(numbers[own], kind="stable")]
+        place = np.searchsorted(numbers[own], numbers[rows]).clip(0, len(own) - 1)
+        out[rows] = own[neighbour_places(len(own), count)[place]]
+    return out
+
+
+def with_neighbours(x: np.ndarray, table, count: int) -> np.ndarray:
+    """A split's slices (table order) with the FLAIR of their neighbours as channels (preprocess.add_neighbours).
+    An augmented copy's neighbours get the copy's own flip, rotation and blur (balance.replay), so the planes
+    stay aligned with the slice they surround."""
+    out = add_neighbours(x, table_neighbours(table, count))
+    for row in np.flatnonzero(table["copy"].to_numpy() >= 0):
+        out[row, ..., 3:] = replay(out[row, ..., 3:], table["augmentation"].iloc[row])
+    return out
 
 
 class SliceBatches(keras.utils.PyDataset):
@@ -338,11 +371,12 @@ def train(name: str, cfg: dict, seed: int = 42, data_dir: Path = DATA, model_pat
     try:
         with strategy_scope(strategy):
             model = build_model(name, (size, size, 3), cfg["filters"], cfg.get("weights"), cfg.get("input_norm"),
-                                bool(cfg.get("slice_position")))
+                                bool(cfg.get("slice_position")), int(cfg.get("neighbours") or 0))
             train_ds, val_ds, n_train = make_datasets(Path(data_dir), size, batch, name in CLASSIFIERS,
                                                       cfg.get("tumour_slices_only", False), seed, len(model.outputs),
                                                       cfg.get("augment"), cfg.get("input_norm"),
-                                                      bool(cfg.get("slice_position")))
+                                                      bool(cfg.get("slice_position")),
+                                                      int(cfg.get("neighbours") or 0))
             compile_model(model, cfg, math.ceil(n_train / batch))
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)

@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -159,3 +161,24 @@ def test_area_weight_copies_small_tumours_more_often():
     assert small(weighted) > 60  # weights 1/sqrt(50) vs 1/sqrt(5000): 10x, so about 91% of the 80 copies
     with pytest.raises(BrainsegError, match="area_weight"):
         augmentation_sources(meta, {**cfg, "area_weight": -1}, seed=0)
+
+
+def test_replay_gives_another_image_the_augmentation_a_copy_recorded():
+    import cv2
+
+    from stages.balance import replay
+    rng = np.random.default_rng(3)
+    image = cv2.GaussianBlur(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), (0, 0), 2)
+    cfg = {"max_rotation": 25, "blur_probability": 0.5, "blur_max_sigma": 1.0}
+    seen = set()
+    for k in range(12):
+        copy, _, how = augment(image, np.zeros((64, 64), np.uint8), np.random.default_rng([0, k]), cfg)
+        seen |= {step[:4] for step in re.findall(r"flip|rot.|blur", how)}
+        # the angle was recorded to 0.1 degree, so the replay matches to interpolation rounding
+        assert np.abs(replay(image, how).astype(int) - copy).mean() < 0.5
+        planes = replay(image[..., 1:], how)  # any number of channels: the neighbours' FLAIR planes
+        assert planes.shape == (64, 64, 2) and np.abs(planes.astype(int) - copy[..., 1:]).mean() < 0.5
+    assert {"flip", "rot+", "rot-", "blur"} <= seen
+    assert np.array_equal(replay(image, ""), image)  # an original slice
+    with pytest.raises(BrainsegError, match="'flip\\+zoom1.2' is not one balance records"):
+        replay(image, "flip+zoom1.2")

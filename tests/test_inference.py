@@ -255,3 +255,21 @@ def test_a_slice_position_model_gets_each_slice_place_in_its_own_patients_volume
     # the same pixels placed elsewhere in the volume give another prediction: the position reaches the network
     moved = inference.predict_probs(model, images[::-1], engine=engine, patients=ids)[::-1]
     assert not np.allclose(moved, probs, atol=1e-4)
+
+
+@pytest.mark.parametrize("engine", ["keras", "litert"])
+def test_a_neighbours_model_gets_the_flair_of_the_slices_around_each_one_in_its_own_patients_volume(engine):
+    from stages import preprocess
+    from stages.models import build_model
+    model = build_model("unet", (32, 32, 3), 4, input_norm="volume", neighbours=1)
+    assert inference.neighbour_count(model) == 1 and inference.neighbour_count(build_model("unet", (32, 32, 3), 4)) == 0
+    images = np.random.default_rng(0).integers(20, 250, (5, 32, 32, 3), dtype=np.uint8)
+    ids = ["A"] * 3 + ["B"] * 2
+    probs = inference.predict_probs(model, images, engine=engine, patients=ids)
+    x = np.concatenate([preprocess.standardise_volume(images[:3]), preprocess.standardise_volume(images[3:])])
+    x = preprocess.add_neighbours(x, [[0, 1], [0, 2], [1, 2], [3, 4], [3, 4]])
+    expected = keras.ops.convert_to_numpy(model(preprocess.to_model_input(x, 32)))[..., 0]
+    assert np.allclose(probs, expected, atol=1e-5)
+    flipped = inference.predict_probs(model, images, engine=engine, patients=ids, tta_flip=True)
+    mirrored = keras.ops.convert_to_numpy(model(preprocess.to_model_input(x[:, :, ::-1], 32)))[..., 0][:, :, ::-1]
+    assert np.allclose(flipped, 0.5 * (expected + mirrored), atol=1e-5)  # the neighbours are mirrored with the slice

@@ -131,3 +131,25 @@ def test_slice_position_model_normalises_only_the_slice_and_reloads_in_safe_mode
     np.testing.assert_allclose(model(x), loaded(x), atol=1e-6)
     with pytest.raises(BrainsegError, match="slice_position works with unet, resunet, cnn"):
         build_model("efficientunet", (32, 32, 3), filters=4, slice_position=True)
+
+
+def test_neighbours_model_decodes_the_neighbour_planes_on_their_own_and_reloads_in_safe_mode(tmp_path):
+    from stages.models import PlaneDecode
+    model = build_model("unet", (32, 32, 3), filters=4, input_norm="volume", slice_position=True, neighbours=1)
+    assert model.input_shape == (None, 32, 32, 6)  # slice, FLAIR below and above, position
+    x = np.random.default_rng(2).random((2, 32, 32, 6), dtype=np.float32)
+    x[0, :4, :, 3] = 0  # background in a neighbour only: it must not blank the slice's own head
+    joined = keras.Model(model.input, model.get_layer("with_position").output)(x)
+    decode = keras.ops.convert_to_numpy(model.get_layer("volume_decode")(x[..., :3]))
+    np.testing.assert_allclose(joined[..., :3], decode, atol=1e-6)
+    np.testing.assert_allclose(joined[..., 3:5], keras.ops.convert_to_numpy(PlaneDecode()(x[..., 3:5])), atol=1e-6)
+    assert np.all(np.asarray(joined)[0, :4, :, 3] == 0) and np.all(np.asarray(joined)[0, :4, :, :3] != 0)
+    np.testing.assert_allclose(joined[..., 5], x[..., 5], atol=1e-6)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras", safe_mode=True)
+    np.testing.assert_allclose(model(x), loaded(x), atol=1e-6)
+    assert build_model("cnn", (32, 32, 3), filters=4, neighbours=2).input_shape == (None, 32, 32, 7)
+    with pytest.raises(BrainsegError, match="neighbours works with unet, resunet, cnn"):
+        build_model("doubleunet", (32, 32, 3), filters=4, neighbours=1)
+    with pytest.raises(BrainsegError, match="neighbours needs train.input_norm volume or none"):
+        build_model("unet", (32, 32, 3), filters=4, input_norm="slice", neighbours=1)

@@ -53,3 +53,25 @@ def test_add_position_appends_a_constant_uint8_plane_and_keeps_the_pixels():
     assert np.array_equal(resize_images(out, 4)[..., 3], out[:, :4, :4, 3])  # resizing keeps the plane
     with pytest.raises(ValueError, match="2 slice positions for 3 slices"):
         add_position(images, [0.0, 1.0])
+
+
+def test_neighbour_rows_stay_in_their_patients_volume_and_repeat_its_end_slices():
+    from stages.preprocess import neighbour_places, neighbour_rows
+    assert neighbour_places(4, 1).tolist() == [[0, 1], [0, 2], [1, 3], [2, 3]]
+    assert neighbour_places(3, 2).tolist() == [[0, 0, 1, 2], [0, 0, 2, 2], [0, 1, 2, 2]]
+    assert neighbour_rows(["a", "a", "a", "b", "c", "c"], 1).tolist() == [[0, 1], [0, 2], [1, 2], [3, 3], [4, 5],
+                                                                          [4, 5]]
+
+
+def test_add_neighbours_appends_the_flair_of_the_named_slices():
+    from stages.preprocess import FLAIR, add_neighbours, neighbour_rows, resize_images
+    images = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    out = add_neighbours(images, neighbour_rows(["a"] * 4, 1))
+    assert out.dtype == np.uint8 and out.shape == (4, 8, 8, 5)
+    assert np.array_equal(out[..., :3], images)
+    assert np.array_equal(out[2, ..., 3], images[1, ..., FLAIR]) and np.array_equal(out[2, ..., 4], images[3, ..., FLAIR])
+    assert np.array_equal(out[3, ..., 4], images[3, ..., FLAIR])  # the top slice stands in for the one above it
+    # resizing is per channel (OpenCV rounds more than four channels' area sums its own way: up to one level)
+    assert np.abs(resize_images(out, 4)[..., :3].astype(int) - resize_images(images, 4)).max() <= 1
+    with pytest.raises(ValueError, match="2 neighbour rows for 4 slices"):
+        add_neighbours(images, [[0, 1], [0, 2]])

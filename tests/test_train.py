@@ -382,3 +382,31 @@ def test_train_with_slice_position_saves_a_four_channel_model(prepared, cfg, tmp
     from stages.inference import load_model, slice_positioned
     model = load_model(model_path)
     assert model.input_shape[-1] == 4 and slice_positioned(model)
+
+
+def test_neighbour_channels_come_from_the_patients_original_slices_and_copies_get_their_augmentation(prepared):
+    from stages.train import table_neighbours, with_neighbours
+    table = pd.DataFrame({"patient": ["B", "A", "A", "A", "B", "A", "B"], "slice": [2, 3, 1, 2, 1, 2, 1],
+                          "copy": [-1, -1, -1, -1, -1, 0, 1], "augmentation": ["", "", "", "", "", "flip", ""]})
+    # A's slices 1, 2, 3 are rows 2, 3, 1; a copy of A's slice 2 takes that slice's neighbours
+    assert table_neighbours(table, 1).tolist() == [[4, 0], [3, 1], [2, 3], [2, 1], [4, 0], [2, 1], [4, 0]]
+    x = np.random.default_rng(0).integers(0, 256, (7, 8, 8, 3), dtype=np.uint8)
+    out = with_neighbours(x, table, 1)
+    assert np.array_equal(out[3, ..., 3], x[2, ..., 1]) and np.array_equal(out[6, ..., 4], x[0, ..., 1])
+    assert np.array_equal(out[5, ..., 3], x[2, :, ::-1, 1])  # the copy was mirrored, so are its neighbours
+    xs, _ = next(iter(make_datasets(prepared, 32, 16, input_norm="volume", neighbours=1, slice_position=True)[1]))
+    plain, _ = next(iter(make_datasets(prepared, 32, 16, input_norm="volume", slice_position=True)[1]))
+    assert xs.shape[-1] == 6
+    xs, plain = np.asarray(xs), np.asarray(plain)
+    # OpenCV resizes more than four channels with its own rounding: up to one level of 255
+    assert np.abs(xs[..., :3] - plain[..., :3]).max() <= 1.001 / 255  # the slice is untouched
+    assert np.abs(xs[..., 5] - plain[..., 3]).max() <= 1.001 / 255  # the position stays last
+    assert np.abs(xs[1, ..., 3] - plain[0, ..., 1]).max() <= 1.001 / 255  # val slice 2's lower neighbour
+
+
+def test_train_with_neighbours_saves_a_model_that_asks_for_them(prepared, cfg, tmp_path):
+    model_path = tmp_path / "model.keras"
+    train("unet", {**cfg, "neighbours": 1}, 0, prepared, model_path, None)
+    from stages.inference import load_model, neighbour_count
+    model = load_model(model_path)
+    assert model.input_shape[-1] == 5 and neighbour_count(model) == 1
