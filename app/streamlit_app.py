@@ -7,7 +7,8 @@ Models are the *.keras files in models/ (or in $BRAINSEG_MODELS_DIR). Segmentati
 stages.images.decode_upload, which refuses non-images, 16-bit or 1-channel slices and decompression bombs.
 Uploads named as Kaggle's slices (TCGA_<inst>_<patient>_<date>_<slice>.tif) are segmented a patient at a time,
 as the CLI does: a model trained with `train.input_norm: volume` then standardises them together, and
-largest_3d sees the patient's volume, and a model trained with `train.slice_position` learns where each slice lies.
+largest_3d sees the patient's volume, a model trained with `train.slice_position` learns where each slice lies, and
+one trained with `train.neighbours` sees the slices around each one.
 """
 from __future__ import annotations
 
@@ -68,27 +69,27 @@ def volumes(named_images: list[tuple[str, object]]) -> list[list[int]]:
 
 def segment_uploads(model, named_images: list[tuple[str, object]], params_evaluate: dict) -> list[dict]:
     """Decoded uploads [(name, image)] -> what the page shows for each, in upload order."""
-    from stages.inference import slice_positioned
+    from stages.inference import volume_context
 
     results: list[dict | None] = [None] * len(named_images)
-    positioned = slice_positioned(model)
+    context = volume_context(model)
     for group in volumes(named_images):
         images = np.stack([named_images[i][1] for i in group])
         patient = kaggle_slice(Path(named_images[group[0]][0]).name)
         patients = [patient[0] if patient else named_images[group[0]][0]] * len(group)
         numbers = [kaggle_slice(Path(named_images[i][0]).name)[1] for i in group] if patient else None
         for i, result in zip(group, analyse(model, images, params_evaluate, patients, numbers)):
-            results[i] = page_result(named_images[i][0], named_images[i][1], result, len(group), positioned)
+            results[i] = page_result(named_images[i][0], named_images[i][1], result, len(group), context)
     return results
 
 
-def page_result(name: str, image, result: dict, volume_slices: int = 1, positioned: bool = False) -> dict:
+def page_result(name: str, image, result: dict, volume_slices: int = 1, context: list[str] | None = None) -> dict:
     segmented = result["mask"] is not None  # a classifier model gives a verdict only
     return {"name": name, "image": image, "overlay": overlay(image, result["mask"]) if segmented else None,
             "tumour": result["tumour"], "probability": result["max_probability"], "area": result["area"],
             "mask_tiff": mask_tiff(result["mask"]) if segmented else None,
             "mask_name": f"{Path(name).stem}_mask.tif", "volume_slices": volume_slices,
-            "placed_in_middle": positioned and volume_slices == 1}
+            "missing_volume": context if context and volume_slices == 1 else []}
 
 
 def process_upload(model, data: bytes, name: str, params_evaluate: dict) -> dict:
@@ -111,9 +112,10 @@ def show_result(result: dict, index: int) -> None:
         right.image(result["overlay"], caption="Predicted tumour (red outline)", width=320)
     if result["volume_slices"] > 1:
         st.caption(f"Segmented together with the {result['volume_slices']} uploaded slices of its patient")
-    if result["placed_in_middle"]:
-        st.caption("This model also uses where a slice lies in the head; a lone slice is taken to lie in the middle. "
-                   "Upload all of a patient's slices with their Kaggle names to place each one")
+    if result["missing_volume"]:
+        st.caption(f"This model also uses {' and '.join(result['missing_volume'])}: a lone slice is taken to lie "
+                   "in the middle of the head and stands in for its own neighbours. Upload all of a patient's "
+                   "slices with their Kaggle names to give it its volume")
     (st.error if result["tumour"] else st.success)(verdict(result))
     if result["mask_tiff"] is not None:
         st.download_button("Download mask (TIFF, 0/255)", result["mask_tiff"], file_name=result["mask_name"],

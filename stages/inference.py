@@ -247,6 +247,13 @@ def neighbour_count(model: keras.Model) -> int:
     return max([layer.count for layer in model.layers if type(layer).__name__ == "SplitNeighbours"], default=0)
 
 
+def volume_context(model: keras.Model) -> list[str]:
+    """What a model takes from the rest of a patient's volume besides the slice itself, in words (empty for a
+    2D model): a lone slice is placed in the middle and stands in for its own neighbours (predict_probs)."""
+    return ((["where the slice lies (train.slice_position)"] if slice_positioned(model) else [])
+            + (["the slices around it (train.neighbours)"] if neighbour_count(model) else []))
+
+
 def predict_probs(model: keras.Model, images: np.ndarray, batch_size: int = 32, tta_flip: bool = False,
                   progress: bool = False, engine: str = "auto", patients=None) -> np.ndarray:
     """Tumour probabilities for uint8 slices (N,H,W,3) (or one slice (H,W,3), returned as N=1).

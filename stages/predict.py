@@ -294,13 +294,14 @@ def run(inputs: list[str], model_path: Path | str, out: Path | str, params_evalu
     note = f" ({masks} Kaggle *_mask files ignored)" if masks else ""
     print(f"{len(rows)} slices predicted with {model.name}, {int(predictions['tumour'].sum())} with tumour; "
           f"results in {out}{note}")
-    from stages.inference import slice_positioned
+    from stages.inference import volume_context
 
     lone = int((predictions["patient"].astype(str) == "").sum())
-    if lone and slice_positioned(model):
-        print(f"{lone} slice(s) without a Kaggle name were taken to lie in the middle of the head: {model.name} "
-              "also uses where a slice lies (train.slice_position); pass a patient's slices with their Kaggle "
-              "names to place each one", file=sys.stderr)
+    if lone and volume_context(model):
+        print(f"{lone} slice(s) without a Kaggle name were taken alone: {model.name} also uses "
+              f"{' and '.join(volume_context(model))}, so each was placed in the middle of the head and stood in "
+              "for its own neighbours; pass a patient's slices with their Kaggle names to give it its volume",
+              file=sys.stderr)
     for item in skipped:
         print(f"skipped {item['file']}: {item['reason']}", file=sys.stderr)
     if skipped:

@@ -257,7 +257,8 @@ def test_cli_says_when_a_slice_position_model_gets_slices_it_cannot_place(tmp_pa
     assert "middle of the head" not in capsys.readouterr().err  # a patient's volume: every slice placed
     write_png(src / "scan.png", slice_image(3))
     assert main([str(src), "--model", str(path), "--out", str(tmp_path / "b"), "--no-progress"]) == EXIT_OK
-    assert "1 slice(s) without a Kaggle name were taken to lie in the middle of the head" in capsys.readouterr().err
+    assert "1 slice(s) without a Kaggle name were taken alone: unet also uses where the slice lies" in \
+        capsys.readouterr().err
 
 
 def test_min_position_applies_only_to_a_whole_kaggle_volume(monkeypatch):

@@ -69,7 +69,8 @@ def test_add_neighbours_appends_the_flair_of_the_named_slices():
     out = add_neighbours(images, neighbour_rows(["a"] * 4, 1))
     assert out.dtype == np.uint8 and out.shape == (4, 8, 8, 5)
     assert np.array_equal(out[..., :3], images)
-    assert np.array_equal(out[2, ..., 3], images[1, ..., FLAIR]) and np.array_equal(out[2, ..., 4], images[3, ..., FLAIR])
+    assert np.array_equal(out[2, ..., 3], images[1, ..., FLAIR])
+    assert np.array_equal(out[2, ..., 4], images[3, ..., FLAIR])
     assert np.array_equal(out[3, ..., 4], images[3, ..., FLAIR])  # the top slice stands in for the one above it
     # resizing is per channel (OpenCV rounds more than four channels' area sums its own way: up to one level)
     assert np.abs(resize_images(out, 4)[..., :3].astype(int) - resize_images(images, 4)).max() <= 1
