@@ -20,10 +20,10 @@ import keras
 import numpy as np
 
 from stages import prepared
+from stages.balance import replay
 from stages.common import BrainsegError, load_params, run_main, train_config, write_json
 from stages.losses import get_loss, segmentation_metrics
 from stages.models import CLASSIFIERS, build_model
-from stages.balance import replay
 from stages.preprocess import (add_neighbours, add_position, mask_to_model_size, neighbour_places, resize_images,
                                slice_positions, standardise_volume, to_model_input, volume_stats)
 
