@@ -2,13 +2,16 @@
 
     python -m benchmarks.position_cut --exp vnorm-fold0 --exp vnorm-s42-fold1 ... --cut 0.1 --cut 0.15 --cut 0.2
     python -m benchmarks.position_cut --repo ../clone --exp ... --data ../shared/data/lgg-mri-segmentation-dev.zip
+    python -m benchmarks.position_cut --exp lever-fold0 ... --cut 0.2 --against vnorm-fold0 ...  # a lever, same cut
 
 Each experiment's saved model (from the DVC cache, by dvc.lock's hash) segments its validation patients once, with
 and without the flip; every post-processing setting the evaluation stage compares (evaluate.compare_settings) is
 then applied with each `min_position` cut (0: the setting as the runs used it) and scored per volume
 (stages.metrics' convention: a patient with no tumour and nothing predicted scores 1). Printed per cut: the pooled
 table benchmarks.crossval prints, and the cut against no cut, patient by patient. Validation patients only, so
-the cut can be chosen here and the test patients looked at once, with the cut chosen.
+the cut can be chosen here and the test patients looked at once, with the cut chosen. With --against, a
+baseline's runs are re-scored the same way and the experiments are compared with them at each cut, patient by
+patient, so a lever made with a cut is judged against a baseline made before it under the same cut.
 """
 from __future__ import annotations
 
@@ -61,17 +64,11 @@ def segment_run(model_path: Path, raw, frame: pd.DataFrame, patients: list[str],
     return {cut: pd.DataFrame(r) for cut, r in rows.items()}
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.position_cut", description=__doc__.splitlines()[0])
-    parser.add_argument("--repo", type=Path, default=Path("."))
-    parser.add_argument("--exp", action="append", required=True, help="one k-fold experiment per fold (repeatable)")
-    parser.add_argument("--cut", action="append", type=float, required=True, help="a min_position to try (0-1)")
-    parser.add_argument("--data", type=Path, help="Kaggle-layout zip or folder (default: each run's data.archive)")
-    args = parser.parse_args(argv)
-    cuts = [0.0, *sorted(set(args.cut) - {0.0})]
+def segment_runs(repo: Path, names: list[str], data: Path | None, cuts) -> tuple[dict[float, dict], int]:
+    """k-fold runs' validation patients -> ({cut: {fold: table}}, k)."""
     tables, k = {cut: {} for cut in cuts}, set()
     with tempfile.TemporaryDirectory() as tmp:
-        for name, params, validation, model, raw, frame in validation_runs(args.repo, args.exp, args.data, Path(tmp)):
+        for name, params, validation, model, raw, frame in validation_runs(repo, names, data, Path(tmp)):
             split = params.get("split", {})
             k.add(int(split.get("folds", 0)))
             fold = int(split.get("fold", 0))
@@ -82,8 +79,27 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{name}: {len(validation)} validation patients segmented", flush=True)
     if len(k) != 1 or k == {0}:
         raise SystemExit(f"the experiments are not k-fold runs of one k (split.folds {sorted(k)})")
-    k = k.pop()
+    return tables, k.pop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.position_cut", description=__doc__.splitlines()[0])
+    parser.add_argument("--repo", type=Path, default=Path("."))
+    parser.add_argument("--exp", action="append", required=True, help="one k-fold experiment per fold (repeatable)")
+    parser.add_argument("--cut", action="append", type=float, required=True, help="a min_position to try (0-1)")
+    parser.add_argument("--data", type=Path, help="Kaggle-layout zip or folder (default: each run's data.archive)")
+    parser.add_argument("--against", action="append", default=[],
+                        help="a baseline's k-fold runs, one per fold (repeatable): re-scored with the same cuts and "
+                             "compared patient by patient at each")
+    args = parser.parse_args(argv)
+    cuts = [0.0, *sorted(set(args.cut) - {0.0})]
+    tables, k = segment_runs(args.repo, args.exp, args.data, cuts)
     partial = len(tables[0.0]) < k
+    if args.against:
+        against, base_k = segment_runs(args.repo, args.against, args.data, cuts)
+        if base_k != k or sorted(against[0.0]) != sorted(tables[0.0]):
+            raise SystemExit(f"--against names folds {sorted(against[0.0])} of {base_k}, --exp folds "
+                             f"{sorted(tables[0.0])} of {k}")
     base = pool(tables[0.0], k, partial)
     for cut in cuts:
         table = pool(tables[cut], k, partial)
@@ -92,6 +108,9 @@ def main(argv: list[str] | None = None) -> None:
         print(markdown(summary(table)))
         if cut:
             print(markdown(paired(table, base).rename(columns={"baseline": "no cut"})))
+        if args.against:
+            print(f"against {', '.join(args.against)} with the same cut, patient by patient:")
+            print(markdown(paired(table, pool(against[cut], k, partial))))
     print(f"reference: {REFERENCE}; settings as evaluate compares them: {', '.join(SETTINGS)}")
 
 
