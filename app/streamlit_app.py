@@ -69,27 +69,27 @@ def volumes(named_images: list[tuple[str, object]]) -> list[list[int]]:
 
 def segment_uploads(model, named_images: list[tuple[str, object]], params_evaluate: dict) -> list[dict]:
     """Decoded uploads [(name, image)] -> what the page shows for each, in upload order."""
-    from stages.inference import volume_context
+    from stages.inference import lone_slice_note
 
     results: list[dict | None] = [None] * len(named_images)
-    context = volume_context(model)
+    note = lone_slice_note(model)
     for group in volumes(named_images):
         images = np.stack([named_images[i][1] for i in group])
         patient = kaggle_slice(Path(named_images[group[0]][0]).name)
         patients = [patient[0] if patient else named_images[group[0]][0]] * len(group)
         numbers = [kaggle_slice(Path(named_images[i][0]).name)[1] for i in group] if patient else None
         for i, result in zip(group, analyse(model, images, params_evaluate, patients, numbers)):
-            results[i] = page_result(named_images[i][0], named_images[i][1], result, len(group), context)
+            results[i] = page_result(named_images[i][0], named_images[i][1], result, len(group), note)
     return results
 
 
-def page_result(name: str, image, result: dict, volume_slices: int = 1, context: list[str] | None = None) -> dict:
+def page_result(name: str, image, result: dict, volume_slices: int = 1, lone_note: str = "") -> dict:
     segmented = result["mask"] is not None  # a classifier model gives a verdict only
     return {"name": name, "image": image, "overlay": overlay(image, result["mask"]) if segmented else None,
             "tumour": result["tumour"], "probability": result["max_probability"], "area": result["area"],
             "mask_tiff": mask_tiff(result["mask"]) if segmented else None,
             "mask_name": f"{Path(name).stem}_mask.tif", "volume_slices": volume_slices,
-            "missing_volume": context if context and volume_slices == 1 else []}
+            "lone_note": lone_note if volume_slices == 1 else ""}
 
 
 def process_upload(model, data: bytes, name: str, params_evaluate: dict) -> dict:
@@ -112,10 +112,9 @@ def show_result(result: dict, index: int) -> None:
         right.image(result["overlay"], caption="Predicted tumour (red outline)", width=320)
     if result["volume_slices"] > 1:
         st.caption(f"Segmented together with the {result['volume_slices']} uploaded slices of its patient")
-    if result["missing_volume"]:
-        st.caption(f"This model also uses {' and '.join(result['missing_volume'])}: a lone slice is taken to lie "
-                   "in the middle of the head and stands in for its own neighbours. Upload all of a patient's "
-                   "slices with their Kaggle names to give it its volume")
+    if result["lone_note"]:
+        st.caption(f"Segmented alone: {result['lone_note']}. Upload all of a patient's slices with their Kaggle "
+                   "names to give each one its volume")
     (st.error if result["tumour"] else st.success)(verdict(result))
     if result["mask_tiff"] is not None:
         st.download_button("Download mask (TIFF, 0/255)", result["mask_tiff"], file_name=result["mask_name"],

@@ -247,11 +247,14 @@ def neighbour_count(model: keras.Model) -> int:
     return max([layer.count for layer in model.layers if type(layer).__name__ == "SplitNeighbours"], default=0)
 
 
-def volume_context(model: keras.Model) -> list[str]:
-    """What a model takes from the rest of a patient's volume besides the slice itself, in words (empty for a
-    2D model): a lone slice is placed in the middle and stands in for its own neighbours (predict_probs)."""
-    return ((["where the slice lies (train.slice_position)"] if slice_positioned(model) else [])
-            + (["the slices around it (train.neighbours)"] if neighbour_count(model) else []))
+def lone_slice_note(model: keras.Model) -> str:
+    """For a model that uses the rest of a patient's volume, what it makes of a slice that comes alone, in words
+    (predict_probs); "" for a 2D model."""
+    uses = ((["where the slice lies (train.slice_position), so a lone slice is taken to lie in the middle of the "
+              "head"] if slice_positioned(model) else [])
+            + (["the slices around it (train.neighbours), so a lone slice stands in for its own neighbours"]
+               if neighbour_count(model) else []))
+    return f"{model.name} also uses " + "; and ".join(uses) if uses else ""
 
 
 def predict_probs(model: keras.Model, images: np.ndarray, batch_size: int = 32, tta_flip: bool = False,

@@ -321,8 +321,9 @@ def build_model(name: str, input_shape=(128, 128, 3), filters: int = 16, weights
         x = BrainStandardise(dtype="float32", name="standardise")(x)
     elif input_norm == "volume":
         x = VolumeDecode(dtype="float32", name="volume_decode")(x)
-        around = PlaneDecode(dtype="float32", name="neighbours_decode")(around) if neighbours else None
     if neighbours:
+        if input_norm == "volume":
+            around = PlaneDecode(dtype="float32", name="neighbours_decode")(around)
         x = layers.Concatenate(name="with_neighbours")([x, around])
     if slice_position:
         x = layers.Concatenate(name="with_position")([x, position])

@@ -294,14 +294,12 @@ def run(inputs: list[str], model_path: Path | str, out: Path | str, params_evalu
     note = f" ({masks} Kaggle *_mask files ignored)" if masks else ""
     print(f"{len(rows)} slices predicted with {model.name}, {int(predictions['tumour'].sum())} with tumour; "
           f"results in {out}{note}")
-    from stages.inference import volume_context
+    from stages.inference import lone_slice_note
 
     lone = int((predictions["patient"].astype(str) == "").sum())
-    if lone and volume_context(model):
-        print(f"{lone} slice(s) without a Kaggle name were taken alone: {model.name} also uses "
-              f"{' and '.join(volume_context(model))}, so each was placed in the middle of the head and stood in "
-              "for its own neighbours; pass a patient's slices with their Kaggle names to give it its volume",
-              file=sys.stderr)
+    if lone and lone_slice_note(model):
+        print(f"{lone} slice(s) without a Kaggle name were taken alone: {lone_slice_note(model)}. Pass a patient's "
+              "slices with their Kaggle names to give each one its volume", file=sys.stderr)
     for item in skipped:
         print(f"skipped {item['file']}: {item['reason']}", file=sys.stderr)
     if skipped:

@@ -123,7 +123,9 @@ def test_a_slice_position_model_places_a_patients_uploads_in_slice_order_and_a_l
     results = segment_uploads(model, list(zip(names, slices)), params)
     volume = predict_probs(model, slices[[1, 2, 0]], engine="keras")  # positions 0, 0.5, 1 in slice order
     assert np.allclose([r["probability"] for r in results[:3]], volume[[2, 0, 1]].max(axis=(1, 2)), atol=1e-6)
-    assert [r["missing_volume"] for r in results] == [[], [], [], ["where the slice lies (train.slice_position)"]]
+    assert [r["lone_note"] for r in results] == ["", "", "", "unet also uses where the slice lies "
+                                                 "(train.slice_position), so a lone slice is taken to lie in the "
+                                                 "middle of the head"]
     assert np.isclose(results[3]["probability"], predict_probs(model, slices[3:], engine="keras").max(), atol=1e-6)
 
 

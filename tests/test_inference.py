@@ -263,7 +263,9 @@ def test_a_neighbours_model_gets_the_flair_of_the_slices_around_each_one_in_its_
     from stages.models import build_model
     model = build_model("unet", (32, 32, 3), 4, input_norm="volume", neighbours=1)
     assert inference.neighbour_count(model) == 1 and inference.neighbour_count(build_model("unet", (32, 32, 3), 4)) == 0
-    assert inference.volume_context(model) == ["the slices around it (train.neighbours)"]
+    assert inference.lone_slice_note(model) == ("unet also uses the slices around it (train.neighbours), so a lone "
+                                                "slice stands in for its own neighbours")
+    assert inference.lone_slice_note(build_model("unet", (32, 32, 3), 4)) == ""
     images = np.random.default_rng(0).integers(20, 250, (5, 32, 32, 3), dtype=np.uint8)
     ids = ["A"] * 3 + ["B"] * 2
     probs = inference.predict_probs(model, images, engine=engine, patients=ids)
