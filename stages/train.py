@@ -121,26 +121,9 @@ def make_datasets(data_dir: Path, image_size: int, batch_size: int, classifier: 
     return *datasets, n_train
 
 
-def table_positions(table) -> np.ndarray:
-    """preprocess.slice_positions for a prepared split's rows: the place of each slice among its patient's
-    original slices, by slice number (copies come after the originals and keep their source's number)."""
-    positions = np.empty(len(table), np.float32)
-    numbers = table["slice"].to_numpy()
-    originals = table["copy"].to_numpy() < 0
-    for _, rows in table.reset_index(drop=True).groupby("patient").indices.items():
-        own = np.sort(numbers[rows[originals[rows]]])
-        if len(own) == 0:
-            raise BrainsegError(f"patient {table['patient'].iloc[rows[0]]} has augmented copies but no original "
-                                "slices in its split. Fix: run `dvc repro balance --force`")
-        place = np.searchsorted(own, numbers[rows]).clip(0, len(own) - 1)
-        positions[rows] = slice_positions(np.zeros(len(own)))[place]
-    return positions
-
-
-def table_neighbours(table, count: int) -> np.ndarray:
-    """preprocess.neighbour_rows for a prepared split's rows: the rows of each slice's `count` neighbours below
-    and above among its patient's original slices, by slice number (a copy takes its source's)."""
-    out = np.empty((len(table), 2 * count), np.int64)
+def patient_places(table):
+    """For each patient of a prepared split: (its rows, its original slices' rows in slice-number order, each
+    row's place among those originals). A copy keeps its source's slice number, so it takes its source's place."""
     numbers = table["slice"].to_numpy()
     originals = table["copy"].to_numpy() < 0
     for _, rows in table.reset_index(drop=True).groupby("patient").indices.items():
@@ -149,7 +132,22 @@ def table_neighbours(table, count: int) -> np.ndarray:
             raise BrainsegError(f"patient {table['patient'].iloc[rows[0]]} has augmented copies but no original "
                                 "slices in its split. Fix: run `dvc repro balance --force`")
         own = own[np.argsort(numbers[own], kind="stable")]
-        place = np.searchsorted(numbers[own], numbers[rows]).clip(0, len(own) - 1)
+        yield rows, own, np.searchsorted(numbers[own], numbers[rows]).clip(0, len(own) - 1)
+
+
+def table_positions(table) -> np.ndarray:
+    """preprocess.slice_positions for a prepared split's rows: each slice's place among its patient's originals."""
+    positions = np.empty(len(table), np.float32)
+    for rows, own, place in patient_places(table):
+        positions[rows] = slice_positions(np.zeros(len(own)))[place]
+    return positions
+
+
+def table_neighbours(table, count: int) -> np.ndarray:
+    """preprocess.neighbour_rows for a prepared split's rows: the rows of each slice's `count` neighbours below
+    and above among its patient's original slices."""
+    out = np.empty((len(table), 2 * count), np.int64)
+    for rows, own, place in patient_places(table):
         out[rows] = own[neighbour_places(len(own), count)[place]]
     return out
 

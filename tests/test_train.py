@@ -410,3 +410,11 @@ def test_train_with_neighbours_saves_a_model_that_asks_for_them(prepared, cfg, t
     from stages.inference import load_model, neighbour_count
     model = load_model(model_path)
     assert model.input_shape[-1] == 5 and neighbour_count(model) == 1
+
+
+def test_a_patient_with_copies_but_no_originals_is_refused_with_the_fix():
+    from stages.train import table_neighbours, table_positions
+    table = pd.DataFrame({"patient": ["A", "B"], "slice": [1, 1], "copy": [-1, 0]})
+    for places in (table_positions, lambda t: table_neighbours(t, 1)):
+        with pytest.raises(BrainsegError, match="patient B has augmented copies but no original.*balance --force"):
+            places(table)
