@@ -57,44 +57,43 @@ def pick_sources(candidates: np.ndarray, count: int, rng: np.random.Generator,
     return np.concatenate([rng.permutation(candidates) for _ in range(rounds)])[:count]
 
 
+def transform(image: np.ndarray, flip: bool, angle: float, sigma: float = 0.0,
+              interpolation: int = cv2.INTER_LINEAR) -> np.ndarray:
+    """A copy's geometry and blur, in order: mirror left-right, rotate `angle` degrees about the centre, blur with
+    `sigma` (0: none)."""
+    if flip:
+        image = image[:, ::-1]
+    if angle:
+        h, w = image.shape[:2]
+        rot = cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1.0)
+        image = cv2.warpAffine(np.ascontiguousarray(image), rot, (w, h), flags=interpolation)
+    return cv2.GaussianBlur(np.ascontiguousarray(image), (0, 0), sigma) if sigma else image
+
+
 def augment(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, cfg: dict):
     """Same flip and rotation for image and mask (mask by nearest neighbour, so it stays binary); blur image only."""
-    steps = []
-    if rng.random() < 0.5:
-        image, mask = image[:, ::-1], mask[:, ::-1]
-        steps.append("flip")
+    flip = rng.random() < 0.5
     angle = float(rng.uniform(-cfg["max_rotation"], cfg["max_rotation"]))
-    h, w = mask.shape
-    rot = cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1.0)
-    image = cv2.warpAffine(np.ascontiguousarray(image), rot, (w, h), flags=cv2.INTER_LINEAR)
-    mask = cv2.warpAffine(np.ascontiguousarray(mask), rot, (w, h), flags=cv2.INTER_NEAREST)
-    steps.append(f"rot{angle:+.1f}")
-    if rng.random() < cfg["blur_probability"]:
-        sigma = float(rng.uniform(0.3, cfg["blur_max_sigma"]))
-        image = cv2.GaussianBlur(image, (0, 0), sigma)
-        steps.append(f"blur{sigma:.2f}")
-    return image, mask, "+".join(steps)
+    sigma = float(rng.uniform(0.3, cfg["blur_max_sigma"])) if rng.random() < cfg["blur_probability"] else 0.0
+    how = "+".join((["flip"] if flip else []) + [f"rot{angle:+.1f}"] + ([f"blur{sigma:.2f}"] if sigma else []))
+    return (transform(image, flip, angle, sigma), transform(mask, flip, angle, interpolation=cv2.INTER_NEAREST),
+            how)
+
+
+RECORDED = re.compile(r"flip|rot[+-][0-9.]+|blur[0-9.]+")  # the steps of augment()'s record of a copy
 
 
 def replay(image: np.ndarray, how: str) -> np.ndarray:
-    """Apply an augmentation that augment() recorded as `how` (e.g. "flip+rot-12.3+blur0.54") to another image
-    of the same size, such as the FLAIR of a copy's neighbouring slices; the angle was recorded to 0.1 degree
-    and the blur to 0.01 pixel, so the replay is within that of the copy."""
-    image = np.ascontiguousarray(image)
-    h, w = image.shape[:2]
-    steps = re.findall(r"flip|rot[+-][0-9.]+|blur[0-9.]+", how or "")
+    """Apply an augmentation that augment() recorded as `how` (e.g. "flip+rot-12.3+blur0.54"; "" for an original)
+    to another image of the same size, such as the FLAIR of a copy's neighbouring slices; the angle was recorded
+    to 0.1 degree and the blur to 0.01 pixel, so the replay is within that of the copy."""
+    steps = RECORDED.findall(how or "")
     if "+".join(steps) != (how or ""):
         raise BrainsegError(f"augmentation '{how}' is not one balance records. Fix: run `dvc repro balance --force` "
                             "with this version")
-    for step in steps:
-        if step == "flip":
-            image = image[:, ::-1]
-        elif step.startswith("rot"):
-            rot = cv2.getRotationMatrix2D((w / 2, h / 2), float(step[3:]), 1.0)
-            image = cv2.warpAffine(np.ascontiguousarray(image), rot, (w, h), flags=cv2.INTER_LINEAR)
-        else:
-            image = cv2.GaussianBlur(image, (0, 0), float(step[4:]))
-    return np.ascontiguousarray(image)
+    angle = next((float(step[3:]) for step in steps if step.startswith("rot")), 0.0)
+    sigma = next((float(step[4:]) for step in steps if step.startswith("blur")), 0.0)
+    return np.ascontiguousarray(transform(np.asarray(image), "flip" in steps, angle, sigma))
 
 
 def augmentation_sources(meta: pd.DataFrame, cfg: dict, seed: int) -> np.ndarray:
