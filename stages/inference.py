@@ -232,19 +232,26 @@ def _predict(model: keras.Model, images: np.ndarray, batch_size: int, progress: 
     return np.concatenate(out)
 
 
+def all_layers(model: keras.Model) -> list:
+    """Every layer of the model, those of nested models too (an ensemble wraps its members whole, and what
+    input a model expects is decided by layers inside them)."""
+    return list(model._flatten_layers(include_self=False, recursive=True))
+
+
 def volume_normalised(model: keras.Model) -> bool:
     """Whether the model expects each patient's slices standardised together (train.input_norm: volume)."""
-    return any(type(layer).__name__ == "VolumeDecode" for layer in model.layers)
+    return any(type(layer).__name__ == "VolumeDecode" for layer in all_layers(model))
 
 
 def slice_positioned(model: keras.Model) -> bool:
     """Whether the model takes each slice's place in its volume as a fourth channel (train.slice_position)."""
-    return any(type(layer).__name__ == "SplitPosition" for layer in model.layers)
+    return any(type(layer).__name__ == "SplitPosition" for layer in all_layers(model))
 
 
 def neighbour_count(model: keras.Model) -> int:
     """How many slices below and above a model takes the FLAIR of (train.neighbours; 0 for a 2D model)."""
-    return max([layer.count for layer in model.layers if type(layer).__name__ == "SplitNeighbours"], default=0)
+    return max([layer.count for layer in all_layers(model) if type(layer).__name__ == "SplitNeighbours"],
+               default=0)
 
 
 def lone_slice_note(model: keras.Model) -> str:

@@ -6,11 +6,11 @@ from stages import inference, models, prepared
 from stages.common import BrainsegError
 
 
-def _unet(seed: int):
+def _unet(seed: int, input_norm: str = "slice"):
     import keras
 
     keras.utils.set_random_seed(seed)
-    return models.build_model("unet", (64, 64, 3), filters=4, input_norm="slice")
+    return models.build_model("unet", (64, 64, 3), filters=4, input_norm=input_norm)
 
 
 def test_the_average_model_outputs_the_mean_of_its_members():
@@ -22,6 +22,19 @@ def test_the_average_model_outputs_the_mean_of_its_members():
     both = ensemble.average([a, b])
     assert both.name == "unet" and inference.model_kind(both) == "segmenter" and inference.input_size(both) == 64
     np.testing.assert_allclose(inference.predict_probs(both, images, engine="keras"), (pa + pb) / 2, atol=1e-6)
+
+
+def test_an_average_of_volume_normalised_members_gets_each_patient_standardised():
+    # the members' VolumeDecode layers sit inside nested models: missing them would feed the ensemble raw pixels
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 255, (4, 64, 64, 3), dtype=np.uint8)
+    patients = ["A", "A", "B", "B"]
+    a, b = _unet(1, "volume"), _unet(2, "volume")
+    both = ensemble.average([a, b])
+    assert inference.volume_normalised(both)
+    pa, pb = (inference.predict_probs(m, images, engine="keras", patients=patients) for m in (a, b))
+    np.testing.assert_allclose(inference.predict_probs(both, images, engine="keras", patients=patients),
+                               (pa + pb) / 2, atol=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -78,3 +91,55 @@ def test_member_figures_come_from_the_members_own_evaluation(tmp_path):
     assert ensemble.member_figures(tmp_path) == {
         "test_dice_volume_mean": 0.74, "test_dice_volume_median": 0.85, "validation_dice_volume_mean": 0.77,
         "postprocess_chosen": "tta_flip", "validation_chosen_dice_volume_mean": 0.82}
+
+
+@pytest.fixture(scope="module")
+def fold_runs(tmp_path_factory):
+    """The two runs of a 2-fold synthetic split, evaluated, both holding the same (untrained) model."""
+    import yaml
+
+    from stages import evaluate
+
+    root = tmp_path_factory.mktemp("folds")
+    result = []
+    for fold in (0, 1):
+        run = root / f"f{fold}"
+        overrides = ["data.source=synthetic", "data.synthetic.patients=8", "data.synthetic.slices=8",
+                     "profile=demo", "split.folds=2", f"split.fold={fold}"]
+        gpu_recipe.run_stages(run, overrides, names=["download", "index", "split", "balance"])
+        (run / "models").mkdir()
+        _unet(3, "volume").save(run / "models/model.keras")
+        evaluate.run_stage(yaml.safe_load((run / "params.yaml").read_text()), run)
+        result.append(run)
+    return result
+
+
+def test_a_fold_ensemble_chooses_post_processing_on_the_pooled_folds_then_scores_test(fold_runs):
+    import pandas as pd
+    import yaml
+
+    from stages import evaluate
+
+    pooled = pd.concat([pd.read_csv(run / "metrics/per_patient_validation.csv") for run in fold_runs])
+    splits = [pd.read_csv(run / "data/split.csv").set_index("patient")["split"] for run in fold_runs]
+    assert set(pooled.patient) == set(splits[0].index[splits[0] != "test"])  # every non-test patient, once
+    assert len(pooled) == pooled.patient.nunique()
+    scores = ensemble.evaluate_fold_ensemble(fold_runs)
+    means = {name: pooled[name].mean() for name in ("threshold", "min_component", "largest_3d", "tta_flip")}
+    assert scores["validation"]["patients"] == len(pooled)
+    assert scores["validation"]["pooled_out_of_fold_dice_volume_mean"] == pytest.approx(means)
+    assert means[scores["validation"]["chosen"]] == max(means.values())
+    # both members hold one model, so the average is that model under the chosen post-processing
+    params = yaml.safe_load((fold_runs[0] / "params.yaml").read_text())["evaluate"]
+    chosen = evaluate.compare_settings(params)[scores["validation"]["chosen"]]
+    alone = evaluate.evaluate_model(inference.load_model(fold_runs[0] / "models/model.keras"),
+                                    *prepared.originals(fold_runs[0] / "data", "test"), chosen).metrics
+    for key in ("dice_volume_mean", "dice_volume_median", "dice_pixel", "tversky"):
+        assert scores["test"][key] == pytest.approx(alone[key], abs=1e-6), key
+
+
+def test_a_fold_ensemble_needs_every_fold_of_one_split(fold_runs, runs):
+    with pytest.raises(SystemExit, match=r"folds \[1\] of 2"):
+        ensemble.evaluate_fold_ensemble(fold_runs[:1])
+    with pytest.raises(BrainsegError, match="test patients differ"):
+        ensemble.pooled_validation([fold_runs[0], runs[0]])
