@@ -8,6 +8,7 @@
     python -m benchmarks.crossval --exp cv5-fold0 --exp cv5-fold1 --exp cv5-fold2 --exp cv5-fold3 --exp cv5-fold4
     python -m benchmarks.crossval --partial --exp ...   # the folds done so far, said to be partial
     python -m benchmarks.crossval --exp lever-fold0 ... --against cv5-fold0 ...  # a lever, paired by patient
+    python -m benchmarks.crossval --run runs/f0 --run runs/f1 ...  # run folders (benchmarks.gpu_recipe --workdir)
 
 With `split.folds: k` the test patients stay aside and the others are cut into k folds by patient; the run with
 `split.fold: f` validates on fold f. Pooled over the k runs, every non-test patient is scored once by a model that
@@ -107,20 +108,33 @@ def commits(repo: Path, names: list[str]) -> dict[str, str]:
     return {name: found[name] for name in names}
 
 
-def run_files(repo: Path, name: str, rev: str) -> tuple[dict, pd.DataFrame]:
-    """An experiment's params.yaml and its validation patients' table."""
+def run_files(repo: Path, name: str, rev: str) -> tuple[dict, pd.DataFrame, dict]:
+    """An experiment's params.yaml, its validation patients' table and its eval.json."""
     params = yaml.safe_load(git_show(repo, rev, "params.yaml") or "{}")
     csv = git_show(repo, rev, "metrics/per_patient_validation.csv")
     if csv is None:
         raise SystemExit(f"{name}: no metrics/per_patient_validation.csv (a run from before it was written)")
-    return params, pd.read_csv(io.StringIO(csv))
+    return params, pd.read_csv(io.StringIO(csv)), json.loads(git_show(repo, rev, "metrics/eval.json"))
 
 
-def load(repo: Path, names: list[str]) -> tuple[dict[int, pd.DataFrame], dict[int, dict], int]:
-    """Each named experiment's fold number, validation table and eval.json; k, which they must share."""
+def folder_files(run: Path) -> tuple[dict, pd.DataFrame, dict]:
+    """The same three files of a run folder (a `benchmarks.gpu_recipe` workdir)."""
+    csv = run / "metrics/per_patient_validation.csv"
+    if not csv.exists():
+        raise SystemExit(f"{run}: no metrics/per_patient_validation.csv (its evaluate stage has not run)")
+    return (yaml.safe_load((run / "params.yaml").read_text()), pd.read_csv(csv),
+            json.loads((run / "metrics/eval.json").read_text()))
+
+
+def load(repo: Path, names: list[str], folders: bool = False) -> tuple[dict[int, pd.DataFrame], dict[int, dict], int]:
+    """Each run's fold number, validation table and eval.json; k, which they must share. The runs are
+    experiments of `repo` by name, or with `folders` run folders by path."""
+    if folders:
+        found = {name: folder_files(Path(name)) for name in names}
+    else:
+        found = {name: run_files(repo, name, rev) for name, rev in commits(repo, names).items()}
     tables, evaluations, ks = {}, {}, set()
-    for name, rev in commits(repo, names).items():
-        params, validation = run_files(repo, name, rev)
+    for name, (params, validation, evaluation) in found.items():
         split = params.get("split", {})
         if int(split.get("folds", 0)) < 2:
             raise SystemExit(f"{name}: split.folds is {split.get('folds')}: not a k-fold run")
@@ -129,7 +143,7 @@ def load(repo: Path, names: list[str]) -> tuple[dict[int, pd.DataFrame], dict[in
         if fold in tables:
             raise SystemExit(f"{name}: fold {fold} is named twice")
         tables[fold] = validation
-        evaluations[fold] = json.loads(git_show(repo, rev, "metrics/eval.json"))
+        evaluations[fold] = evaluation
     if len(ks) != 1:
         raise SystemExit(f"the experiments use different split.folds: {sorted(ks)}")
     return tables, evaluations, ks.pop()
@@ -138,13 +152,18 @@ def load(repo: Path, names: list[str]) -> tuple[dict[int, pd.DataFrame], dict[in
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.crossval", description=__doc__.splitlines()[0])
     parser.add_argument("--repo", type=Path, default=Path("."))
-    parser.add_argument("--exp", action="append", required=True, help="one experiment per fold (repeatable)")
+    runs = parser.add_mutually_exclusive_group(required=True)
+    runs.add_argument("--exp", action="append", help="one experiment per fold (repeatable)")
+    runs.add_argument("--run", action="append", type=Path,
+                      help="or one run folder per fold, such as benchmarks.gpu_recipe's --workdir (repeatable)")
     parser.add_argument("--partial", action="store_true",
                         help="pool the folds named even if some are missing (an unfinished cross-validation)")
     parser.add_argument("--against", action="append", default=[],
-                        help="the baseline's runs, one per fold (repeatable): compared patient by patient")
+                        help="the baseline's runs, one per fold (repeatable; experiments or folders, as the runs): "
+                        "compared patient by patient")
     args = parser.parse_args(argv)
-    tables, evaluations, k = load(args.repo, args.exp)
+    names, folders = (args.exp, False) if args.exp else ([str(r) for r in args.run], True)
+    tables, evaluations, k = load(args.repo, names, folders)
     table = pool(tables, k, args.partial)
     done = "" if len(tables) == k else f" (PARTIAL: folds {sorted(tables)} only)"
     print(f"{k}-fold cross-validation{done} over {len(table)} non-test patients, per-volume Dice of each "
@@ -153,10 +172,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"reference: {REFERENCE}")
     print("\n".join(fold_lines(evaluations)))
     if args.against:
-        base_tables, base_evaluations, base_k = load(args.repo, args.against)
+        base_tables, base_evaluations, base_k = load(args.repo, args.against, folders)
         if base_k != k or sorted(base_tables) != sorted(tables):
-            raise SystemExit(f"--against names folds {sorted(base_tables)} of {base_k}, --exp folds {sorted(tables)} "
-                             f"of {k}: pair the same folds")
+            raise SystemExit(f"--against names folds {sorted(base_tables)} of {base_k}, the runs folds "
+                             f"{sorted(tables)} of {k}: pair the same folds")
         print(f"\nagainst {', '.join(args.against)}, patient by patient:")
         print(markdown(paired(table, pool(base_tables, base_k, args.partial))))
         print("baseline " + "\nbaseline ".join(fold_lines(base_evaluations)))

@@ -7,6 +7,13 @@ post-processing chosen on them, then one look at the test patients. Prints each 
 metrics/eval.json) beside the ensemble's.
 
   python -m benchmarks.ensemble runs/r42 runs/r7 runs/r1 [--out ensemble.json]
+
+With --folds the members are the k runs of a k-fold split (`split.folds: k`, one run per `split.fold`): they share
+the test patients but each validated on its own fold, so no patient outside the test split was unseen by all of
+them. The post-processing is then chosen on the pooled out-of-fold validation (each non-test patient scored by the
+member that did not train on it, as `benchmarks.crossval` pools it), and the average is scored once on test:
+
+  python -m benchmarks.ensemble --folds runs/f0 runs/f1 runs/f2 runs/f3 runs/f4
 """
 from __future__ import annotations
 
@@ -16,8 +23,10 @@ import sys
 from pathlib import Path
 
 import keras
+import pandas as pd
 import yaml
 
+from benchmarks import crossval
 from stages import evaluate, inference, prepared
 from stages.common import BrainsegError
 
@@ -42,6 +51,42 @@ def check_same_split(runs: list[Path]) -> None:
         raise BrainsegError(f"{', '.join(map(str, runs))}: their data/split.csv differ; an ensemble must be "
                             "scored on patients none of its members trained on. Fix: runs of one split "
                             "(same seed and split parameters, only train.seed changed)")
+
+
+def split_test_patients(run: Path) -> list[str]:
+    split = pd.read_csv(run / "data/split.csv")
+    return sorted(split.loc[split["split"] == "test", "patient"])
+
+
+def pooled_validation(runs: list[Path]) -> pd.DataFrame:
+    """The k-fold runs' validation tables pooled (every fold once, no patient twice); the runs must set aside
+    the same test patients."""
+    if len({tuple(split_test_patients(run)) for run in runs}) != 1:
+        raise BrainsegError(f"{', '.join(map(str, runs))}: their test patients differ; the runs of a fold ensemble "
+                            "must come from one k-fold split (same seed, split.val, split.test and split.folds, "
+                            "one run per split.fold)")
+    tables, _, k = crossval.load(Path("."), [str(run) for run in runs], folders=True)
+    return crossval.pool(tables, k)
+
+
+def evaluate_fold_ensemble(runs: list[Path]) -> dict:
+    """The average of a k-fold split's models: post-processing chosen on the pooled out-of-fold validation, then
+    one look at the test patients."""
+    pooled = pooled_validation(runs)
+    params = yaml.safe_load((runs[0] / "params.yaml").read_text())["evaluate"]
+    options = evaluate.compare_settings(params)
+    scores = {name: float(pooled[name].mean()) for name in options}
+    chosen = max(scores, key=lambda n: (scores[n], -list(options).index(n)))  # ties: fewer steps
+    settings = {**params, **{k: options[chosen][k] for k in ("min_component", "largest_3d", "tta_flip")}}
+    model = average([inference.load_model(run / evaluate.MODEL) for run in runs])
+    test = evaluate.evaluate_model(model, *prepared.originals(runs[0] / evaluate.DATA, "test"), settings,
+                                   desc="test")
+    worst = test.per_patient.loc[test.per_patient["dice"].idxmin()]
+    return {"validation": {"patients": len(pooled), "pooled_out_of_fold_dice_volume_mean": scores,
+                           "chosen": chosen},
+            "test": {k: test.metrics[k] for k in ("dice_volume_mean", "dice_volume_median", "dice_slice_mean",
+                                                  "dice_pixel", "tversky")},
+            "worst_test_patient": {"patient": worst["patient"], "dice": float(worst["dice"])}}
 
 
 def evaluate_ensemble(runs: list[Path]) -> dict:
@@ -76,10 +121,12 @@ def member_figures(run: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", type=Path, nargs="+")
+    parser.add_argument("--folds", action="store_true",
+                        help="the runs are the k folds of one k-fold split (see above), not seeds of one split")
     parser.add_argument("--out", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args()
-    summary = {"members": {str(run): member_figures(run) for run in args.runs},
-               "ensemble": evaluate_ensemble(args.runs)}
+    scoring = evaluate_fold_ensemble if args.folds else evaluate_ensemble
+    summary = {"members": {str(run): member_figures(run) for run in args.runs}, "ensemble": scoring(args.runs)}
     text = json.dumps(summary, indent=1)
     print(text)
     if args.out:

@@ -106,3 +106,22 @@ def test_a_lever_is_compared_with_its_baseline_patient_by_patient(monkeypatch, c
     assert "| threshold | 8 | 0.655 | 0.625 | 0.030 | 6 / 1 |" in out
     with pytest.raises(SystemExit, match="pair the same folds"):
         crossval.main(["--exp", "lev-a", "--exp", "lev-b", "--against", "base-a", "--partial"])
+
+
+def test_run_folders_are_pooled_as_experiments_are(tmp_path, capsys):
+    # benchmarks.gpu_recipe workdirs: the same three files, read from disk
+    runs = []
+    for fold, table in ((0, fold_table(["A", "B"], [0.8, 0.6], [0.9, 0.7])), (1, fold_table(["C"], [0.4], [0.5]))):
+        run = tmp_path / f"f{fold}"
+        for path, text in run_files(fold, 2, table).items():
+            (run / path).parent.mkdir(parents=True, exist_ok=True)
+            (run / path).write_text(text)
+        runs.append(str(run))
+    crossval.main(["--run", runs[1], "--run", runs[0]])
+    out = capsys.readouterr().out
+    assert "2-fold cross-validation over 3 non-test patients" in out
+    assert "| tta_flip | 3 | 0.700 | 0.700 | 0.500 (C) | 0.800 / 0.500 |" in out
+    with pytest.raises(SystemExit, match="no metrics/per_patient_validation.csv"):
+        crossval.main(["--run", str(tmp_path / "nowhere")])
+    with pytest.raises(SystemExit):  # one kind of run or the other
+        crossval.main(["--run", runs[0], "--exp", "cv-a"])
