@@ -5,9 +5,17 @@ Where DVC is installed, `dvc exp run -S profile=gpu` is the same run. Overrides 
 
   KERAS_BACKEND=jax python -m benchmarks.gpu_recipe -S data.archive=/root/lgg/kaggle_3m
   KERAS_BACKEND=jax python -m benchmarks.gpu_recipe -S profile=demo -S data.source=synthetic   # smoke test
+  KERAS_BACKEND=jax python -m benchmarks.gpu_recipe --folds 5 --parallel 2 -S data.archive=/root/lgg/kaggle_3m
 
 Defaults: profile gpu, data.source archive. Prints each stage's seconds, the training summary and the
 evaluation headline (per-volume Dice on the test patients: mean, median, worst; validation beside it).
+
+--folds k runs the k runs of `split.folds: k` (workdir/fold0 ...; each run's output in its run.log), at most
+--parallel of them at a time on the one GPU, then prints the pooled cross-validation (`benchmarks.crossval`) and
+the fold ensemble on test (`benchmarks.ensemble --folds`). Five processes compiling XLA at once made the H100's
+first two epochs take about three minutes each (alone: about one), so keep --parallel at 3 or less. On JAX the
+runs share a persistent compilation cache (workdir/jax-cache, unless JAX_COMPILATION_CACHE_DIR is set): a run
+after the first loads its compiled steps instead of compiling them again.
 """
 from __future__ import annotations
 
@@ -40,9 +48,11 @@ def override(params: dict, assignment: str) -> None:
     node[last] = yaml.safe_load(value)
 
 
-def run_stages(workdir: Path, assignments: list[str], names: list[str] | None = None) -> dict[str, float]:
+def run_stages(workdir: Path, assignments: list[str], names: list[str] | None = None, log=None,
+               env: dict | None = None) -> dict[str, float]:
     """dvc.yaml's stage commands in order inside `workdir`, with params.yaml changed by `assignments`
-    (only the stages in `names`, when given); seconds per stage."""
+    (only the stages in `names`, when given); seconds per stage. `log`: a file for the commands' output
+    (default: this process's); `env`: variables added to theirs."""
     workdir.mkdir(parents=True, exist_ok=True)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for assignment in assignments:
@@ -51,17 +61,19 @@ def run_stages(workdir: Path, assignments: list[str], names: list[str] | None = 
     if not Path(archive).is_absolute():  # relative to the project, as in params.yaml
         params["data"]["archive"] = str((ROOT / archive).resolve())
     (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, **(env or {}),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     seconds = {}
     for name, stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items():
         if names is not None and name not in names:
             continue
-        print(f"--- {name}: {stage['cmd']}", flush=True)
+        print(f"--- {name}: {stage['cmd']}", file=log or sys.stdout, flush=True)
         start = time.perf_counter()
         command = stage["cmd"].split()
         if command[0] == "python":  # this interpreter (a GPU image may only have `python3`)
             command[0] = sys.executable
-        subprocess.run(command, cwd=workdir, env=env, check=True)
+        subprocess.run(command, cwd=workdir, env=env, check=True, stdout=log,
+                       stderr=subprocess.STDOUT if log else None)
         seconds[name] = round(time.perf_counter() - start, 1)
     return seconds
 
@@ -101,15 +113,69 @@ def device_name() -> str:
     return ", ".join(d.name for d in tf.config.list_logical_devices()) or "cpu"
 
 
+def child_env(workdir: Path, parallel: int) -> dict[str, str]:
+    """What the runs' processes get on JAX: one compilation cache for all of them and, side by side, a share of
+    the GPU's memory each (a JAX process takes 75% of it by default). Variables already set win."""
+    env = {"JAX_COMPILATION_CACHE_DIR": str(workdir / "jax-cache")}
+    if parallel > 1:
+        env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{0.9 / parallel:.2f}"
+    return {k: v for k, v in env.items() if k not in os.environ}
+
+
+def run_folds(workdir: Path, assignments: list[str], k: int, parallel: int) -> dict[int, dict[str, float]]:
+    """The k runs of a k-fold split in workdir/fold0 ... (at most `parallel` at a time); seconds per stage of
+    each. A run that fails is named with its log; the others still finish."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    env = child_env(workdir, parallel)
+
+    def one(fold: int) -> dict[str, float]:
+        run = workdir / f"fold{fold}"
+        run.mkdir(parents=True, exist_ok=True)
+        with open(run / "run.log", "w") as log:
+            return run_stages(run, assignments + [f"split.folds={k}", f"split.fold={fold}"], log=log, env=env)
+
+    print(f"{k} folds, {parallel} at a time; each run's output in {workdir}/foldN/run.log", flush=True)
+    with ThreadPoolExecutor(parallel) as pool:
+        futures = {fold: pool.submit(one, fold) for fold in range(k)}
+    failed = [fold for fold, future in futures.items() if future.exception()]
+    if failed:
+        raise SystemExit(f"folds {failed} failed: see {', '.join(str(workdir / f'fold{f}/run.log') for f in failed)}")
+    return {fold: future.result() for fold, future in futures.items()}
+
+
+def report_folds(workdir: Path, seconds: dict[int, dict[str, float]]) -> dict:
+    """Each fold's figures, the pooled cross-validation and the fold ensemble on test."""
+    from benchmarks import crossval, ensemble
+
+    runs = [workdir / f"fold{fold}" for fold in sorted(seconds)]
+    folds = {fold: report(run, seconds[fold]) for fold, run in zip(sorted(seconds), runs)}
+    tables, _, k = crossval.load(Path("."), [str(run) for run in runs], folders=True)
+    print(f"{k}-fold cross-validation over the non-test patients (each post-processing fixed for all folds):")
+    print(crossval.markdown(crossval.summary(crossval.pool(tables, k))))
+    print(f"reference: {crossval.REFERENCE}")
+    fold_ensemble = ensemble.evaluate_fold_ensemble(runs)
+    print("fold ensemble:", json.dumps(fold_ensemble, indent=1))
+    return {"folds": folds, "fold_ensemble": fold_ensemble}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-S", dest="set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--workdir", type=Path, default=ROOT / "runs" / "gpu")
     parser.add_argument("--fresh", action="store_true", help="empty the workdir first")
+    parser.add_argument("--folds", type=int, default=0, metavar="K", help="run the K folds of split.folds: K")
+    parser.add_argument("--parallel", type=int, default=1, metavar="N", help="with --folds: N runs at a time")
     args = parser.parse_args()
     if args.fresh and args.workdir.exists():
         shutil.rmtree(args.workdir)
-    seconds = run_stages(args.workdir, DEFAULTS + args.set)
+    if args.folds:
+        if args.folds < 2 or args.parallel < 1:
+            raise SystemExit(f"--folds {args.folds} --parallel {args.parallel}: need K >= 2 folds and N >= 1")
+        summary = report_folds(args.workdir, run_folds(args.workdir, DEFAULTS + args.set, args.folds, args.parallel))
+        (args.workdir / "folds.json").write_text(json.dumps(summary, indent=1) + "\n")
+        return
+    seconds = run_stages(args.workdir, DEFAULTS + args.set, env=child_env(args.workdir, 1))
     report(args.workdir, seconds)
 
 

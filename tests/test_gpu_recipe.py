@@ -37,3 +37,37 @@ def test_report_gives_the_test_headline_and_the_worst_patient(tmp_path, capsys):
     assert summary["worst_test_patient"]["patient"] == "B" and summary["total_seconds"] == 3.0
     assert summary["test"]["dice_volume_median"] == 0.82 and summary["validation"] == {"dice_volume_mean": 0.83}
     assert json.loads(capsys.readouterr().out)["train"] == {"train_slices_per_s": 361.0}
+
+
+def test_runs_side_by_side_share_the_gpu_memory_and_one_compilation_cache(tmp_path, monkeypatch):
+    for name in ("JAX_COMPILATION_CACHE_DIR", "XLA_PYTHON_CLIENT_MEM_FRACTION"):
+        monkeypatch.delenv(name, raising=False)
+    assert gpu_recipe.child_env(tmp_path, 1) == {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax-cache")}
+    assert gpu_recipe.child_env(tmp_path, 3)["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.30"
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.2")  # the caller's choice wins
+    assert "XLA_PYTHON_CLIENT_MEM_FRACTION" not in gpu_recipe.child_env(tmp_path, 3)
+
+
+SMALL = ["profile=demo", "data.source=synthetic", "data.synthetic.patients=8", "data.synthetic.slices=8"]
+
+
+def test_the_folds_of_a_split_run_side_by_side_then_pool_and_ensemble(tmp_path, capsys):
+    seconds = gpu_recipe.run_folds(tmp_path, SMALL, k=2, parallel=2)
+    assert sorted(seconds) == [0, 1] and all("evaluate" in s for s in seconds.values())
+    for fold in (0, 1):
+        params = yaml.safe_load((tmp_path / f"fold{fold}/params.yaml").read_text())
+        assert params["split"] == {**params["split"], "folds": 2, "fold": fold}
+        assert "--- evaluate" in (tmp_path / f"fold{fold}/run.log").read_text()
+    summary = gpu_recipe.report_folds(tmp_path, seconds)
+    out = capsys.readouterr().out
+    assert "2-fold cross-validation over the non-test patients" in out and "| tta_flip |" in out
+    assert sorted(summary["folds"]) == [0, 1]
+    validated = sum(len(open(tmp_path / f"fold{f}/metrics/per_patient_validation.csv").readlines()) - 1
+                    for f in (0, 1))
+    assert summary["fold_ensemble"]["validation"]["patients"] == validated
+    assert 0.0 <= summary["fold_ensemble"]["test"]["dice_volume_mean"] <= 1.0
+
+
+def test_a_fold_that_fails_is_named_with_its_log(tmp_path):
+    with pytest.raises(SystemExit, match=r"folds \[0, 1\] failed: see .*fold0/run.log"):
+        gpu_recipe.run_folds(tmp_path, SMALL + ["train.no_such_key=1"], k=2, parallel=1)
