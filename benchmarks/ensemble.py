@@ -74,10 +74,8 @@ def evaluate_fold_ensemble(runs: list[Path]) -> dict:
     one look at the test patients."""
     pooled = pooled_validation(runs)
     params = yaml.safe_load((runs[0] / "params.yaml").read_text())["evaluate"]
-    options = evaluate.compare_settings(params)
-    scores = {name: float(pooled[name].mean()) for name in options}
-    chosen = max(scores, key=lambda n: (scores[n], -list(options).index(n)))  # ties: fewer steps
-    settings = {**params, **{k: options[chosen][k] for k in ("min_component", "largest_3d", "tta_flip")}}
+    scores = {name: float(pooled[name].mean()) for name in evaluate.compare_settings(params)}
+    chosen, settings = evaluate.best_postprocess(scores, params)
     model = average([inference.load_model(run / evaluate.MODEL) for run in runs])
     test = evaluate.evaluate_model(model, *prepared.originals(runs[0] / evaluate.DATA, "test"), settings,
                                    desc="test")

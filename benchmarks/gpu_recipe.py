@@ -114,8 +114,8 @@ def device_name() -> str:
 
 
 def child_env(workdir: Path, parallel: int) -> dict[str, str]:
-    """What the runs' processes get on JAX: one compilation cache for all of them and, side by side, a share of
-    the GPU's memory each (a JAX process takes 75% of it by default). Variables already set win."""
+    """What the runs' processes get (only JAX reads it): one compilation cache for all of them and, side by side,
+    a share of the GPU's memory each (a JAX process takes 75% of it by default). Variables already set win."""
     env = {"JAX_COMPILATION_CACHE_DIR": str(workdir / "jax-cache")}
     if parallel > 1:
         env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{0.9 / parallel:.2f}"

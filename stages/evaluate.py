@@ -286,6 +286,12 @@ def choose_postprocess(validation: Evaluation, params: dict) -> tuple[str, dict]
     # no validation patients (None): nothing to choose from, so the fewest steps
     scores = {name: -1.0 if v["dice_volume_mean"] is None else v["dice_volume_mean"]
               for name, v in validation.metrics["postprocess_compare"].items()}
+    return best_postprocess(scores, params)
+
+
+def best_postprocess(scores: dict[str, float], params: dict) -> tuple[str, dict]:
+    """The compare_settings name with the highest score (ties go to the one with fewer steps: scores in
+    compare_settings' order) and the evaluate params that apply it."""
     name = max(scores, key=lambda n: (scores[n], -list(scores).index(n)))
     chosen = compare_settings(params)[name]
     return name, {**params, **{k: chosen[k] for k in ("min_component", "largest_3d", "tta_flip")}}
