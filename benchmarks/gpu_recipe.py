@@ -13,7 +13,7 @@ evaluation headline (per-volume Dice on the test patients: mean, median, worst; 
 --folds k runs the k runs of `split.folds: k` (workdir/fold0 ...; each run's output in its run.log), at most
 --parallel of them at a time on the one GPU, then prints the pooled cross-validation (`benchmarks.crossval`) and
 the fold ensemble on test (`benchmarks.ensemble --folds`). Five processes compiling XLA at once made the H100's
-first two epochs take about three minutes each (alone: about one), so keep --parallel at 3 or less. On JAX the
+first two epochs take 3 and 2 minutes (alone: 61 and 46 s), so keep --parallel at 3 or less. On JAX the
 runs share a persistent compilation cache (workdir/jax-cache, unless JAX_COMPILATION_CACHE_DIR is set): a run
 after the first loads its compiled steps instead of compiling them again.
 """
