@@ -15,7 +15,8 @@ evaluation headline (per-volume Dice on the test patients: mean, median, worst; 
 the fold ensemble on test (`benchmarks.ensemble --folds`). Five processes compiling XLA at once made the H100's
 first two epochs take 3 and 2 minutes (alone: 61 and 46 s), so keep --parallel at 3 or less. On JAX the
 runs share a persistent compilation cache (workdir/jax-cache, unless JAX_COMPILATION_CACHE_DIR is set): a run
-after the first loads its compiled steps instead of compiling them again.
+after the first loads its compiled steps instead of compiling them again. --resume keeps the folds an earlier
+call already evaluated with the same parameters, so k folds can be spread over several time-limited calls.
 """
 from __future__ import annotations
 
@@ -48,19 +49,24 @@ def override(params: dict, assignment: str) -> None:
     node[last] = yaml.safe_load(value)
 
 
-def run_stages(workdir: Path, assignments: list[str], names: list[str] | None = None, log=None,
-               env: dict | None = None) -> dict[str, float]:
-    """dvc.yaml's stage commands in order inside `workdir`, with params.yaml changed by `assignments`
-    (only the stages in `names`, when given); seconds per stage. `log`: a file for the commands' output
-    (default: this process's); `env`: variables added to theirs."""
-    workdir.mkdir(parents=True, exist_ok=True)
+def params_text(assignments: list[str]) -> str:
+    """The project's params.yaml changed by `assignments`, as a run folder holds it."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for assignment in assignments:
         override(params, assignment)
     archive = params["data"]["archive"]
     if not Path(archive).is_absolute():  # relative to the project, as in params.yaml
         params["data"]["archive"] = str((ROOT / archive).resolve())
-    (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return yaml.safe_dump(params, sort_keys=False)
+
+
+def run_stages(workdir: Path, assignments: list[str], names: list[str] | None = None, log=None,
+               env: dict | None = None) -> dict[str, float]:
+    """dvc.yaml's stage commands in order inside `workdir`, with params.yaml changed by `assignments`
+    (only the stages in `names`, when given); seconds per stage. `log`: a file for the commands' output
+    (default: this process's); `env`: variables added to theirs."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "params.yaml").write_text(params_text(assignments))
     env = {**os.environ, **(env or {}),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     seconds = {}
@@ -122,18 +128,31 @@ def child_env(workdir: Path, parallel: int) -> dict[str, str]:
     return {k: v for k, v in env.items() if k not in os.environ}
 
 
-def run_folds(workdir: Path, assignments: list[str], k: int, parallel: int) -> dict[int, dict[str, float]]:
+def evaluated_with(run: Path, assignments: list[str]) -> bool:
+    """Whether the run folder holds an evaluation made with the params.yaml that `assignments` give."""
+    return (run / "metrics/eval.json").exists() and (run / "params.yaml").exists() \
+        and (run / "params.yaml").read_text() == params_text(assignments)
+
+
+def run_folds(workdir: Path, assignments: list[str], k: int, parallel: int,
+              resume: bool = False) -> dict[int, dict[str, float]]:
     """The k runs of a k-fold split in workdir/fold0 ... (at most `parallel` at a time); seconds per stage of
-    each. A run that fails is named with its log; the others still finish."""
+    each. A run that fails is named with its log; the others still finish. With `resume`, a fold already
+    evaluated with the same params.yaml (an earlier call cut short by a time limit) is kept, its seconds
+    unknown ({})."""
     from concurrent.futures import ThreadPoolExecutor
 
     env = child_env(workdir, parallel)
 
     def one(fold: int) -> dict[str, float]:
         run = workdir / f"fold{fold}"
+        fold_assignments = assignments + [f"split.folds={k}", f"split.fold={fold}"]
+        if resume and evaluated_with(run, fold_assignments):
+            print(f"fold {fold}: evaluated before with these params, kept", flush=True)
+            return {}
         run.mkdir(parents=True, exist_ok=True)
         with open(run / "run.log", "w") as log:
-            return run_stages(run, assignments + [f"split.folds={k}", f"split.fold={fold}"], log=log, env=env)
+            return run_stages(run, fold_assignments, log=log, env=env)
 
     print(f"{k} folds, {parallel} at a time; each run's output in {workdir}/foldN/run.log", flush=True)
     with ThreadPoolExecutor(parallel) as pool:
@@ -166,13 +185,16 @@ def main() -> None:
     parser.add_argument("--fresh", action="store_true", help="empty the workdir first")
     parser.add_argument("--folds", type=int, default=0, metavar="K", help="run the K folds of split.folds: K")
     parser.add_argument("--parallel", type=int, default=1, metavar="N", help="with --folds: N runs at a time")
+    parser.add_argument("--resume", action="store_true",
+                        help="with --folds: keep the folds an earlier call evaluated with the same params")
     args = parser.parse_args()
     if args.fresh and args.workdir.exists():
         shutil.rmtree(args.workdir)
     if args.folds:
         if args.folds < 2 or args.parallel < 1:
             raise SystemExit(f"--folds {args.folds} --parallel {args.parallel}: need K >= 2 folds and N >= 1")
-        summary = report_folds(args.workdir, run_folds(args.workdir, DEFAULTS + args.set, args.folds, args.parallel))
+        seconds = run_folds(args.workdir, DEFAULTS + args.set, args.folds, args.parallel, args.resume)
+        summary = report_folds(args.workdir, seconds)
         (args.workdir / "folds.json").write_text(json.dumps(summary, indent=1) + "\n")
         return
     seconds = run_stages(args.workdir, DEFAULTS + args.set, env=child_env(args.workdir, 1))

@@ -66,6 +66,23 @@ def test_the_folds_of_a_split_run_side_by_side_then_pool_and_ensemble(tmp_path, 
                     for f in (0, 1))
     assert summary["fold_ensemble"]["validation"]["patients"] == validated
     assert 0.0 <= summary["fold_ensemble"]["test"]["dice_volume_mean"] <= 1.0
+    # a later call with --resume keeps what an earlier one finished and runs the rest
+    (tmp_path / "fold1/metrics/eval.json").unlink()
+    kept = (tmp_path / "fold0/run.log").stat().st_mtime_ns
+    again = gpu_recipe.run_folds(tmp_path, SMALL, k=2, parallel=2, resume=True)
+    assert again[0] == {} and "evaluate" in again[1]
+    assert (tmp_path / "fold0/run.log").stat().st_mtime_ns == kept and (tmp_path / "fold1/metrics/eval.json").exists()
+
+
+def test_resume_keeps_only_a_fold_evaluated_with_the_same_params(tmp_path):
+    assignments = SMALL + ["split.folds=2", "split.fold=0"]
+    assert not gpu_recipe.evaluated_with(tmp_path, assignments)  # nothing there
+    (tmp_path / "params.yaml").write_text(gpu_recipe.params_text(assignments))
+    assert not gpu_recipe.evaluated_with(tmp_path, assignments)  # not evaluated (a run cut short)
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics/eval.json").write_text("{}")
+    assert gpu_recipe.evaluated_with(tmp_path, assignments)
+    assert not gpu_recipe.evaluated_with(tmp_path, assignments + ["train.seed=7"])  # other params: run again
 
 
 def test_a_fold_that_fails_is_named_with_its_log(tmp_path):
