@@ -151,7 +151,7 @@ def validation_runs(repo: Path, names: list[str], data: Path | None, folder: Pat
 
     sources = {}
     for name, rev in commits(repo, names).items():
-        params, validation = run_files(repo, name, rev)
+        params, validation, _ = run_files(repo, name, rev)
         model = cached_model(repo, model_hash(yaml.safe_load(git_show(repo, rev, "dvc.lock"))), folder)
         path = data_path(params, data, name)
         if path not in sources:

@@ -96,3 +96,32 @@ def test_patients_are_read_from_the_source_and_every_pixel_is_accounted_for(synt
     assert (slices["pred"] >= slices["tp"]).all() and slices["pred"].sum() > 0
     with pytest.raises(SystemExit, match="TCGA_XX_0000 is not in"):
         errors.segment_patients(tmp_path / "m.keras", raw, frame, ["TCGA_XX_0000"], 0.5, "run")
+
+
+def test_validation_runs_give_each_experiments_files_model_and_source(synthetic_root, tmp_path, monkeypatch):
+    """An experiment read as crossval reads it (params, validation table, eval.json from git) and its model from the
+    DVC cache by dvc.lock's hash, on the data it names."""
+    import json
+
+    import yaml
+
+    from benchmarks import crossval
+
+    md5 = "b182944097733f98d8ea8117c918689c"
+    files = {"params.yaml": yaml.safe_dump({"data": {"source": "archive", "archive": str(synthetic_root)},
+                                            "split": {"folds": 2, "fold": 0}}),
+             "metrics/per_patient_validation.csv": "patient,threshold\nTCGA_AA_0001,0.5\n",
+             "metrics/eval.json": json.dumps({"dice_volume_mean": 0.5}),
+             "dvc.lock": yaml.safe_dump({"stages": {"train": {"outs": [{"path": "models/model.keras", "md5": md5}]}}})}
+    monkeypatch.setattr(errors, "commits", lambda repo, names: {name: "rev" for name in names})
+    for module in (errors, crossval):
+        monkeypatch.setattr(module, "git_show", lambda repo, rev, path: files.get(path))
+    cached = tmp_path / ".dvc/cache/files/md5" / md5[:2] / md5[2:]
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"model")
+    (tmp_path / "models").mkdir()
+    runs = list(errors.validation_runs(tmp_path, ["run-a"], None, tmp_path / "models"))
+    assert len(runs) == 1
+    name, params, validation, model, raw, frame = runs[0]
+    assert name == "run-a" and params["split"]["fold"] == 0 and validation["patient"].tolist() == ["TCGA_AA_0001"]
+    assert model.read_bytes() == b"model" and len(frame) > 0 and frame["patient"].nunique() > 1
