@@ -96,7 +96,7 @@ def pick_engine(model: keras.Model, engine: str = "auto") -> str:
         return "keras"
     import tensorflow as tf
 
-    float32 = all(layer.dtype_policy.compute_dtype == "float32" for layer in model._flatten_layers())
+    float32 = all(layer.dtype_policy.compute_dtype == "float32" for layer in all_layers(model))
     return "litert" if float32 and not tf.config.list_logical_devices("GPU") else "keras"
 
 
