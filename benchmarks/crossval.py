@@ -33,7 +33,8 @@ import yaml
 
 from benchmarks.architectures import experiments, git_show
 
-SETTINGS = ["threshold", "min_component", "largest_3d", "tta_flip"]  # evaluate.compare_settings, in order
+# evaluate.compare_settings, in order (runs evaluated before tta_affine existed lack its column)
+SETTINGS = ["threshold", "min_component", "largest_3d", "tta_flip", "tta_affine"]
 REFERENCE = "Buda et al. 2019: 0.82 mean (5-fold cross-validation, all 110 patients, 256 px, GPU)"
 
 
@@ -62,24 +63,35 @@ def summary(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _compare(a: pd.Series, b: pd.Series) -> dict:
+    """a against b, patient for patient: mean difference, patients gaining / losing more than 0.005, and the
+    Wilcoxon signed-rank p-value."""
+    from scipy.stats import wilcoxon
+
+    diff = a - b
+    p = wilcoxon(diff).pvalue if (diff != 0).any() else 1.0
+    moved = f"{int((diff > 0.005).sum())} / {int((diff < -0.005).sum())}"
+    return {"difference": diff.mean(), "better / worse": moved, "Wilcoxon p": float(p)}
+
+
+def steps(table: pd.DataFrame) -> pd.DataFrame:
+    """Each post-processing step against the one before it (compare_settings adds one step at a time), on the
+    same patients: what that step alone did."""
+    names = [s for s in SETTINGS if s in table]
+    return pd.DataFrame([{"step": f"{before} -> {after}", "patients": len(table), "mean": table[after].mean(),
+                          **_compare(table[after], table[before])} for before, after in zip(names, names[1:])])
+
+
 def paired(table: pd.DataFrame, baseline: pd.DataFrame) -> pd.DataFrame:
     """Per post-processing setting, `table` against `baseline` on the same patients: mean difference, how many
     patients gained and lost more than 0.005, and the Wilcoxon signed-rank p-value."""
-    from scipy.stats import wilcoxon
-
     both = table.merge(baseline, on="patient", suffixes=("", "_base"))
     if len(both) != len(table) or len(both) != len(baseline):
         raise SystemExit(f"the two sets validate different patients ({len(table)} and {len(baseline)}, "
                          f"{len(both)} shared): compare runs of one split")
-    rows = []
-    for name in [s for s in SETTINGS if s in table and s in baseline]:
-        diff = both[name] - both[f"{name}_base"]
-        p = wilcoxon(diff).pvalue if (diff != 0).any() else 1.0
-        rows.append({"post-processing": name, "patients": len(both), "mean": both[name].mean(),
-                     "baseline": both[f"{name}_base"].mean(), "difference": diff.mean(),
-                     "better / worse": f"{int((diff > 0.005).sum())} / {int((diff < -0.005).sum())}",
-                     "Wilcoxon p": float(p)})
-    return pd.DataFrame(rows)
+    return pd.DataFrame([{"post-processing": name, "patients": len(both), "mean": both[name].mean(),
+                          "baseline": both[f"{name}_base"].mean(), **_compare(both[name], both[f"{name}_base"])}
+                         for name in [s for s in SETTINGS if s in table and s in baseline]])
 
 
 def fold_lines(evaluations: dict[int, dict]) -> list[str]:
@@ -169,6 +181,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{k}-fold cross-validation{done} over {len(table)} non-test patients, per-volume Dice of each "
           "patient's held-out fold; each post-processing fixed for all folds")
     print(markdown(summary(table)))
+    print("each step against the one before, patient by patient:")
+    print(markdown(steps(table)))
     print(f"reference: {REFERENCE}")
     print("\n".join(fold_lines(evaluations)))
     if args.against:

@@ -74,7 +74,8 @@ def evaluate_fold_ensemble(runs: list[Path]) -> dict:
     one look at the test patients."""
     pooled = pooled_validation(runs)
     params = yaml.safe_load((runs[0] / "params.yaml").read_text())["evaluate"]
-    scores = {name: float(pooled[name].mean()) for name in evaluate.compare_settings(params)}
+    # runs evaluated before a setting existed have no column for it: choose among those they all scored
+    scores = {name: float(pooled[name].mean()) for name in evaluate.compare_settings(params) if name in pooled}
     chosen, settings = evaluate.best_postprocess(scores, params)
     model = average([inference.load_model(run / evaluate.MODEL) for run in runs])
     test = evaluate.evaluate_model(model, *prepared.originals(runs[0] / evaluate.DATA, "test"), settings,

@@ -4,10 +4,11 @@
     python -m benchmarks.position_cut --repo ../clone --exp ... --data ../shared/data/lgg-mri-segmentation-dev.zip
     python -m benchmarks.position_cut --exp lever-fold0 ... --cut 0.2 --against vnorm-fold0 ...  # a lever, same cut
 
-Each experiment's saved model (from the DVC cache, by dvc.lock's hash) segments its validation patients once, with
-and without the flip; every post-processing setting the evaluation stage compares (evaluate.compare_settings) is
-then applied with each `min_position` cut (0: the setting as the runs used it) and scored per volume
-(stages.metrics' convention: a patient with no tumour and nothing predicted scores 1). Printed per cut: the pooled
+Each experiment's saved model (from the DVC cache, by dvc.lock's hash) segments its validation patients once in
+each test-time view (plain, mirrored, rotated and zoomed: stages.inference.test_time_views); every post-processing
+setting the evaluation stage compares (evaluate.compare_settings) is then applied with each `min_position` cut (0:
+the setting as the runs used it) and scored per volume (stages.metrics' convention: a patient with no tumour and
+nothing predicted scores 1). Printed per cut: the pooled
 table benchmarks.crossval prints, and the cut against no cut, patient by patient. Validation patients only, so
 the cut can be chosen here and the test patients looked at once, with the cut chosen. With --against, a
 baseline's runs are re-scored the same way and the experiments are compared with them at each cut, patient by
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from benchmarks.crossval import REFERENCE, SETTINGS, markdown, paired, pool, summary
+from benchmarks.crossval import REFERENCE, SETTINGS, markdown, paired, pool, steps, summary
 from benchmarks.errors import patient_volumes, validation_runs
 
 
@@ -34,8 +35,9 @@ def volume_dice(truth: np.ndarray, pred: np.ndarray) -> float:
     return float(metrics.dice_per_volume(metrics.slice_counts(truth, pred, ["patient"] * len(truth))).iloc[0])
 
 
-def scores(truth: np.ndarray, probs: np.ndarray, flipped: np.ndarray, params: dict, cuts) -> dict[float, dict]:
-    """One patient (slices in order): {cut: {setting: per-volume Dice}} for every compare setting and cut."""
+def scores(truth: np.ndarray, averages: dict, params: dict, cuts) -> dict[float, dict]:
+    """One patient (slices in order): {cut: {setting: per-volume Dice}} for every compare setting and cut.
+    `averages`: {(tta_flip, tta_affine): probabilities}, as stages.inference.average_views gives them."""
     from stages.evaluate import compare_settings
     from stages.postprocess import postprocess
 
@@ -44,7 +46,7 @@ def scores(truth: np.ndarray, probs: np.ndarray, flipped: np.ndarray, params: di
     for cut in cuts:
         out[cut] = {}
         for name, setting in compare_settings(params).items():
-            p = 0.5 * (probs + flipped) if setting.get("tta_flip") else probs
+            p = averages[bool(setting.get("tta_flip")), bool(setting.get("tta_affine"))]
             out[cut][name] = volume_dice(truth, postprocess(p, {**setting, "min_position": cut}, patients))
     return out
 
@@ -56,10 +58,11 @@ def segment_run(model_path: Path, raw, frame: pd.DataFrame, patients: list[str],
 
     model = inference.load_model(model_path)
     rows: dict[float, list] = {cut: [] for cut in cuts}
+    views = inference.test_time_views(tta_flip=True, tta_affine=True)
+    view_sets = [(False, False), (True, False), (True, True)]
     for patient, images, masks in patient_volumes(raw, frame, patients, name):
-        probs = inference.predict_probs(model, images)
-        flipped = inference.predict_probs(model, images[:, :, ::-1])[:, :, ::-1]
-        for cut, dice in scores(masks > 0, probs, flipped, params, cuts).items():
+        averages = inference.average_views(inference.view_probs(model, images, views), views, view_sets)
+        for cut, dice in scores(masks > 0, averages, params, cuts).items():
             rows[cut].append({"patient": patient, "fold": fold, **dice})
     return {cut: pd.DataFrame(r) for cut, r in rows.items()}
 
@@ -106,6 +109,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\nmin_position {cut}: {len(table)} validation patients"
               + (f" (PARTIAL: folds {sorted(tables[cut])} of {k})" if partial else ""))
         print(markdown(summary(table)))
+        print("each step against the one before, patient by patient:")
+        print(markdown(steps(table)))
         if cut:
             print(markdown(paired(table, base).rename(columns={"baseline": "no cut"})))
         if args.against:

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from stages import inference, metrics, prepared
 from stages.common import BrainsegError, atomic_path, load_params, run_main, write_csv, write_json
-from stages.postprocess import postprocess, tumour_present
+from stages.postprocess import POSTPROCESS_STEPS, postprocess, tumour_present
 
 MODEL = Path("models/model.keras")
 DATA = Path("data")  # data/prepared's tables and the data/slices they point into
@@ -61,17 +61,18 @@ class Evaluation:
 
 def compare_settings(params: dict) -> dict[str, dict]:
     """Post-processing measured both ways: each step switched on in turn, on top of the previous ones."""
-    raw = {**params, "min_component": 0, "largest_3d": False, "tta_flip": False}
+    raw = {**params, "min_component": 0, "largest_3d": False, "tta_flip": False, "tta_affine": False}
     with_min = {**raw, "min_component": int(params.get("min_component") or COMPARE_MIN_COMPONENT)}
     with_3d = {**with_min, "largest_3d": True}
-    return {"threshold": raw, "min_component": with_min, "largest_3d": with_3d,
-            "tta_flip": {**with_3d, "tta_flip": True}}
+    with_flip = {**with_3d, "tta_flip": True}
+    return {"threshold": raw, "min_component": with_min, "largest_3d": with_3d, "tta_flip": with_flip,
+            "tta_affine": {**with_flip, "tta_affine": True}}
 
 
 def _key(settings: dict) -> tuple:
     return (settings.get("threshold", 0.5), int(settings.get("min_component") or 0),
             float(settings.get("min_position") or 0), bool(settings.get("largest_3d")),
-            bool(settings.get("tta_flip")))
+            bool(settings.get("tta_flip")), bool(settings.get("tta_affine")))
 
 
 def _representative(truth: np.ndarray, pred: np.ndarray) -> int:
@@ -124,13 +125,19 @@ def _warm_up(model, images: np.ndarray, rows: np.ndarray, batch_size: int, engin
         inference.predict_probs(model, images[rows[:n]], batch_size, engine=engine)
 
 
-def _segment_patient(patient, truth, probs, tta, settings: dict, params: dict) -> dict:
-    """Post-process one patient's probabilities under every setting (each distinct one once) and count pixels."""
+def _views_for(settings: dict, averages: dict) -> np.ndarray:
+    """The probabilities a setting post-processes: the average of the test-time views it asks for."""
+    return averages[bool(settings.get("tta_flip")), bool(settings.get("tta_affine"))]
+
+
+def _segment_patient(patient, truth, averages: dict, settings: dict, params: dict) -> dict:
+    """Post-process one patient's probabilities under every setting (each distinct one once) and count pixels.
+    `averages`: {(tta_flip, tta_affine): probabilities} for the view sets the settings use."""
     patients = [patient] * len(truth)
     done, counts = {}, {}
     for name, s in settings.items():
         if _key(s) not in done:
-            p = tta if s.get("tta_flip") else probs
+            p = _views_for(s, averages)
             done[_key(s)] = (postprocess(p, s, patients), p)
         counts[name] = metrics.slice_counts(truth, done[_key(s)][0], patients)
     pred, p = done[_key(params)]
@@ -155,7 +162,7 @@ def _segmenter_summary(counts: dict[str, list], params: dict) -> tuple[dict, pd.
     result = metrics.segmentation_scores(configured)
     result["postprocess"] = {
         **{k: params.get(k) for k in ("threshold", "min_component", "min_position", "largest_3d", "tta_flip",
-                                      "detection_min_area")},
+                                      "tta_affine", "detection_min_area")},
         "compare_min_component": compare_settings(params)["min_component"]["min_component"]}
     result["postprocess_compare"] = {}
     for name, frame in frames.items():
@@ -202,7 +209,9 @@ def evaluate_model(model, images: np.ndarray, masks: np.ndarray, table: pd.DataF
     engine = params.get("engine", "auto")
     # "headline" is what params ask for; the others are the post-processing comparison
     settings = {"headline": params, **(compare_settings(params) if kind == "segmenter" else {})}
-    needs_flip = any(s.get("tta_flip") for s in settings.values())
+    # every view set a setting asks for, each view predicted once per patient and averaged per set
+    view_sets = {(bool(s.get("tta_flip")), bool(s.get("tta_affine"))) for s in settings.values()}
+    tta_views = inference.test_time_views(*map(any, zip(*view_sets)))
     counts = {name: [] for name in settings}
     present, decided, score, classified, views = [], [], [], [], {}
     elapsed = 0.0
@@ -214,14 +223,12 @@ def evaluate_model(model, images: np.ndarray, masks: np.ndarray, table: pd.DataF
         start = time.perf_counter()
         probs = inference.predict_probs(model, x, batch_size, engine=engine)
         elapsed += time.perf_counter() - start  # slices per second: the plain prediction, preprocessing included
-        tta = None
-        if needs_flip:
-            flipped = inference.predict_probs(model, x[:, :, ::-1], batch_size, engine=engine)
-            tta = 0.5 * (probs + (flipped[:, :, ::-1] if probs.ndim == 3 else flipped))  # = tta_flip=True
+        predicted = [probs, *inference.view_probs(model, x, tta_views[1:], batch_size, engine=engine)]
+        averages = inference.average_views(predicted, tta_views, view_sets)
         has_tumour = truth.reshape(len(rows), -1).any(axis=1)
         present.append(has_tumour)
         if kind == "classifier":
-            p = tta if params.get("tta_flip") else probs
+            p = _views_for(params, averages)
             yes = p > params.get("threshold", 0.5)
             decided.append(yes)
             score.append(p)
@@ -230,7 +237,7 @@ def evaluate_model(model, images: np.ndarray, masks: np.ndarray, table: pd.DataF
             i = _representative(truth, yes)
             views[patient] = (x[i], truth[i], None, f"slice {_slice_no(table, rows, i)}, p(tumour) {p[i]:.2f}")
             continue
-        scored = _segment_patient(patient, truth, probs, tta, settings, params)
+        scored = _segment_patient(patient, truth, averages, settings, params)
         for name, frame in scored["counts"].items():
             counts[name].append(frame)
         decided.append(scored["decided"])
@@ -294,7 +301,7 @@ def best_postprocess(scores: dict[str, float], params: dict) -> tuple[str, dict]
     compare_settings' order) and the evaluate params that apply it."""
     name = max(scores, key=lambda n: (scores[n], -list(scores).index(n)))
     chosen = compare_settings(params)[name]
-    return name, {**params, **{k: chosen[k] for k in ("min_component", "largest_3d", "tta_flip")}}
+    return name, {**params, **{k: chosen[k] for k in POSTPROCESS_STEPS}}
 
 
 def validation_summary(validation: Evaluation) -> dict:

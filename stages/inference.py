@@ -264,20 +264,33 @@ def lone_slice_note(model: keras.Model) -> str:
     return f"{model.name} also uses " + "; and ".join(uses) if uses else ""
 
 
-def predict_probs(model: keras.Model, images: np.ndarray, batch_size: int = 32, tta_flip: bool = False,
-                  progress: bool = False, engine: str = "auto", patients=None) -> np.ndarray:
-    """Tumour probabilities for uint8 slices (N,H,W,3) (or one slice (H,W,3), returned as N=1).
+# tta_affine's views, each of the slice and (with tta_flip) of its mirror: (rotation degrees, zoom). Within what
+# balance's copies teach the network (rotations up to 25 degrees); chosen on validation patients (README)
+AFFINE_VIEWS = ((10.0, 1.0), (-10.0, 1.0), (0.0, 0.9), (0.0, 1.1))
 
-    Segmenter: float32 (N,H,W) at the images' size. Classifier: float32 (N,) tumour probability.
-    tta_flip averages with the prediction on the left-right mirrored slices (mirrored back):
-    0.5 * (p(x) + flip(p(flip(x)))). `engine`: auto | keras | litert (see the module's docstring).
-    A model trained with `train.input_norm: volume` gets each patient's slices standardised together
-    (`patients`: one id per slice; None: all the slices are one patient's). A model trained with
-    `train.slice_position` gets each slice's place in its patient's volume, which assumes every patient's
-    slices are all there, in slice order (a lone slice is placed in the middle: preprocess.slice_positions);
-    so does a model trained with `train.neighbours`, which gets the FLAIR of the slices around each one (a lone
-    slice, or the end of a volume, stands in for the neighbours it lacks: preprocess.neighbour_rows).
-    """
+
+def test_time_views(tta_flip: bool = False, tta_affine: bool = False) -> list[tuple[bool, tuple | None]]:
+    """The views a prediction averages, as (mirrored, (angle, zoom) or None); the plain slice first."""
+    flips = (False, True) if tta_flip else (False,)
+    return [(flip, None) for flip in flips] + ([(flip, view) for flip in flips for view in AFFINE_VIEWS]
+                                               if tta_affine else [])
+
+
+def average_views(predicted: list[np.ndarray], views: list, view_sets) -> dict[tuple, np.ndarray]:
+    """{(tta_flip, tta_affine): the mean of the views that set asks for} from every view's probabilities
+    (`predicted`, in the order of `views`), so each view is predicted once however many sets use it."""
+    averages = {}
+    for tta_flip, tta_affine in view_sets:
+        chosen = [p for p, (flip, warp) in zip(predicted, views)
+                  if (tta_flip or not flip) and (tta_affine or warp is None)]
+        averages[tta_flip, tta_affine] = chosen[0] if len(chosen) == 1 else np.mean(chosen, axis=0, dtype=np.float32)
+    return averages
+
+
+def view_probs(model: keras.Model, images: np.ndarray, views, batch_size: int = 32, progress: bool = False,
+               engine: str = "auto", patients=None) -> list[np.ndarray]:
+    """predict_probs' probabilities for each of `views` (test_time_views), each taken back to the slices' frame
+    (un-mirrored, warped back), so they can be averaged pixel by pixel."""
     images = np.asarray(images)
     if images.ndim == 3:
         images = images[None]
@@ -286,6 +299,24 @@ def predict_probs(model: keras.Model, images: np.ndarray, batch_size: int = 32, 
     ids = np.zeros(len(images)) if patients is None else np.asarray(patients)
     if len(ids) != len(images):
         raise BrainsegError(f"{len(ids)} patient ids for {len(images)} slices")
+    out = []
+    for flip, warp in views:
+        x = images[:, :, ::-1] if flip else images
+        if warp is not None:
+            x = preprocess.warp_slices(x, *warp)
+        probs = _model_probs(model, x, ids, batch_size, progress, engine)
+        if probs.ndim == 3:  # a segmenter's maps go back to the slices' frame; a classifier's scores need not
+            if warp is not None:
+                probs = preprocess.warp_slices(probs, *warp, inverse=True)
+            if flip:
+                probs = probs[:, :, ::-1]
+        out.append(probs)
+    return out
+
+
+def _model_probs(model: keras.Model, images: np.ndarray, ids: np.ndarray, batch_size: int, progress: bool,
+                 engine: str) -> np.ndarray:
+    """The network's probabilities for uint8 slices, with the input its training used (see predict_probs)."""
     if volume_normalised(model):
         standardised = np.empty_like(images)
         for patient in dict.fromkeys(ids):
@@ -296,17 +327,35 @@ def predict_probs(model: keras.Model, images: np.ndarray, batch_size: int = 32, 
         images = preprocess.add_neighbours(images, preprocess.neighbour_rows(ids, neighbour_count(model)))
     if slice_positioned(model):
         images = preprocess.add_position(images, preprocess.slice_positions(ids))
-    probs = _predict(model, images, batch_size, progress, engine)
-    if tta_flip:
-        flipped = _predict(model, images[:, :, ::-1], batch_size, progress, engine)
-        probs = 0.5 * (probs + (flipped[:, :, ::-1] if probs.ndim == 3 else flipped))
-    return probs
+    return _predict(model, images, batch_size, progress, engine)
+
+
+def predict_probs(model: keras.Model, images: np.ndarray, batch_size: int = 32, tta_flip: bool = False,
+                  progress: bool = False, engine: str = "auto", patients=None,
+                  tta_affine: bool = False) -> np.ndarray:
+    """Tumour probabilities for uint8 slices (N,H,W,3) (or one slice (H,W,3), returned as N=1).
+
+    Segmenter: float32 (N,H,W) at the images' size. Classifier: float32 (N,) tumour probability.
+    tta_flip averages with the prediction on the left-right mirrored slices (mirrored back):
+    0.5 * (p(x) + flip(p(flip(x)))); tta_affine adds the slices (and mirrors) rotated by 10 degrees either way
+    and zoomed by 0.9 and 1.1, each prediction warped back (AFFINE_VIEWS). `engine`: auto | keras | litert
+    (see the module's docstring).
+    A model trained with `train.input_norm: volume` gets each patient's slices standardised together
+    (`patients`: one id per slice; None: all the slices are one patient's). A model trained with
+    `train.slice_position` gets each slice's place in its patient's volume, which assumes every patient's
+    slices are all there, in slice order (a lone slice is placed in the middle: preprocess.slice_positions);
+    so does a model trained with `train.neighbours`, which gets the FLAIR of the slices around each one (a lone
+    slice, or the end of a volume, stands in for the neighbours it lacks: preprocess.neighbour_rows).
+    """
+    views = test_time_views(tta_flip, tta_affine)
+    predicted = view_probs(model, images, views, batch_size, progress, engine, patients)
+    return average_views(predicted, views, [(tta_flip, tta_affine)])[tta_flip, tta_affine]
 
 
 def segment(model: keras.Model, images: np.ndarray, params: dict, patients=None,
             batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Predict and post-process as the `evaluate` params say (threshold, min_component, largest_3d, tta_flip,
-    engine).
+    tta_affine, engine).
 
     Returns (masks, probs). Segmenter: masks bool (N,H,W), probs float32 (N,H,W).
     Classifier: masks bool (N,) 'tumour present' (probability above the threshold), probs float32 (N,).
@@ -316,7 +365,7 @@ def segment(model: keras.Model, images: np.ndarray, params: dict, patients=None,
     """
     probs = predict_probs(model, images, batch_size or params.get("batch_size", 32),
                           tta_flip=params.get("tta_flip", False), engine=params.get("engine", "auto"),
-                          patients=patients)
+                          patients=patients, tta_affine=params.get("tta_affine", False))
     if probs.ndim == 1:
         return probs > params.get("threshold", 0.5), probs
     return postprocess.postprocess(probs, params, patients), probs

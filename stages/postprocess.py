@@ -3,8 +3,8 @@
 Steps, in order (each one off when its key is 0 / false, so `dvc exp run -S evaluate.KEY=VALUE` measures it):
 threshold -> drop small 2D components (`min_component`) -> drop every prediction on the slices in the lowest
 part of each patient's volume (`min_position`, on by default: 0.2, where no training tumour lies) -> keep the
-largest 3D component per patient (`largest_3d`). Test-time flip averaging (`tta_flip`) happens before, in
-stages.inference, because it needs the model.
+largest 3D component per patient (`largest_3d`). Test-time averaging over the mirrored slice (`tta_flip`) and
+over rotated and zoomed views (`tta_affine`) happens before, in stages.inference, because it needs the model.
 """
 from __future__ import annotations
 
@@ -15,6 +15,9 @@ import numpy as np
 from scipy import ndimage
 
 from stages.preprocess import slice_positions
+
+# the evaluate keys that evaluation may choose on validation patients (stages.evaluate.compare_settings)
+POSTPROCESS_STEPS = ("min_component", "largest_3d", "tta_flip", "tta_affine")
 
 # 8-connectivity in 2D and 26-connectivity in 3D: a tumour that shifts by a pixel from one slice to the
 # next, or touches itself only diagonally, is still one object.
@@ -113,7 +116,8 @@ def serving_settings(params: dict, eval_json: Path | str = Path("metrics/eval.js
     if not params.get("choose_on_validation"):
         return params
     try:
-        applied = json.loads(Path(eval_json).read_text())["postprocess"]
-        return {**params, **{k: applied[k] for k in ("min_component", "largest_3d", "tta_flip")}}
+        # an evaluation made before tta_affine existed did not choose it
+        applied = {"tta_affine": False, **json.loads(Path(eval_json).read_text())["postprocess"]}
+        return {**params, **{k: applied[k] for k in POSTPROCESS_STEPS}}
     except (OSError, ValueError, KeyError, TypeError):  # no evaluation yet (or a classifier's): as set
         return params

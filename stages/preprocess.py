@@ -40,6 +40,21 @@ def to_native(probs: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.stack([cv2.resize(p, (width, height), interpolation=cv2.INTER_LINEAR) for p in probs])
 
 
+def warp_slices(slices: np.ndarray, angle: float, scale: float, inverse: bool = False) -> np.ndarray:
+    """Slices (N,H,W[,C]) rotated by `angle` degrees and zoomed by `scale` about their centre (bilinear, zero
+    outside), or with `inverse` the warp that undoes it: test-time views and their way back (inference)."""
+    slices = np.asarray(slices)
+    h, w = slices.shape[1:3]
+    matrix = cv2.getRotationMatrix2D(((w - 1) / 2, (h - 1) / 2), angle, scale)
+    if inverse:
+        matrix = cv2.invertAffineTransform(matrix)
+    out = np.empty_like(slices)
+    for i, plane in enumerate(slices):
+        out[i] = cv2.warpAffine(np.ascontiguousarray(plane), matrix, (w, h), flags=cv2.INTER_LINEAR,
+                                borderMode=cv2.BORDER_CONSTANT, borderValue=0).reshape(plane.shape)
+    return out
+
+
 HEAD = 10  # uint8: a pixel is head when any channel is above it (models.BrainStandardise's threshold)
 Z_ZERO, Z_STEP = 128, 32  # standardise_volume's uint8 code: z = (value - 128) / 32, head pixels 1..255, rest 0
 

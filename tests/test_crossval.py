@@ -24,6 +24,21 @@ def test_pooled_scores_weigh_every_patient_once_not_every_fold():
     assert rows.loc["tta_flip", "patients"] == 4
 
 
+def test_each_step_is_compared_with_the_step_before_patient_by_patient():
+    table = crossval.pool({0: fold_table(["A", "B", "C", "D"], [0.5, 0.5, 0.5, 0.5], [0.6, 0.6, 0.6, 0.4])}, 1)
+    table["tta_affine"] = table["tta_flip"] + 0.002  # within 0.005: neither better nor worse
+    rows = crossval.steps(table).set_index("step")
+    assert rows.index.tolist() == ["threshold -> min_component", "min_component -> largest_3d",
+                                   "largest_3d -> tta_flip", "tta_flip -> tta_affine"]
+    assert rows.loc["threshold -> min_component", "difference"] == 0
+    assert rows.loc["threshold -> min_component", "Wilcoxon p"] == 1.0
+    flip = rows.loc["largest_3d -> tta_flip"]
+    assert flip["difference"] == pytest.approx(0.05) and flip["better / worse"] == "3 / 1"
+    assert 0 < flip["Wilcoxon p"] < 1
+    assert rows.loc["tta_flip -> tta_affine", "better / worse"] == "0 / 0"
+    assert rows.loc["tta_flip -> tta_affine", "mean"] == pytest.approx(0.552)
+
+
 def test_a_missing_fold_or_a_patient_in_two_folds_is_refused():
     with pytest.raises(SystemExit, match=r"folds \[2\] of 3"):
         crossval.pool({0: fold_table(["A"], [1], [1]), 1: fold_table(["B"], [1], [1])}, 3)
@@ -54,6 +69,7 @@ def test_main_reads_each_experiment_fold_and_prints_the_pooled_table(monkeypatch
     assert "2-fold cross-validation over 3 non-test patients" in out
     assert "| threshold | 3 | 0.600 | 0.600 | 0.400 (C) | 0.700 / 0.400 |" in out
     assert "| tta_flip | 3 | 0.700 | 0.700 | 0.500 (C) | 0.800 / 0.500 |" in out
+    assert "| largest_3d -> tta_flip | 3 | 0.700 | 0.100 | 3 / 0 | 0.250 |" in out  # each step against the last
     assert "fold 0: test per-volume Dice 0.700" in out and "fold 1: test per-volume Dice 0.710" in out
 
 

@@ -56,7 +56,7 @@ def test_the_ensemble_is_scored_on_validation_then_test(runs):
     scores = ensemble.evaluate_ensemble(runs)
     test_patients = prepared.originals(runs[0] / "data", "test")[2]["patient"].unique()
     assert scores["worst_test_patient"]["patient"] in test_patients
-    assert scores["validation"]["chosen"] in ("threshold", "min_component", "largest_3d", "tta_flip")
+    assert scores["validation"]["chosen"] in ("threshold", "min_component", "largest_3d", "tta_flip", "tta_affine")
     assert 0.0 <= scores["test"]["dice_volume_mean"] <= 1.0
 
 
@@ -125,7 +125,8 @@ def test_a_fold_ensemble_chooses_post_processing_on_the_pooled_folds_then_scores
     assert set(pooled.patient) == set(splits[0].index[splits[0] != "test"])  # every non-test patient, once
     assert len(pooled) == pooled.patient.nunique()
     scores = ensemble.evaluate_fold_ensemble(fold_runs)
-    means = {name: pooled[name].mean() for name in ("threshold", "min_component", "largest_3d", "tta_flip")}
+    means = {name: pooled[name].mean() for name in ("threshold", "min_component", "largest_3d", "tta_flip",
+                                                    "tta_affine")}
     assert scores["validation"]["patients"] == len(pooled)
     assert scores["validation"]["pooled_out_of_fold_dice_volume_mean"] == pytest.approx(means)
     assert means[scores["validation"]["chosen"]] == max(means.values())

@@ -90,7 +90,7 @@ def test_perfect_model_scores_one_everywhere(tmp_path):
     detection = result["detection"]
     assert [detection[k] for k in ("accuracy", "sensitivity", "specificity", "roc_auc")] == [1, 1, 1, 1]
     assert (detection["tp"], detection["tn"]) == (6, 6)
-    assert set(result["postprocess_compare"]) == {"threshold", "min_component", "largest_3d", "tta_flip"}
+    assert set(result["postprocess_compare"]) == {"threshold", "min_component", "largest_3d", "tta_flip", "tta_affine"}
     assert all(v["dice_volume_mean"] == pytest.approx(1.0) for v in result["postprocess_compare"].values())
     assert result["postprocess"]["largest_3d"] is True and result["postprocess"]["compare_min_component"] == 64
     assert result["data"] == {"patients": 3, "slices": 12, "tumour_slices": 6}
@@ -176,7 +176,7 @@ def test_validation_patients_are_scored_one_by_one_under_every_post_processing(t
     table = pd.read_csv(root / "metrics/per_patient_validation.csv")
     compare = result["validation"]["postprocess_compare"]
     assert table.columns.tolist() == ["patient", "slices", "true_volume", "threshold", "min_component",
-                                     "largest_3d", "tta_flip"] and set(table.columns[3:]) == set(compare)
+                                     "largest_3d", "tta_flip", "tta_affine"] and set(table.columns[3:]) == set(compare)
     assert table.patient.tolist() == ["TCGA_CS_4941", "TCGA_CS_4942", "TCGA_CS_4943"]
     assert (table.true_volume == 200).all()
     for name, scores in compare.items():  # the k-fold pooling (benchmarks.crossval) relies on this agreement
@@ -191,14 +191,18 @@ def fake_validation(scores: dict) -> evaluate.Evaluation:
 
 
 def test_choose_postprocess_takes_the_best_validation_setting():
-    steps = ["threshold", "min_component", "largest_3d", "tta_flip"]
-    name, params = evaluate.choose_postprocess(fake_validation(dict(zip(steps, [0.6, 0.6, 0.7, 0.65]))), EVALUATE)
-    assert name == "largest_3d"
-    assert (params["min_component"], params["largest_3d"], params["tta_flip"]) == (64, True, False)
+    steps = ["threshold", "min_component", "largest_3d", "tta_flip", "tta_affine"]
+    chosen = lambda p: (p["min_component"], p["largest_3d"], p["tta_flip"], p["tta_affine"])  # noqa: E731
+    name, params = evaluate.choose_postprocess(fake_validation(dict(zip(steps, [0.6, 0.6, 0.7, 0.65, 0.69]))),
+                                               EVALUATE)
+    assert name == "largest_3d" and chosen(params) == (64, True, False, False)
+    name, params = evaluate.choose_postprocess(fake_validation(dict(zip(steps, [0.6, 0.6, 0.7, 0.65, 0.71]))),
+                                               EVALUATE)
+    assert name == "tta_affine" and chosen(params) == (64, True, True, True)
     name, params = evaluate.choose_postprocess(fake_validation(dict.fromkeys(steps, 0.5)), EVALUATE)
     assert name == "threshold"  # a tie keeps the fewest steps
-    assert (params["min_component"], params["largest_3d"], params["tta_flip"]) == (0, False, False)
-    no_patients = dict(zip(steps, [None] * 4))
+    assert chosen(params) == (0, False, False, False)
+    no_patients = dict(zip(steps, [None] * 5))
     assert evaluate.choose_postprocess(fake_validation(no_patients), EVALUATE)[0] == "threshold"
 
 

@@ -93,6 +93,24 @@ def test_tta_flip_averages_with_the_mirrored_prediction():
     assert np.allclose(inference.predict_probs(model, x, tta_flip=True), (plain + mirrored) / 2)
 
 
+def test_tta_affine_averages_ten_views_each_taken_back_to_the_slice():
+    x = np.zeros((2, 48, 48, 3), np.uint8)
+    x[:, 14:30, 18:34, 1] = 255               # a bright FLAIR square off the centre
+    model = flair_model()
+    views = inference.test_time_views(tta_flip=True, tta_affine=True)
+    assert len(views) == 10 and views[0] == (False, None) and views[1] == (True, None)
+    per_view = inference.view_probs(model, x, views)
+    plain = per_view[0]
+    for probs in per_view[1:]:                # a pixelwise model: every view, warped back, finds the same square
+        assert probs.shape == plain.shape
+        assert probs[:, 17:27, 21:31].min() > 0.9 and probs[:, :8].max() < 0.1 and probs[:, 40:].max() < 0.1
+    tta = inference.predict_probs(model, x, tta_flip=True, tta_affine=True)
+    assert np.allclose(tta, np.mean(per_view, axis=0), atol=1e-6)
+    assert not np.allclose(tta, plain, atol=1e-3)  # the warped views blur the square's edge a little
+    assert np.allclose(inference.predict_probs(model, x, tta_affine=True),
+                       np.mean([per_view[0], *per_view[2:6]], axis=0), atol=1e-6)  # without tta_flip: 5 views
+
+
 def test_multi_output_model_uses_the_last_output():
     inputs = keras.Input((16, 16, 3))
     first = keras.layers.Conv2D(1, 1, activation="sigmoid", kernel_initializer="zeros", name="mask1")(inputs)

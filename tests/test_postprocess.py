@@ -76,7 +76,13 @@ def test_serving_settings_follow_the_evaluation_choice(tmp_path):
     eval_json.write_text(json.dumps({"postprocess": {"threshold": 0.5, "min_component": 64, "largest_3d": True,
                                                      "tta_flip": True, "chosen_on_validation": "tta_flip"}}))
     served = serving_settings(params, eval_json)
-    assert (served["min_component"], served["largest_3d"], served["tta_flip"]) == (64, True, True)
+    # an evaluation from before tta_affine existed did not choose it
+    assert (served["min_component"], served["largest_3d"], served["tta_flip"], served["tta_affine"]) == \
+        (64, True, True, False)
+    eval_json.write_text(json.dumps({"postprocess": {"threshold": 0.5, "min_component": 64, "largest_3d": True,
+                                                     "tta_flip": True, "tta_affine": True,
+                                                     "chosen_on_validation": "tta_affine"}}))
+    assert serving_settings(params, eval_json)["tta_affine"] is True
     assert serving_settings({**params, "choose_on_validation": False}, eval_json)["tta_flip"] is False
     eval_json.write_text(json.dumps({"classifier_accuracy": 0.9, "postprocess": {"threshold": 0.5}}))
     assert serving_settings(params, eval_json) == params

@@ -76,3 +76,18 @@ def test_add_neighbours_appends_the_flair_of_the_named_slices():
     assert np.abs(resize_images(out, 4)[..., :3].astype(int) - resize_images(images, 4)).max() <= 1
     with pytest.raises(ValueError, match="2 neighbour rows for 4 slices"):
         add_neighbours(images, [[0, 1], [0, 2]])
+
+
+def test_warp_slices_rotates_about_the_centre_and_its_inverse_undoes_it():
+    from stages.preprocess import warp_slices
+
+    x = np.zeros((2, 33, 33, 3), np.uint8)
+    x[:, 4:12, 14:19] = 200                   # a bar above the centre
+    assert np.array_equal(warp_slices(x, 90, 1.0), np.rot90(x, axes=(1, 2)))  # counter-clockwise, as cv2 turns
+    blob = np.exp(-((np.arange(33)[:, None] - 12) ** 2 + (np.arange(33)[None] - 10) ** 2) / 30.0)
+    maps = np.stack([blob, blob[::-1]]).astype(np.float32)
+    for angle, scale in ((10, 1.0), (-10, 1.0), (0, 0.9), (0, 1.1)):
+        there = warp_slices(maps, angle, scale)
+        assert np.abs(there - maps).max() > 0.15   # the blob moved
+        back = warp_slices(there, angle, scale, inverse=True)
+        assert np.abs(back - maps).max() < 0.05     # and came back, up to two bilinear interpolations
