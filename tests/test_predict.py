@@ -200,13 +200,14 @@ def dev_patients_zip(dev_zip, dest, patients=2):
     return dest
 
 
-@pytest.mark.parametrize("post", [{}, {"largest_3d": True, "min_component": 5, "tta_flip": True}],
-                         ids=["params.yaml", "all-postprocessing"])
+@pytest.mark.parametrize("post", [{}, {"largest_3d": True, "min_component": 5, "tta_flip": True},
+                                  {"largest_3d": True, "min_component": 5, "tta_flip": True, "tta_affine": True}],
+                         ids=["params.yaml", "flip-chain", "all-postprocessing"])
 def test_cli_masks_equal_evaluation_masks_on_dev_slices(dev_zip, tmp_path, model_path, post):
     """Two patients of the dev archive through the CLI (as a zip) and through evaluation's own path."""
     from stages.evaluate import _patient_rows
     from stages.index import build_index
-    from stages.inference import load_model, predict_probs, segment
+    from stages.inference import average_views, load_model, predict_probs, segment, test_time_views, view_probs
     from stages.postprocess import postprocess
     from stages.predict import run
 
@@ -222,12 +223,16 @@ def test_cli_masks_equal_evaluation_masks_on_dev_slices(dev_zip, tmp_path, model
     model = load_model(model_path)
     # the inference contract's one call, all slices in one stack
     masks, _ = segment(model, images, params, patients=index["patient"].to_numpy())
-    # evaluate_model's loop: a patient at a time, predict_probs then postprocess (flip averaged as it does)
+    # evaluate_model's loop: a patient at a time, the plain prediction, then the other test-time views, averaged
+    # as it does, then postprocess
     scored = np.zeros_like(masks)
     engine = params.get("engine", "auto")  # as evaluate_model passes it
+    tta = (bool(params["tta_flip"]), bool(params.get("tta_affine")))
+    views = test_time_views(*tta)
     for patient, rows in _patient_rows(index):
-        probs = predict_probs(model, images[rows], params["batch_size"], tta_flip=params["tta_flip"], engine=engine)
-        scored[rows] = postprocess(probs, params, [patient] * len(rows))
+        plain = predict_probs(model, images[rows], params["batch_size"], engine=engine)
+        predicted = [plain, *view_probs(model, images[rows], views[1:], params["batch_size"], engine=engine)]
+        scored[rows] = postprocess(average_views(predicted, views, [tta])[tta], params, [patient] * len(rows))
     assert np.array_equal(masks, scored)
 
     pred = pd.read_csv(out / "predictions.csv").set_index("file")
