@@ -38,6 +38,7 @@ def volume_dice(truth: np.ndarray, pred: np.ndarray) -> float:
 def scores(truth: np.ndarray, averages: dict, params: dict, cuts) -> dict[float, dict]:
     """One patient (slices in order): {cut: {setting: per-volume Dice}} for every compare setting and cut.
     `averages`: {(tta_flip, tta_affine): probabilities}, as stages.inference.average_views gives them."""
+    from stages import inference
     from stages.evaluate import compare_settings
     from stages.postprocess import postprocess
 
@@ -46,7 +47,7 @@ def scores(truth: np.ndarray, averages: dict, params: dict, cuts) -> dict[float,
     for cut in cuts:
         out[cut] = {}
         for name, setting in compare_settings(params).items():
-            p = averages[bool(setting.get("tta_flip")), bool(setting.get("tta_affine"))]
+            p = averages[inference.view_set(setting)]
             out[cut][name] = volume_dice(truth, postprocess(p, {**setting, "min_position": cut}, patients))
     return out
 
@@ -55,11 +56,12 @@ def segment_run(model_path: Path, raw, frame: pd.DataFrame, patients: list[str],
                 fold: int, name: str) -> dict[float, pd.DataFrame]:
     """A run's validation patients -> {cut: table of patient, fold and one Dice column per setting}."""
     from stages import inference
+    from stages.evaluate import compare_settings
 
     model = inference.load_model(model_path)
     rows: dict[float, list] = {cut: [] for cut in cuts}
-    views = inference.test_time_views(tta_flip=True, tta_affine=True)
-    view_sets = [(False, False), (True, False), (True, True)]
+    view_sets = {inference.view_set(setting) for setting in compare_settings(params).values()}
+    views = inference.views_covering(view_sets)
     for patient, images, masks in patient_volumes(raw, frame, patients, name):
         averages = inference.average_views(inference.view_probs(model, images, views), views, view_sets)
         for cut, dice in scores(masks > 0, averages, params, cuts).items():

@@ -88,15 +88,17 @@ def score(workdir: Path, lasts: list[int]) -> list[dict]:
     train_ds, val_ds, _ = train.make_datasets(train.DATA, cfg["image_size"], cfg["batch_size"], False, False, 0, 1,
                                               None, cfg.get("input_norm"), bool(cfg.get("slice_position")),
                                               int(cfg.get("neighbours") or 0))
+    chosen_variants = variants(summary, lasts)
+    reader = inference.load_model(workdir / "best.keras")
+    saved = {}  # each epoch's weights read once, however many variants average it
+    for epoch in sorted({e for epochs, _ in chosen_variants.values() for e in epochs}):
+        reader.load_weights(str(workdir / f"e{epoch:02d}.weights.h5"))
+        saved[epoch] = reader.get_weights()
     rows = []
-    for name, (epochs, batch_norm) in variants(summary, lasts).items():
+    for name, (epochs, batch_norm) in chosen_variants.items():
         # a new model object each time: the LiteRT engine converts a model once, from its weights at that moment
         model = inference.load_model(workdir / "best.keras")
-        weights = []
-        for epoch in epochs:
-            model.load_weights(str(workdir / f"e{epoch:02d}.weights.h5"))
-            weights.append(model.get_weights())
-        model.set_weights(average_weights(weights))
+        model.set_weights(average_weights([saved[epoch] for epoch in epochs]))
         if batch_norm:
             recompute_batch_norm(model, train_ds)
         train.compile_model(model, cfg)

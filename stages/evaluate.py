@@ -72,7 +72,7 @@ def compare_settings(params: dict) -> dict[str, dict]:
 def _key(settings: dict) -> tuple:
     return (settings.get("threshold", 0.5), int(settings.get("min_component") or 0),
             float(settings.get("min_position") or 0), bool(settings.get("largest_3d")),
-            bool(settings.get("tta_flip")), bool(settings.get("tta_affine")))
+            *inference.view_set(settings))
 
 
 def _representative(truth: np.ndarray, pred: np.ndarray) -> int:
@@ -125,11 +125,6 @@ def _warm_up(model, images: np.ndarray, rows: np.ndarray, batch_size: int, engin
         inference.predict_probs(model, images[rows[:n]], batch_size, engine=engine)
 
 
-def _views_for(settings: dict, averages: dict) -> np.ndarray:
-    """The probabilities a setting post-processes: the average of the test-time views it asks for."""
-    return averages[bool(settings.get("tta_flip")), bool(settings.get("tta_affine"))]
-
-
 def _segment_patient(patient, truth, averages: dict, settings: dict, params: dict) -> dict:
     """Post-process one patient's probabilities under every setting (each distinct one once) and count pixels.
     `averages`: {(tta_flip, tta_affine): probabilities} for the view sets the settings use."""
@@ -137,7 +132,7 @@ def _segment_patient(patient, truth, averages: dict, settings: dict, params: dic
     done, counts = {}, {}
     for name, s in settings.items():
         if _key(s) not in done:
-            p = _views_for(s, averages)
+            p = averages[inference.view_set(s)]
             done[_key(s)] = (postprocess(p, s, patients), p)
         counts[name] = metrics.slice_counts(truth, done[_key(s)][0], patients)
     pred, p = done[_key(params)]
@@ -210,8 +205,8 @@ def evaluate_model(model, images: np.ndarray, masks: np.ndarray, table: pd.DataF
     # "headline" is what params ask for; the others are the post-processing comparison
     settings = {"headline": params, **(compare_settings(params) if kind == "segmenter" else {})}
     # every view set a setting asks for, each view predicted once per patient and averaged per set
-    view_sets = {(bool(s.get("tta_flip")), bool(s.get("tta_affine"))) for s in settings.values()}
-    tta_views = inference.test_time_views(*map(any, zip(*view_sets)))
+    view_sets = {inference.view_set(s) for s in settings.values()}
+    tta_views = inference.views_covering(view_sets)
     counts = {name: [] for name in settings}
     present, decided, score, classified, views = [], [], [], [], {}
     elapsed = 0.0
@@ -228,7 +223,7 @@ def evaluate_model(model, images: np.ndarray, masks: np.ndarray, table: pd.DataF
         has_tumour = truth.reshape(len(rows), -1).any(axis=1)
         present.append(has_tumour)
         if kind == "classifier":
-            p = _views_for(params, averages)
+            p = averages[inference.view_set(params)]
             yes = p > params.get("threshold", 0.5)
             decided.append(yes)
             score.append(p)

@@ -276,6 +276,18 @@ def test_time_views(tta_flip: bool = False, tta_affine: bool = False) -> list[tu
                                                if tta_affine else [])
 
 
+def views_covering(view_sets) -> list[tuple[bool, tuple | None]]:
+    """The fewest views (test_time_views) from which every one of `view_sets`' averages can be made."""
+    view_sets = list(view_sets)
+    return test_time_views(any(flip for flip, _ in view_sets), any(affine for _, affine in view_sets))
+
+
+def view_set(params: dict) -> tuple[bool, bool]:
+    """(tta_flip, tta_affine) as `evaluate` params (or one of evaluate.compare_settings) ask for them: the key of
+    the views' average that setting post-processes (average_views)."""
+    return bool(params.get("tta_flip")), bool(params.get("tta_affine"))
+
+
 def average_views(predicted: list[np.ndarray], views: list, view_sets) -> dict[tuple, np.ndarray]:
     """{(tta_flip, tta_affine): the mean of the views that set asks for} from every view's probabilities
     (`predicted`, in the order of `views`), so each view is predicted once however many sets use it."""
