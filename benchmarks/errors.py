@@ -28,6 +28,7 @@ from benchmarks.architectures import git_show
 from benchmarks.crossval import commits, markdown, run_files
 
 MODEL = "models/model.keras"
+SELECTION = "models/selection.keras"  # with train.refit, MODEL was trained on the validation patients too
 KINDS = ["fn_missed_slices", "fn_found_slices", "fp_tumour_free", "fp_tumour_slices"]
 
 
@@ -104,12 +105,26 @@ def below_cut(slices: pd.DataFrame, cuts=(0.1, 0.15, 0.2, 0.25)) -> pd.DataFrame
 
 # ------------------------------------------------------------------ experiments
 
-def model_hash(lock: dict) -> str:
+def out_hash(lock: dict, path: str) -> str | None:
+    """The md5 dvc.lock records for an output path (None where no stage has it)."""
     for stage in lock.get("stages", {}).values():
         for out in stage.get("outs", []):
-            if out.get("path") == MODEL:
+            if out.get("path") == path:
                 return out["md5"]
-    raise SystemExit(f"dvc.lock names no {MODEL}: not a training run")
+    return None
+
+
+def model_hash(lock: dict) -> str:
+    md5 = out_hash(lock, MODEL)
+    if md5 is None:
+        raise SystemExit(f"dvc.lock names no {MODEL}: not a training run")
+    return md5
+
+
+def validation_model_hash(lock: dict) -> str:
+    """The model a run chose its epochs with, which scores its validation patients: models/selection.keras, or
+    models/model.keras in runs from before train.refit (where the two are one model)."""
+    return out_hash(lock, SELECTION) or model_hash(lock)
 
 
 def cached_model(repo: Path, md5: str, folder: Path) -> Path:
@@ -152,7 +167,7 @@ def validation_runs(repo: Path, names: list[str], data: Path | None, folder: Pat
     sources = {}
     for name, rev in commits(repo, names).items():
         params, validation, _ = run_files(repo, name, rev)
-        model = cached_model(repo, model_hash(yaml.safe_load(git_show(repo, rev, "dvc.lock"))), folder)
+        model = cached_model(repo, validation_model_hash(yaml.safe_load(git_show(repo, rev, "dvc.lock"))), folder)
         path = data_path(params, data, name)
         if path not in sources:
             raw = rawdata.open_raw(path)

@@ -2,6 +2,7 @@
 
     dvc repro balance        # the split and the prepared data
     python -m benchmarks.learning_curve --workdir runs/lc --patients 10 --patients 20 --patients 30 [--subsets 2]
+    python -m benchmarks.learning_curve --workdir runs/lc --patients 30 --refit   # the refit, judged on validation
 
 Each run keeps n of the split's training patients, drawn at random (subset s: numpy's generator seeded with s),
 with the augmented copies balance made of their slices, so the tumour share stays near one half. Its epochs are
@@ -10,6 +11,11 @@ recipe: a smaller set is not also trained less. Then the evaluate stage's own sc
 post-processing they choose, the test patients once. Nothing is chosen from these figures; they say how the
 per-volume Dice grows with the number of training patients, so whether the dev archive's 40 are what holds the
 recipe back. A finished run (its metrics/eval.json) is read back, not trained again.
+
+With --refit, each run is also trained again from scratch on all the training patients for the epochs its own early
+stopping chose, its learning rates replayed (stages.train.refit, what `train.refit: true` does with the validation
+patients), and scored the same way. The patients added stand in for the validation patients a real refit adds, so
+the refit procedure (a fixed epoch count, no early stopping) is judged on validation patients it never trained on.
 """
 from __future__ import annotations
 
@@ -51,6 +57,35 @@ def make_root(data: Path, root: Path, table: pd.DataFrame) -> None:
     table.to_csv(root / "data/prepared/train.csv", index=False)
 
 
+def make_refit_root(run_root: Path, root: Path, train: pd.DataFrame, kept: pd.DataFrame) -> None:
+    """root/data: run_root's data with the training patients left out of `kept` as the refit table (their copies
+    read from the training copies' files, which their `copy` numbers index)."""
+    shutil.rmtree(root, ignore_errors=True)
+    (root / "data/prepared").mkdir(parents=True)
+    source = run_root / "data"
+    for item in source.iterdir():
+        if item.name != "prepared":
+            (root / "data" / item.name).symlink_to(item.resolve())
+    for item in (source / "prepared").iterdir():
+        (root / "data/prepared" / item.name).symlink_to(item.resolve())
+        if item.name.startswith("train_copies_"):
+            (root / "data/prepared" / item.name.replace("train_", "refit_")).symlink_to(item.resolve())
+    train[~train["patient"].isin(set(kept["patient"]))].to_csv(root / "data/prepared/refit.csv", index=False)
+
+
+def refit_run(run_root: Path, root: Path, params: dict, seed: int) -> None:
+    """The run in run_root trained again on all the training patients for its best epoch count, then scored."""
+    from stages import evaluate, train
+    from stages.common import train_config
+
+    first = json.loads((run_root / "metrics/train.json").read_text())
+    summary = train.refit(params["model"], train_config(params), seed, first["best_epoch"], first.get("learning_rates"),
+                          root / "data", root / evaluate.MODEL)
+    (root / "metrics").mkdir(exist_ok=True)
+    (root / "metrics/train.json").write_text(json.dumps(summary, indent=1))
+    evaluate.run_stage(params, root)
+
+
 def run(root: Path, params: dict, epochs: int, seed: int) -> dict:
     """Train on root/data, then score as the evaluate stage does; metrics/eval.json under root."""
     from stages import evaluate, train
@@ -64,12 +99,13 @@ def run(root: Path, params: dict, epochs: int, seed: int) -> dict:
     return json.loads((root / "metrics/eval.json").read_text())
 
 
-def row(n: int, subset: int, table: pd.DataFrame, root: Path) -> dict:
+def row(n: int, subset: int, table: pd.DataFrame, root: Path, refit: bool = False) -> dict:
     result = json.loads((root / "metrics/eval.json").read_text())
     trained = json.loads((root / "metrics/train.json").read_text())
     chosen = result["postprocess"]["chosen_on_validation"]
-    return {"patients": n, "subset": subset, "training slices": len(table),
-            "epochs (best)": f"{trained['epochs']} ({trained['best_epoch']})",
+    return {"patients": n, "subset": subset, "model": "refit on all" if refit else "early stopping",
+            "training slices": trained["train_slices"] if refit else len(table),
+            "epochs (best)": f"{trained['epochs']} ({'fixed' if refit else trained['best_epoch']})",
             "validation": result["validation"]["postprocess_compare"][chosen]["dice_volume_mean"],
             "validation, threshold only": result["validation"]["postprocess_compare"]["threshold"]["dice_volume_mean"],
             "post-processing": chosen, "test": result["dice_volume_mean"], "test median": result["dice_volume_median"]}
@@ -85,6 +121,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="training patients to keep (repeatable)")
     parser.add_argument("--subsets", type=int, default=1, help="random draws of each size (seeds 1, 2, ...)")
     parser.add_argument("--data", type=Path, default=DATA, help="the prepared data folder (default: data)")
+    parser.add_argument("--refit", action="store_true",
+                        help="also train each run again on all the training patients for its best epoch count")
     args = parser.parse_args(argv)
     params = load_params()
     seed = params["seed"] if params["train"].get("seed") is None else params["train"]["seed"]
@@ -102,11 +140,21 @@ def main(argv: list[str] | None = None) -> None:
                 run(root, params, epochs, seed)
             rows.append(row(n, subset, table, root))
             print(markdown(pd.DataFrame(rows[-1:])), flush=True)
-    frame = pd.DataFrame(rows).sort_values(["patients", "subset"])
+            if args.refit:
+                again = args.workdir / f"p{n}-{subset}-refit"
+                if not (again / "metrics/eval.json").is_file():
+                    make_refit_root(root, again, train, table)
+                    print(f"{n} patients (subset {subset}): refit on all {train['patient'].nunique()} training "
+                          "patients", flush=True)
+                    refit_run(root, again, params, seed)
+                rows.append(row(n, subset, table, again, refit=True))
+                print(markdown(pd.DataFrame(rows[-1:])), flush=True)
+    frame = pd.DataFrame(rows).sort_values(["patients", "subset", "model"])
     print(f"\nper-volume Dice against the number of training patients (of {train['patient'].nunique()}); "
           "validation chose the post-processing, test looked at once")
     print(markdown(frame))
-    means = frame.groupby("patients")[["validation", "validation, threshold only", "test"]].mean().reset_index()
+    means = frame.groupby(["patients", "model"])[["validation", "validation, threshold only", "test"]].mean()
+    means = means.reset_index()
     print(markdown(means))
 
 

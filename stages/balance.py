@@ -6,6 +6,8 @@ patient, so nothing derived from a validation or test patient ever reaches train
 keep their original slices. Output: data/prepared/{train,val,test}.csv, which refer to the index stage's
 data/slices by row instead of copying them, and the copies' pixels, train_copies_{images,masks}.npy
 and slices.json, the digest of the index those rows refer to (see stages.prepared, which reads them).
+With train.refit, also refit.csv (and refit_copies_*.npy): the validation patients balanced as the training split
+was, which the refit trains on beside the training split once validation has chosen the epochs (stages.train).
 """
 from __future__ import annotations
 
@@ -166,26 +168,61 @@ def write_split(folder: Path, name: str, meta: pd.DataFrame, images, masks, rows
     return meta
 
 
+def refit_config(cfg: dict, train_slices: int, val_slices: int) -> dict:
+    """Balance settings for the validation patients' share of a refit: the growth the training split got (the
+    seed's x5312/3929 under `auto`, else balance.total over the training slices) applied to their slices."""
+    if cfg["total"] == "auto":
+        return cfg
+    return {**cfg, "total": round(val_slices * int(cfg["total"]) / max(train_slices, 1))}
+
+
+def split_summary(meta: pd.DataFrame) -> dict:
+    return {"slices": len(meta), "tumour_slices": int(meta["tumour"].sum()),
+            "augmented": int((meta["augmentation"].fillna("") != "").sum())}
+
+
+def load_inputs(data: Path = INDEX.parent) -> tuple[pd.DataFrame, pd.Series, np.ndarray, np.ndarray]:
+    """(index table, split by patient, images, masks) as the index and split stages left them under `data`."""
+    index = pd.read_csv(data / INDEX.name)
+    split = pd.read_csv(data / SPLIT.name).set_index("patient")["split"]
+    images = np.load(data / SLICES.name / "images.npy", mmap_mode="r")
+    masks = np.load(data / SLICES.name / "masks.npy", mmap_mode="r")
+    if len(images) != len(index):
+        raise BrainsegError(f"{data / SLICES.name}: {len(images)} slices but {data / INDEX.name} lists {len(index)}; "
+                            "run `dvc repro index`")
+    index["augmentation"] = ""
+    index["tumour"] = index["tumour"].astype(int)
+    return index, split, images, masks
+
+
+def split_rows(index: pd.DataFrame, split: pd.Series, name: str) -> np.ndarray:
+    return np.flatnonzero(index["patient"].map(split).to_numpy() == name)
+
+
+def write_refit(folder: Path, index: pd.DataFrame, split: pd.Series, images, masks, cfg: dict,
+                seed: int) -> pd.DataFrame:
+    """`folder`/refit.csv and its copies: the validation patients, which become training patients for the refit,
+    balanced like the training split, with a seed of their own so their copies do not repeat the training copies'
+    draws."""
+    rows = split_rows(index, split, "val")
+    return write_split(folder, "refit", index.iloc[rows][META].reset_index(drop=True), images, masks, rows,
+                       refit_config(cfg, len(split_rows(index, split, "train")), len(rows)), seed + 1)
+
+
 def main() -> None:
     params = load_params()
     cfg = params["balance"]
-    index = pd.read_csv(INDEX)
-    split = pd.read_csv(SPLIT).set_index("patient")["split"]
-    images = np.load(SLICES / "images.npy", mmap_mode="r")
-    masks = np.load(SLICES / "masks.npy", mmap_mode="r")
-    if len(images) != len(index):
-        raise BrainsegError(f"{SLICES}: {len(images)} slices but {INDEX} lists {len(index)}; run `dvc repro index`")
-    index["augmentation"] = ""
-    index["tumour"] = index["tumour"].astype(int)
+    index, split, images, masks = load_inputs()
     summary = {}
     with atomic_path(PREPARED, is_dir=True) as tmp:
         for name in ("train", "val", "test"):
-            rows = np.flatnonzero(index["patient"].map(split).to_numpy() == name)
+            rows = split_rows(index, split, name)
             meta = index.iloc[rows][META].reset_index(drop=True)
             meta = write_split(tmp, name, meta, images, masks, rows,
                                cfg if name == "train" else None, params["seed"])
-            summary[name] = {"slices": len(meta), "tumour_slices": int(meta["tumour"].sum()),
-                             "augmented": int((meta["augmentation"].fillna("") != "").sum())}
+            summary[name] = split_summary(meta)
+        if params["train"].get("refit"):
+            summary["refit"] = split_summary(write_refit(tmp, index, split, images, masks, cfg, params["seed"]))
         prepared.write_record(tmp, INDEX.parent, len(images))
     write_json(Path("metrics") / "balance.json", summary)
     print(summary)

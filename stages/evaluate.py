@@ -17,6 +17,7 @@ Stage outputs (metric definitions in stages.metrics):
 from __future__ import annotations
 
 import argparse
+import filecmp
 import json
 import time
 from dataclasses import dataclass, field
@@ -32,6 +33,9 @@ from stages.common import BrainsegError, atomic_path, load_params, run_main, wri
 from stages.postprocess import POSTPROCESS_STEPS, postprocess, tumour_present
 
 MODEL = Path("models/model.keras")
+# the model the train stage chose the epochs with, which chooses the post-processing on validation here: the same as
+# model.keras unless train.refit trained model.keras again on the validation patients too
+SELECTION = Path("models/selection.keras")
 DATA = Path("data")  # data/prepared's tables and the data/slices they point into
 SOURCE = Path("data/raw/SOURCE.json")
 EVAL_JSON = Path("metrics/eval.json")
@@ -308,24 +312,43 @@ def validation_summary(validation: Evaluation) -> dict:
             "dice_volume_median": m["dice_volume_median"], "postprocess_compare": m["postprocess_compare"]}
 
 
+def stage_models(params: dict, root: Path = Path(".")):
+    """(the model to test, the model to choose on validation with): models/model.keras and, when train.refit made
+    it a second model, models/selection.keras; the same object otherwise (also where no selection.keras exists,
+    as in runs from before the refit)."""
+    model = _load_checked(root / MODEL, params)
+    selection = root / SELECTION
+    if not selection.is_file() or filecmp.cmp(selection, root / MODEL, shallow=False):
+        return model, model
+    return model, _load_checked(selection, params)
+
+
+def _load_checked(path: Path, params: dict):
+    model = inference.load_model(path)
+    if model.name != params["model"]:
+        raise BrainsegError(f"{path} holds a '{model.name}' model but params.yaml says model: "
+                            f"{params['model']}; run `dvc repro` to train it")
+    return model
+
+
 def run_stage(params: dict, root: Path = Path(".")) -> Evaluation:
     """The DVC stage: models/model.keras on data/prepared/val* then test*, outputs under `root`.
 
     Validation patients are scored first; with `evaluate.choose_on_validation` (segmenters) the
     post-processing that is best on them is applied to the test patients, so test is looked at once.
+    After a refit (train.refit), the validation patients were trained on: they are scored with the model the first
+    run kept (models/selection.keras), which chose the refit's epochs too, and the test patients with the refit.
     """
-    model = inference.load_model(root / MODEL)
-    if model.name != params["model"]:
-        raise BrainsegError(f"{root / MODEL} holds a '{model.name}' model but params.yaml says model: "
-                            f"{params['model']}; run `dvc repro` to train it")
+    model, chooser = stage_models(params, root)
     images, masks, table = prepared.originals(root / DATA, "test")
     settings = params["evaluate"]
-    validation = evaluate_model(model, *prepared.originals(root / DATA, "val"), settings, desc="validation")
+    validation = evaluate_model(chooser, *prepared.originals(root / DATA, "val"), settings, desc="validation")
     chosen = None
     if settings.get("choose_on_validation") and inference.model_kind(model) == "segmenter":
         chosen, settings = choose_postprocess(validation, settings)
     evaluation = evaluate_model(model, images, masks, table, settings, desc="test")
     evaluation.metrics["postprocess"]["chosen_on_validation"] = chosen
+    evaluation.metrics["model"]["refit"] = chooser is not model
     evaluation.metrics["validation"] = validation_summary(validation)
     evaluation.metrics["data_source"] = data_source(root)
     write_outputs(evaluation, root)

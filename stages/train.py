@@ -1,7 +1,9 @@
 """DVC stage `train`: fit params.yaml's `model` on data/prepared and keep the best epoch.
 
-Outputs: models/model.keras (the epoch with the lowest val loss; replaced atomically), metrics/train.json,
-and DVCLive per-epoch curves in dvclive/train/plots/metrics/{train,eval}/<metric>.tsv.
+Outputs: models/selection.keras (the epoch with the lowest val loss), models/model.keras (the same model; with
+train.refit, the recipe trained again on the training and validation patients for that many epochs), each replaced
+atomically, metrics/train.json (with a `refit` section after a refit), and DVCLive per-epoch curves of the first run
+in dvclive/train/plots/metrics/{train,eval}/<metric>.tsv.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -31,7 +34,8 @@ if TYPE_CHECKING:  # TensorFlow is imported where used: JAX / PyTorch machines m
     import tensorflow as tf
 
 DATA = Path("data")  # data/prepared's tables and the data/slices they point into
-MODEL = Path("models/model.keras")
+MODEL = Path("models/model.keras")  # the model evaluated on test and served: with train.refit, the refit
+SELECTION = Path("models/selection.keras")  # the one validation chose the epochs and post-processing with
 LIVE = Path("dvclive/train")
 METRICS = Path("metrics/train.json")
 SOURCE = Path("data/raw/SOURCE.json")
@@ -45,7 +49,15 @@ def main() -> None:
     if importlib.util.find_spec("dvclive") is None:  # a GPU machine with Keras alone (benchmarks/gpu_recipe.py)
         print("dvclive is not installed: training without per-epoch curves in dvclive/train", flush=True)
         live = None
-    summary = train(params["model"], cfg, seed, DATA, MODEL, live)
+    summary = train(params["model"], cfg, seed, DATA, SELECTION, live)
+    rates = summary.pop("learning_rates", None)
+    if cfg.get("refit"):
+        print(f"refit: training again on the training and validation patients for the {summary['best_epoch']} "
+              "epochs validation chose", flush=True)
+        summary["refit"] = refit(params["model"], cfg, seed, summary["best_epoch"], rates, DATA, MODEL)
+    else:  # the model validation chose is the one served
+        with checkpoint_path(MODEL) as checkpoint:
+            shutil.copyfile(SELECTION, checkpoint)
     summary["seed"] = seed
     summary["data_source"] = json.loads(SOURCE.read_text()) if SOURCE.is_file() else "unknown"
     write_json(METRICS, summary)
@@ -54,8 +66,10 @@ def main() -> None:
 def make_datasets(data_dir: Path, image_size: int, batch_size: int, classifier: bool = False,
                   tumour_slices_only: bool = False, seed: int = 0, outputs: int = 1,
                   augment: dict | None = None, input_norm: str | None = None, slice_position: bool = False,
-                  neighbours: int = 0):
-    """Batched (train, val) tf.data datasets of model-size inputs and targets, plus the training slice count.
+                  neighbours: int = 0, splits: tuple = ("train", "val")):
+    """Batched tf.data datasets of model-size inputs and targets for `splits` (training, then validation),
+    plus the training slice count. A split may be a tuple of prepared tables trained on together: the refit's
+    ("train", "refit"), with no validation split.
 
     Slices are resized once here, a chunk at a time, and kept as uint8 (masks as float16: the soft edges of
     an area-resized binary mask, exact for halving); batches are scaled to float32 as they are drawn, so
@@ -71,54 +85,64 @@ def make_datasets(data_dir: Path, image_size: int, batch_size: int, classifier: 
     On a Keras backend other than TensorFlow (JAX, PyTorch: a GPU machine without TensorFlow), the same batches
     come from SliceBatches instead of tf.data.
     """
-    def to_model_size(images, masks):
-        return resize_images(images, image_size), mask_to_model_size(masks, image_size).astype(np.float16)
-
     transform = augmenter(augment or {}, seed)
     datasets = []
-    for split in ("train", "val"):
-        if input_norm == "volume" or neighbours:
-            x, y, table = prepared.load_split(data_dir, split)
-            if input_norm == "volume":
-                for _, rows in table.reset_index(drop=True).groupby("patient").indices.items():
-                    originals = rows[table["copy"].to_numpy()[rows] < 0]
-                    x[rows] = standardise_volume(x[rows], volume_stats(x[originals]))
-            if neighbours:
-                x = with_neighbours(x, table, neighbours)
-            x, y = to_model_size(x, y)
-        else:
-            x, y, table = prepared.load_split(data_dir, split, transform=to_model_size)
-        if slice_position:
-            x = add_position(x, table_positions(table))
+    for i, names in enumerate(splits):
+        training = i == 0
+        parts = [split_arrays(Path(data_dir), name, image_size, input_norm, slice_position, neighbours)
+                 for name in ((names,) if isinstance(names, str) else names)]
+        x, y = (np.concatenate(arrays) if len(arrays) > 1 else arrays[0] for arrays in zip(*parts))
         tumour = y.max(axis=tuple(range(1, y.ndim))) > 0  # works on an empty split too
-        if split == "train" and tumour_slices_only:
+        if training and tumour_slices_only:
             keep = np.flatnonzero(tumour)
             x, y, tumour = x[keep], y[keep], tumour[keep]
         if len(x) == 0:
-            raise BrainsegError(f"{data_dir}: no {split} slices to train on; check params.yaml split / "
-                                "train.tumour_slices_only and rerun `dvc repro`")
+            raise BrainsegError(f"{data_dir}: no {'+'.join(names) if isinstance(names, tuple) else names} slices to "
+                                "train on; check params.yaml split / train.tumour_slices_only and rerun `dvc repro`")
         if classifier:
             y = tumour.astype(np.float16)[:, None]
-        if split == "train":
+        if training:
             n_train = len(x)
         if keras.backend.backend() != "tensorflow":
-            datasets.append(SliceBatches(x, y, batch_size, seed if split == "train" else None,
-                                         transform if split == "train" else None, classifier, outputs))
+            datasets.append(SliceBatches(x, y, batch_size, seed if training else None,
+                                         transform if training else None, classifier, outputs))
             continue
         import tensorflow as tf
 
         ds = tf.data.Dataset.from_tensor_slices((x, y))
-        if split == "train":
+        if training:
             ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
         # the same float32 values as preprocess.to_model_input gives evaluation and inference
         ds = ds.batch(batch_size).map(lambda image, target: (tf.cast(image, tf.float32) / 255.0,
                                                              tf.cast(target, tf.float32)))
-        if split == "train" and transform is not None:
+        if training and transform is not None:
             ds = ds.map(same_transform(transform, classifier))
         if outputs > 1:
             ds = ds.map(lambda image, target: (image, (target,) * outputs))
         datasets.append(ds.prefetch(tf.data.AUTOTUNE))
     return *datasets, n_train
+
+
+def split_arrays(data_dir: Path, split: str, image_size: int, input_norm: str | None = None,
+                 slice_position: bool = False, neighbours: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """One prepared table's (inputs, masks) at model size, as make_datasets describes."""
+    def to_model_size(images, masks):
+        return resize_images(images, image_size), mask_to_model_size(masks, image_size).astype(np.float16)
+
+    if input_norm == "volume" or neighbours:
+        x, y, table = prepared.load_split(data_dir, split)
+        if input_norm == "volume":
+            for _, rows in table.reset_index(drop=True).groupby("patient").indices.items():
+                originals = rows[table["copy"].to_numpy()[rows] < 0]
+                x[rows] = standardise_volume(x[rows], volume_stats(x[originals]))
+        if neighbours:
+            x = with_neighbours(x, table, neighbours)
+        x, y = to_model_size(x, y)
+    else:
+        x, y, table = prepared.load_split(data_dir, split, transform=to_model_size)
+    if slice_position:
+        x = add_position(x, table_positions(table))
+    return x, y
 
 
 def patient_places(table):
@@ -358,10 +382,9 @@ def distribution_strategy() -> tf.distribute.Strategy:
     return tf.distribute.get_strategy()
 
 
-def train(name: str, cfg: dict, seed: int = 42, data_dir: Path = DATA, model_path: Path = MODEL,
-          live_dir: Path | None = LIVE, strategy: tf.distribute.Strategy | None = None) -> dict:
-    """Fit `name` with the merged train/profile config `cfg`; save the best epoch to `model_path`
-    and return the summary written to metrics/train.json. `live_dir=None` turns DVCLive off."""
+def build(name: str, cfg: dict, seed: int, data_dir: Path, splits: tuple = ("train", "val"),
+          strategy: tf.distribute.Strategy | None = None):
+    """(compiled model, *datasets of `splits`, training slice count) under the config's precision policy."""
     keras.utils.set_random_seed(seed)
     size, batch = cfg["image_size"], cfg["batch_size"]
     previous_policy = keras.mixed_precision.global_policy()
@@ -370,26 +393,31 @@ def train(name: str, cfg: dict, seed: int = 42, data_dir: Path = DATA, model_pat
         with strategy_scope(strategy):
             model = build_model(name, (size, size, 3), cfg["filters"], cfg.get("weights"), cfg.get("input_norm"),
                                 bool(cfg.get("slice_position")), int(cfg.get("neighbours") or 0))
-            train_ds, val_ds, n_train = make_datasets(Path(data_dir), size, batch, name in CLASSIFIERS,
-                                                      cfg.get("tumour_slices_only", False), seed, len(model.outputs),
-                                                      cfg.get("augment"), cfg.get("input_norm"),
-                                                      bool(cfg.get("slice_position")),
-                                                      int(cfg.get("neighbours") or 0))
+            *datasets, n_train = make_datasets(Path(data_dir), size, batch, name in CLASSIFIERS,
+                                               cfg.get("tumour_slices_only", False), seed, len(model.outputs),
+                                               cfg.get("augment"), cfg.get("input_norm"),
+                                               bool(cfg.get("slice_position")), int(cfg.get("neighbours") or 0),
+                                               splits)
             compile_model(model, cfg, math.ceil(n_train / batch))
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
+    return model, *datasets, n_train
 
+
+def train(name: str, cfg: dict, seed: int = 42, data_dir: Path = DATA, model_path: Path = MODEL,
+          live_dir: Path | None = LIVE, strategy: tf.distribute.Strategy | None = None) -> dict:
+    """Fit `name` with the merged train/profile config `cfg`; save the best epoch to `model_path`
+    and return the summary written to metrics/train.json, with `learning_rates`, each epoch's (None where the
+    schedule does not log them), for a refit to replay. `live_dir=None` turns DVCLive off."""
+    model, train_ds, val_ds, n_train = build(name, cfg, seed, data_dir, strategy=strategy)
     live = None
     if live_dir is not None:
         from dvclive import Live
         live = Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None)
-    model_path = Path(model_path)
-    model_path.parent.mkdir(parents=True, exist_ok=True)
     timer = TrainTimer()
     limit = [TimeLimit(cfg["max_minutes"])] if cfg.get("max_minutes") else []
     # ModelCheckpoint writes into a private folder; only a finished run renames its file onto model_path.
-    with tempfile.TemporaryDirectory(prefix=".train.", dir=model_path.parent) as tmp:
-        checkpoint = Path(tmp) / model_path.name
+    with checkpoint_path(model_path) as checkpoint:
         start = time.perf_counter()
         history = model.fit(train_ds, validation_data=val_ds, epochs=cfg["epochs"],
                             callbacks=[*callbacks(cfg, checkpoint, live), timer, *limit], shuffle=False,
@@ -398,8 +426,51 @@ def train(name: str, cfg: dict, seed: int = 42, data_dir: Path = DATA, model_pat
         if not checkpoint.is_file():
             raise BrainsegError(f"{name} never reached a finite val_loss, so {model_path} was not written: "
                                 "lower train.learning_rate in params.yaml and rerun `dvc repro train`")
-        os.replace(checkpoint, model_path)
-    return summarize(name, cfg, model, history, n_train, seconds, timer.seconds)
+    summary = summarize(name, cfg, model, history, n_train, seconds, timer.seconds)
+    rates = history.get("learning_rate")
+    summary["learning_rates"] = None if rates is None else [float(rate) for rate in rates]
+    return summary
+
+
+@contextlib.contextmanager
+def checkpoint_path(model_path: Path):
+    """A path in a private folder beside `model_path` to save to; renamed onto model_path if the block ends with a
+    file there, so a failed run leaves the last good model in place."""
+    model_path = Path(model_path)
+    model_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".train.", dir=model_path.parent) as tmp:
+        checkpoint = Path(tmp) / model_path.name
+        yield checkpoint
+        if checkpoint.is_file():
+            os.replace(checkpoint, model_path)
+
+
+def refit(name: str, cfg: dict, seed: int, epochs: int, learning_rates: list[float] | None = None,
+          data_dir: Path = DATA, model_path: Path = MODEL, strategy: tf.distribute.Strategy | None = None) -> dict:
+    """The recipe trained again from scratch, with the same seed, on the training and validation patients
+    (data/prepared's train and refit tables) for `epochs` epochs, the number a first run chose on validation;
+    saved to `model_path`. With the plateau schedule each epoch gets the learning rate that epoch had in the first
+    run (`learning_rates`), since nothing is left to watch for a plateau. Returns the refit's facts."""
+    model, train_ds, n_train = build(name, cfg, seed, data_dir, (("train", "refit"),), strategy)
+    replay = []
+    if cfg.get("lr_schedule") == "plateau" and learning_rates:
+        if len(learning_rates) < epochs:
+            raise BrainsegError(f"refit: {epochs} epochs asked but the first run logged {len(learning_rates)} "
+                                "learning rates. Fix: rerun `dvc repro train`")
+        replay = [keras.callbacks.LearningRateScheduler(lambda epoch, rate: float(learning_rates[epoch]))]
+    timer = TrainTimer()
+    with checkpoint_path(model_path) as checkpoint:
+        start = time.perf_counter()
+        history = model.fit(train_ds, epochs=epochs, callbacks=[*replay, timer], shuffle=False,
+                            verbose=1 if sys.stdout.isatty() else 2).history
+        seconds = time.perf_counter() - start
+        if not np.isfinite(history["loss"][-1]):
+            raise BrainsegError(f"the refit of {name} ended with a loss of {history['loss'][-1]}, so {model_path} "
+                                "was not replaced: set train.refit false or lower train.learning_rate")
+        model.save(checkpoint)
+    return {"epochs": epochs, "train_slices": n_train, "train_seconds": round(seconds, 1),
+            "train_slices_per_s": round(n_train * epochs / max(timer.seconds, 1e-9), 2),
+            **{f"final_{key}": float(values[-1]) for key, values in history.items() if key != "learning_rate"}}
 
 
 def summarize(name, cfg, model, history, n_train, seconds, train_step_seconds) -> dict:

@@ -182,3 +182,47 @@ def test_replay_gives_another_image_the_augmentation_a_copy_recorded():
     assert np.array_equal(replay(image, ""), image)  # an original slice
     with pytest.raises(BrainsegError, match="'flip\\+zoom1.2' is not one balance records"):
         replay(image, "flip+zoom1.2")
+
+
+def test_refit_table_balances_the_validation_patients_like_the_training_split(tmp_path, monkeypatch):
+    """With train.refit the stage also writes refit.csv: the validation patients only, grown and balanced as the
+    training split was, their copies drawn apart from the training copies; without it, no refit table."""
+    from stages import balance, prepared
+
+    meta, images, masks = synthetic_index(400, 120)
+    data = tmp_path / "data"
+    index_stage_outputs(data, meta, images, masks)
+    patients = sorted(meta["patient"].unique())  # 20 patients of 20 slices
+    split = pd.DataFrame({"patient": patients, "split": ["train"] * 12 + ["val"] * 4 + ["test"] * 4})
+    split.to_csv(data / "split.csv", index=False)
+    params = {"seed": 3, "balance": CFG, "train": {"refit": True}}
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(balance, "load_params", lambda: params)
+    balance.main()
+
+    refit, _ = prepared.read_table(data, "refit")
+    val, _ = prepared.read_table(data, "val")
+    train, _ = prepared.read_table(data, "train")
+    assert set(refit["patient"]) == set(val["patient"]) == set(patients[12:16])
+    assert refit[refit["copy"] < 0].drop(columns="copy").equals(val.drop(columns="copy"))  # originals first
+    n_tumour = int(val["tumour"].sum())
+    assert (refit["copy"] >= 0).sum() == sum(plan_balance(n_tumour, 80 - n_tumour))  # the seed's growth, balanced
+    assert refit["tumour"].sum() == n_tumour + plan_balance(n_tumour, 80 - n_tumour)[0]
+    n_tumour = int(train.loc[train["copy"] < 0, "tumour"].sum())
+    assert len(train) == 240 + sum(plan_balance(n_tumour, 240 - n_tumour)) and len(val) == 80  # as without refit
+    refit_copies = refit.loc[refit["copy"] >= 0, "augmentation"]
+    train_copies = train.loc[train["copy"] >= 0, "augmentation"]
+    assert len(refit_copies) and not set(refit_copies) & set(train_copies)  # a seed of their own
+    x, y, table = prepared.load_split(data, "refit")  # copies readable, each with its mask
+    assert len(x) == len(table) and ((y.reshape(len(y), -1).max(axis=1) > 0) == table["tumour"].astype(bool)).all()
+
+    params["train"]["refit"] = False
+    balance.main()
+    assert not (data / "prepared/refit.csv").exists()
+
+
+def test_refit_config_grows_the_validation_slices_as_an_exact_total_grew_training():
+    from stages.balance import refit_config
+
+    assert refit_config(CFG, 240, 80) is CFG  # auto: the seed's growth applies to any count
+    assert refit_config({**CFG, "total": 300}, 240, 80)["total"] == 100

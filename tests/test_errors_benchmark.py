@@ -60,6 +60,9 @@ def test_the_model_comes_from_the_dvc_cache_by_the_locks_hash(tmp_path):
     lock = {"stages": {"index": {"outs": [{"path": "data/index.csv", "md5": "x"}]},
                        "train": {"outs": [{"path": "models/model.keras", "md5": md5}]}}}
     assert errors.model_hash(lock) == md5
+    assert errors.validation_model_hash(lock) == md5  # a run from before train.refit: one model
+    lock["stages"]["train"]["outs"].append({"path": "models/selection.keras", "md5": "c" * 32})
+    assert errors.validation_model_hash(lock) == "c" * 32  # the model that saw no validation patient
     with pytest.raises(SystemExit, match="not in the DVC cache"):
         errors.cached_model(tmp_path, md5, tmp_path)
     cached = tmp_path / ".dvc/cache/files/md5/a1" / md5[2:]

@@ -215,6 +215,39 @@ def test_choose_on_validation_applies_the_choice_to_test(tmp_path):
     assert result["dice_volume_mean"] == pytest.approx(result["postprocess_compare"][chosen]["dice_volume_mean"])
 
 
+def test_after_a_refit_validation_is_scored_with_the_model_that_chose_the_epochs(tmp_path):
+    """models/selection.keras (the first run's best epoch) scores the validation patients and chooses the
+    post-processing; models/model.keras, the refit trained on those patients too, scores test."""
+    root = make_root(tmp_path, flair_model())
+    untrained_model().save(root / "models/selection.keras")
+    evaluate.run_stage({"model": "unet", "evaluate": {**EVALUATE, "choose_on_validation": True}}, root)
+    result = json.loads((root / "metrics/eval.json").read_text())
+    assert result["model"]["refit"] is True
+    assert result["dice_volume_mean"] == 1.0 > result["validation"]["dice_volume_mean"]  # val and test: same slices
+    validation = pd.read_csv(root / "metrics/per_patient_validation.csv")
+    assert 0 < validation["threshold"].mean() < 1  # the untrained selection model's, not the refit's
+
+
+def test_without_a_refit_one_model_scores_validation_and_test(tmp_path):
+    root = make_root(tmp_path, flair_model())
+    shutil.copyfile(root / "models/model.keras", root / "models/selection.keras")  # what train writes without refit
+    model, chooser = evaluate.stage_models({"model": "unet"}, root)
+    assert model is chooser
+    (root / "models/selection.keras").unlink()  # a run from before the refit
+    model, chooser = evaluate.stage_models({"model": "unet"}, root)
+    assert model is chooser
+    evaluate.run_stage({"model": "unet", "evaluate": EVALUATE}, root)
+    result = json.loads((root / "metrics/eval.json").read_text())
+    assert result["model"]["refit"] is False and result["validation"]["dice_volume_mean"] == 1.0
+
+
+def test_a_selection_model_of_another_architecture_is_refused(tmp_path):
+    root = make_root(tmp_path, flair_model())
+    flair_model("resunet").save(root / "models/selection.keras")
+    with pytest.raises(BrainsegError, match="selection.keras.*resunet.*dvc repro"):
+        evaluate.stage_models({"model": "unet"}, root)
+
+
 def test_model_name_must_match_params(tmp_path):
     root = make_root(tmp_path, flair_model("resunet"))
     with pytest.raises(BrainsegError, match="resunet.*dvc repro"):

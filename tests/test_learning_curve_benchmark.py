@@ -51,3 +51,27 @@ def test_a_small_curve_is_trained_scored_and_read_back(project, tmp_path, capsys
     (root / "models/model.keras").unlink()  # a finished run is read back, not trained again
     learning_curve.main(["--workdir", str(tmp_path / "lc"), "--patients", "1"])
     assert "per-volume Dice against the number of training patients (of 2)" in capsys.readouterr().out
+
+
+def test_refit_trains_each_run_again_on_all_training_patients_and_scores_it_on_validation(project, tmp_path,
+                                                                                        capsys):
+    data = write_prepared(project / "data", (("train", 8), ("val", 4), ("test", 4)))
+    train = pd.read_csv(data / "prepared/train.csv")
+    train.loc[train.index[:3], "patient"] = "TCGA_XX_0002"
+    train.to_csv(data / "prepared/train.csv", index=False)
+    (data / "raw").mkdir(exist_ok=True)
+    (data / "raw/SOURCE.json").write_text('{"source": "synthetic"}')
+    set_params(project, profile="demo", **{"profiles.demo.epochs": 1, "profiles.demo.filters": 4})
+    learning_curve.main(["--workdir", str(tmp_path / "lc"), "--patients", "1", "--refit"])
+
+    first = json.loads((tmp_path / "lc/p1-1/metrics/train.json").read_text())
+    again = tmp_path / "lc/p1-1-refit"
+    refit = json.loads((again / "metrics/train.json").read_text())
+    assert refit["epochs"] == first["best_epoch"] and refit["train_slices"] == len(train)  # every training slice
+    kept = set(pd.read_csv(tmp_path / "lc/p1-1/data/prepared/train.csv")["patient"])
+    added = pd.read_csv(again / "data/prepared/refit.csv")
+    assert set(added["patient"]) == {"TCGA_XX_0001", "TCGA_XX_0002"} - kept  # the patient left out, copies too
+    assert (added["copy"] >= 0).any() or (train[train["patient"].isin(set(added["patient"]))]["copy"] < 0).all()
+    result = json.loads((again / "metrics/eval.json").read_text())
+    assert result["model"]["refit"] is False  # no selection model here: the refit itself is scored on validation
+    assert "refit on all" in capsys.readouterr().out

@@ -80,8 +80,9 @@ def test_main_writes_metrics_with_data_source_and_restores_float32(prepared, cfg
                                       mixed_precision="mixed_float16")
     source = tmp_path / "SOURCE.json"
     source.write_text('{"source": "synthetic"}')
-    for name, value in dict(DATA=prepared, MODEL=tmp_path / "model.keras", LIVE=tmp_path / "live",
-                            METRICS=tmp_path / "train.json", SOURCE=source, load_params=lambda: params).items():
+    for name, value in dict(DATA=prepared, MODEL=tmp_path / "model.keras", SELECTION=tmp_path / "selection.keras",
+                            LIVE=tmp_path / "live", METRICS=tmp_path / "train.json", SOURCE=source,
+                            load_params=lambda: params).items():
         monkeypatch.setattr(train_stage, name, value)
 
     train_stage.main()
@@ -93,6 +94,9 @@ def test_main_writes_metrics_with_data_source_and_restores_float32(prepared, cfg
     # Inference loads uncompiled: a mixed-precision run saved a loss-scaling optimizer float32 Adam can't take.
     assert keras.models.load_model(tmp_path / "model.keras", safe_mode=True, compile=False).name == "cnn"
     assert metrics["seed"] == params["seed"]  # train.seed null: the top-level seed
+    # without train.refit the model served is the one validation chose, byte for byte
+    assert (tmp_path / "model.keras").read_bytes() == (tmp_path / "selection.keras").read_bytes()
+    assert "refit" not in metrics and "learning_rates" not in metrics
 
 
 def test_train_seed_overrides_the_top_level_seed(monkeypatch, tmp_path):
@@ -100,7 +104,14 @@ def test_train_seed_overrides_the_top_level_seed(monkeypatch, tmp_path):
     params["train"]["seed"] = 7
     seen = {}
     monkeypatch.setattr(train_stage, "load_params", lambda: params)
-    monkeypatch.setattr(train_stage, "train", lambda name, cfg, seed, *a: seen.setdefault("seed", seed) and {})
+    def fake_train(name, cfg, seed, data, model_path, *args):
+        seen["seed"] = seed
+        model_path.write_bytes(b"model")
+        return {"learning_rates": None}
+
+    monkeypatch.setattr(train_stage, "train", fake_train)
+    monkeypatch.setattr(train_stage, "SELECTION", tmp_path / "selection.keras")
+    monkeypatch.setattr(train_stage, "MODEL", tmp_path / "model.keras")
     monkeypatch.setattr(train_stage, "METRICS", tmp_path / "train.json")
     monkeypatch.setattr(train_stage, "SOURCE", tmp_path / "missing.json")
     train_stage.main()
@@ -356,7 +367,14 @@ def test_main_trains_without_dvclive_where_it_is_not_installed(prepared, cfg, tm
     find_spec = train_stage.importlib.util.find_spec
     monkeypatch.setattr(train_stage.importlib.util, "find_spec",
                         lambda name, *a: None if name == "dvclive" else find_spec(name, *a))
-    monkeypatch.setattr(train_stage, "train", lambda name, cfg, seed, data, model, live: seen.update(live=live) or {})
+    def fake_train(name, cfg, seed, data, model_path, live):
+        seen.update(live=live)
+        model_path.write_bytes(b"model")
+        return {}
+
+    monkeypatch.setattr(train_stage, "train", fake_train)
+    monkeypatch.setattr(train_stage, "SELECTION", tmp_path / "selection.keras")
+    monkeypatch.setattr(train_stage, "MODEL", tmp_path / "model.keras")
     monkeypatch.setattr(train_stage, "METRICS", tmp_path / "train.json")
     monkeypatch.setattr(train_stage, "SOURCE", tmp_path / "missing.json")
     train_stage.main()
@@ -418,3 +436,60 @@ def test_a_patient_with_copies_but_no_originals_is_refused_with_the_fix():
     for places in (table_positions, lambda t: table_neighbours(t, 1)):
         with pytest.raises(BrainsegError, match="patient B has augmented copies but no original.*balance --force"):
             places(table)
+
+
+def write_refit_prepared(folder):
+    """write_prepared with a refit table too: four more slices, as balance writes the validation patients'."""
+    return write_prepared(folder, (("train", 8), ("val", 4), ("refit", 4)))
+
+
+def test_refit_trains_on_training_and_validation_patients_for_the_epochs_given_replaying_rates(cfg, tmp_path,
+                                                                                              monkeypatch):
+    data = write_refit_prepared(tmp_path)
+    built = {}
+    build = train_stage.build
+    monkeypatch.setattr(train_stage, "build", lambda *a, **k: built.setdefault("out", build(*a, **k)))
+    summary = train_stage.refit("unet", cfg, 0, 2, [1e-3, 2.5e-4, 1e-4], data, tmp_path / "m.keras")
+
+    model = built["out"][0]
+    assert summary["epochs"] == 2 and summary["train_slices"] == 8 + 4  # train + refit tables, no validation
+    assert np.isfinite(summary["final_loss"]) and 0 <= summary["final_dice"] <= 1
+    assert float(model.optimizer.learning_rate) == pytest.approx(2.5e-4)  # the second epoch's rate, replayed
+    assert keras.models.load_model(tmp_path / "m.keras", compile=False).name == "unet"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".train.")] == []
+
+
+def test_refit_with_fewer_logged_rates_than_epochs_names_the_fix(cfg, tmp_path):
+    data = write_refit_prepared(tmp_path)
+    with pytest.raises(BrainsegError, match="2 learning rates.*dvc repro train"):
+        train_stage.refit("unet", {**cfg, "lr_schedule": "plateau"}, 0, 3, [1e-3, 1e-3], data, tmp_path / "m.keras")
+
+
+def test_refit_that_does_not_finish_keeps_the_previous_model(cfg, tmp_path, monkeypatch):
+    data = write_refit_prepared(tmp_path)
+    (tmp_path / "m.keras").write_bytes(b"previous model")
+    monkeypatch.setattr(train_stage.TrainTimer, "on_epoch_end", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        train_stage.refit("unet", cfg, 0, 1, None, data, tmp_path / "m.keras")
+    assert (tmp_path / "m.keras").read_bytes() == b"previous model"
+
+
+def test_main_with_refit_serves_the_refit_and_keeps_the_chosen_epoch_beside_it(cfg, tmp_path, monkeypatch):
+    data = write_refit_prepared(tmp_path)
+    params = load_params()
+    params.update(model="unet", profile="demo")
+    params["profiles"]["demo"].update(epochs=2, filters=4, image_size=SIZE, batch_size=4)
+    params["train"]["refit"] = True
+    for name, value in dict(DATA=data, MODEL=tmp_path / "model.keras", SELECTION=tmp_path / "selection.keras",
+                            LIVE=None, METRICS=tmp_path / "train.json", SOURCE=tmp_path / "none.json",
+                            load_params=lambda: params).items():
+        monkeypatch.setattr(train_stage, name, value)
+    monkeypatch.setattr(train_stage.importlib.util, "find_spec", lambda name, *a: None)  # no DVCLive
+
+    train_stage.main()
+
+    metrics = json.loads((tmp_path / "train.json").read_text())
+    assert metrics["refit"]["epochs"] == metrics["best_epoch"] and metrics["refit"]["train_slices"] == 12
+    assert metrics["train_slices"] == 8 and "learning_rates" not in metrics
+    served, chosen = (keras.models.load_model(tmp_path / f"{n}.keras", compile=False) for n in ("model", "selection"))
+    assert not all(np.array_equal(a, b) for a, b in zip(served.get_weights(), chosen.get_weights()))
