@@ -453,10 +453,10 @@ def refit(name: str, cfg: dict, seed: int, epochs: int, learning_rates: list[flo
     run (`learning_rates`), since nothing is left to watch for a plateau. Returns the refit's facts."""
     model, train_ds, n_train = build(name, cfg, seed, data_dir, (("train", "refit"),), strategy)
     replay = []
-    if cfg.get("lr_schedule") == "plateau" and learning_rates:
-        if len(learning_rates) < epochs:
-            raise BrainsegError(f"refit: {epochs} epochs asked but the first run logged {len(learning_rates)} "
-                                "learning rates. Fix: rerun `dvc repro train`")
+    if cfg.get("lr_schedule") == "plateau":
+        if len(learning_rates or []) < epochs:
+            raise BrainsegError(f"refit: {epochs} epochs asked but the first run logged {len(learning_rates or [])} "
+                                "learning rates to replay. Fix: rerun `dvc repro train`")
         replay = [keras.callbacks.LearningRateScheduler(lambda epoch, rate: float(learning_rates[epoch]))]
     timer = TrainTimer()
     with checkpoint_path(model_path) as checkpoint:

@@ -463,6 +463,8 @@ def test_refit_with_fewer_logged_rates_than_epochs_names_the_fix(cfg, tmp_path):
     data = write_refit_prepared(tmp_path)
     with pytest.raises(BrainsegError, match="2 learning rates.*dvc repro train"):
         train_stage.refit("unet", {**cfg, "lr_schedule": "plateau"}, 0, 3, [1e-3, 1e-3], data, tmp_path / "m.keras")
+    with pytest.raises(BrainsegError, match="logged 0 learning rates"):  # a first run that logged none
+        train_stage.refit("unet", {**cfg, "lr_schedule": "plateau"}, 0, 1, None, data, tmp_path / "m.keras")
 
 
 def test_refit_that_does_not_finish_keeps_the_previous_model(cfg, tmp_path, monkeypatch):
@@ -470,7 +472,7 @@ def test_refit_that_does_not_finish_keeps_the_previous_model(cfg, tmp_path, monk
     (tmp_path / "m.keras").write_bytes(b"previous model")
     monkeypatch.setattr(train_stage.TrainTimer, "on_epoch_end", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
-        train_stage.refit("unet", cfg, 0, 1, None, data, tmp_path / "m.keras")
+        train_stage.refit("unet", cfg, 0, 1, [1e-3], data, tmp_path / "m.keras")
     assert (tmp_path / "m.keras").read_bytes() == b"previous model"
 
 
