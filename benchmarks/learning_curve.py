@@ -44,16 +44,23 @@ def scaled_epochs(epochs: int, all_slices: int, kept_slices: int) -> int:
     return max(1, int(round(epochs * all_slices / kept_slices)))
 
 
+def link_data(source: Path, target: Path, keep=lambda name: True) -> None:
+    """target, a data folder made afresh: source's files linked, not copied; of source/prepared only the files whose
+    names `keep` accepts."""
+    shutil.rmtree(target, ignore_errors=True)
+    (target / "prepared").mkdir(parents=True)
+    for item in source.iterdir():
+        if item.name != "prepared":
+            (target / item.name).symlink_to(item.resolve())
+    for item in (source / "prepared").iterdir():
+        if keep(item.name):
+            (target / "prepared" / item.name).symlink_to(item.resolve())
+
+
 def make_root(data: Path, root: Path, table: pd.DataFrame) -> None:
     """root/data: the prepared data, with the training table replaced by `table` (the arrays linked, not copied)."""
     shutil.rmtree(root, ignore_errors=True)
-    (root / "data/prepared").mkdir(parents=True)
-    for item in data.iterdir():
-        if item.name != "prepared":
-            (root / "data" / item.name).symlink_to(item.resolve())
-    for item in (data / "prepared").iterdir():
-        if item.name != "train.csv":
-            (root / "data/prepared" / item.name).symlink_to(item.resolve())
+    link_data(data, root / "data", lambda name: name != "train.csv")
     table.to_csv(root / "data/prepared/train.csv", index=False)
 
 
@@ -61,16 +68,11 @@ def make_refit_root(run_root: Path, root: Path, train: pd.DataFrame, kept: pd.Da
     """root/data: run_root's data with the training patients left out of `kept` as the refit table (their copies
     read from the training copies' files, which their `copy` numbers index)."""
     shutil.rmtree(root, ignore_errors=True)
-    (root / "data/prepared").mkdir(parents=True)
-    source = run_root / "data"
-    for item in source.iterdir():
-        if item.name != "prepared":
-            (root / "data" / item.name).symlink_to(item.resolve())
-    for item in (source / "prepared").iterdir():
-        (root / "data/prepared" / item.name).symlink_to(item.resolve())
-        if item.name.startswith("train_copies_"):
-            (root / "data/prepared" / item.name.replace("train_", "refit_")).symlink_to(item.resolve())
-    train[~train["patient"].isin(set(kept["patient"]))].to_csv(root / "data/prepared/refit.csv", index=False)
+    link_data(run_root / "data", root / "data")
+    prepared = root / "data/prepared"
+    for kind in ("images", "masks"):
+        (prepared / f"refit_copies_{kind}.npy").symlink_to((prepared / f"train_copies_{kind}.npy").resolve())
+    train[~train["patient"].isin(set(kept["patient"]))].to_csv(prepared / "refit.csv", index=False)
 
 
 def refit_run(run_root: Path, root: Path, params: dict, seed: int) -> None:

@@ -28,6 +28,7 @@ import yaml
 from benchmarks.architectures import git_show
 from benchmarks.crossval import _compare, commits, markdown
 from benchmarks.errors import cached_model, validation_model_hash
+from benchmarks.learning_curve import link_data
 
 RATES = "dvclive/train/plots/metrics/train/learning_rate.tsv"
 SAME = ("seed", "split", "balance")  # what decides the prepared data an experiment trained on
@@ -55,14 +56,7 @@ def make_data(data: Path, folder: Path, balance: dict, seed: int) -> Path:
     target = folder / "data"
     if (target / "prepared/refit.csv").is_file():
         return target
-    shutil.rmtree(target, ignore_errors=True)
-    (target / "prepared").mkdir(parents=True)
-    for item in data.iterdir():
-        if item.name != "prepared":
-            (target / item.name).symlink_to(item.resolve())
-    for item in (data / "prepared").iterdir():
-        if not item.name.startswith("refit"):
-            (target / "prepared" / item.name).symlink_to(item.resolve())
+    link_data(data, target, lambda name: not name.startswith("refit"))
     index, split, images, masks = balancing.load_inputs(data)
     with tempfile.TemporaryDirectory(dir=target) as tmp:  # refit.csv last: a finished table means finished copies
         balancing.write_refit(Path(tmp), index, split, images, masks, balance, seed)
@@ -99,7 +93,6 @@ def run_experiment(repo: Path, name: str, rev: str, data: Path, workdir: Path, w
                               folder)
         cached.rename(selection)
     stage_params = {**workspace, "model": params["model"]}
-    out = {}
     kept = run_root(folder / "kept", data, {"model.keras": selection})
     refit = run_root(folder / "refit", data, {"selection.keras": selection})
     cfg = train_config(params)
@@ -111,19 +104,19 @@ def run_experiment(repo: Path, name: str, rev: str, data: Path, workdir: Path, w
                               refit / evaluate.MODEL)
         (refit / "metrics").mkdir(exist_ok=True)
         (refit / "metrics/train.json").write_text(json.dumps(summary, indent=1))
-    for label, root in (("kept", kept), ("refit", refit)):
+    for root in (kept, refit):
         if not (root / evaluate.EVAL_JSON).is_file():
             evaluate.run_stage(stage_params, root)
-        out[label] = root
-    return out
+    return {"kept": kept, "refit": refit}
 
 
-def per_patient(root: Path) -> pd.Series:
-    table = pd.read_csv(root / "metrics/per_patient.csv", dtype={"patient": str})
-    return table.set_index("patient")["dice"]
+def per_patient(roots: dict) -> pd.DataFrame:
+    """Each test patient's per-volume Dice under each model (columns kept, refit)."""
+    return pd.DataFrame({label: pd.read_csv(root / "metrics/per_patient.csv", dtype={"patient": str})
+                         .set_index("patient")["dice"] for label, root in roots.items()})
 
 
-def summary_row(name: str, roots: dict) -> dict:
+def summary_row(name: str, roots: dict, patients: pd.DataFrame) -> dict:
     kept, refit = (json.loads((roots[k] / "metrics/eval.json").read_text()) for k in ("kept", "refit"))
     trained = json.loads((roots["refit"] / "metrics/train.json").read_text())
     return {"experiment": name, "post-processing (validation)": kept["postprocess"]["chosen_on_validation"],
@@ -132,8 +125,7 @@ def summary_row(name: str, roots: dict) -> dict:
             "refit minutes": round(trained["train_seconds"] / 60, 1),
             "test, kept model": kept["dice_volume_mean"], "test, refit": refit["dice_volume_mean"],
             "median, kept": kept["dice_volume_median"], "median, refit": refit["dice_volume_median"],
-            "worst, kept": float(per_patient(roots["kept"]).min()),
-            "worst, refit": float(per_patient(roots["refit"]).min())}
+            "worst, kept": float(patients["kept"].min()), "worst, refit": float(patients["refit"].min())}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -150,9 +142,9 @@ def main(argv: list[str] | None = None) -> None:
     rows, pairs = [], []
     for name, rev in commits(args.repo, args.exp).items():
         roots = run_experiment(args.repo, name, rev, data, args.workdir, workspace)
-        rows.append(summary_row(name, roots))
+        pairs.append(per_patient(roots))
+        rows.append(summary_row(name, roots, pairs[-1]))
         print(markdown(pd.DataFrame(rows[-1:])), flush=True)
-        pairs.append(pd.DataFrame({"kept": per_patient(roots["kept"]), "refit": per_patient(roots["refit"])}))
     frame = pd.DataFrame(rows)
     print("\nper-volume Dice on the test patients: the model each run kept by validation against its refit on "
           "training + validation patients (post-processing chosen on validation with the kept model)")
