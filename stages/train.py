@@ -83,7 +83,9 @@ def make_datasets(data_dir: Path, image_size: int, batch_size: int, classifier: 
     takes its source's: table_positions). `neighbours` > 0 adds the FLAIR of that many slices below and above
     each slice as channels (with_neighbours), before the position; that split is then held once at full size too.
     On a Keras backend other than TensorFlow (JAX, PyTorch: a GPU machine without TensorFlow), the same batches
-    come from SliceBatches instead of tf.data.
+    come from SliceBatches instead of tf.data, except that each epoch's last partial training batch is left out:
+    XLA compiles the training step once per batch shape, and on the H100 that second compile took ~45 s of the
+    GPU recipe's second epoch. The epoch's shuffle decides which slices (fewer than a batch) wait for the next.
     """
     transform = augmenter(augment or {}, seed)
     datasets = []
@@ -105,7 +107,8 @@ def make_datasets(data_dir: Path, image_size: int, batch_size: int, classifier: 
             n_train = len(x)
         if keras.backend.backend() != "tensorflow":
             datasets.append(SliceBatches(x, y, batch_size, seed if training else None,
-                                         transform if training else None, classifier, outputs))
+                                         transform if training else None, classifier, outputs,
+                                         drop_remainder=training and len(x) >= batch_size))
             continue
         import tensorflow as tf
 
@@ -190,19 +193,21 @@ class SliceBatches(keras.utils.PyDataset):
     """make_datasets' batches without tf.data: uint8 slices scaled to float32 / 255 and float16 targets to
     float32 as each batch is drawn, reshuffled each epoch when `shuffle_seed` is set, `transform` applied to
     the batch (each mask moved with its slice), the target repeated for a model with several `outputs`.
+    `drop_remainder`: full batches only (the last, partial one of each epoch's order is left out).
     Four threads assemble batches ahead of the accelerator."""
 
     def __init__(self, x, y, batch_size: int, shuffle_seed: int | None = None, transform=None,
-                 classifier: bool = False, outputs: int = 1):
+                 classifier: bool = False, outputs: int = 1, drop_remainder: bool = False):
         super().__init__(workers=4, use_multiprocessing=False)
         self.x, self.y, self.batch_size, self.outputs = x, y, batch_size, outputs
+        self.drop_remainder = drop_remainder
         self.transform = None if transform is None else same_transform(transform, classifier)
         self.order = np.arange(len(x))
         self.rng = None if shuffle_seed is None else np.random.default_rng(shuffle_seed)
         self.on_epoch_end()
 
     def __len__(self) -> int:
-        return math.ceil(len(self.x) / self.batch_size)
+        return len(self.x) // self.batch_size if self.drop_remainder else math.ceil(len(self.x) / self.batch_size)
 
     def __getitem__(self, i: int):
         rows = np.sort(self.order[i * self.batch_size:(i + 1) * self.batch_size])  # sorted: sequential reads
@@ -398,7 +403,7 @@ def build(name: str, cfg: dict, seed: int, data_dir: Path, splits: tuple = ("tra
                                                cfg.get("augment"), cfg.get("input_norm"),
                                                bool(cfg.get("slice_position")), int(cfg.get("neighbours") or 0),
                                                splits)
-            compile_model(model, cfg, math.ceil(n_train / batch))
+            compile_model(model, cfg, steps_per_epoch(datasets[0], n_train, batch))
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
     return model, *datasets, n_train
@@ -426,7 +431,8 @@ def train(name: str, cfg: dict, seed: int = 42, data_dir: Path = DATA, model_pat
         if not checkpoint.is_file():
             raise BrainsegError(f"{name} never reached a finite val_loss, so {model_path} was not written: "
                                 "lower train.learning_rate in params.yaml and rerun `dvc repro train`")
-    summary = summarize(name, cfg, model, history, n_train, seconds, timer.seconds)
+    summary = summarize(name, cfg, model, history, n_train, seconds, timer.seconds,
+                        steps_per_epoch(train_ds, n_train, cfg["batch_size"]) * cfg["batch_size"])
     rates = history.get("learning_rate")
     summary["learning_rates"] = None if rates is None else [float(rate) for rate in rates]
     return summary
@@ -469,20 +475,29 @@ def refit(name: str, cfg: dict, seed: int, epochs: int, learning_rates: list[flo
                                 "was not replaced: set train.refit false or lower train.learning_rate")
         model.save(checkpoint)
     return {"epochs": epochs, "train_slices": n_train, "train_seconds": round(seconds, 1),
-            "train_slices_per_s": round(n_train * epochs / max(timer.seconds, 1e-9), 2),
+            "train_slices_per_s": round(min(n_train, steps_per_epoch(train_ds, n_train, cfg["batch_size"])
+                                            * cfg["batch_size"]) * epochs / max(timer.seconds, 1e-9), 2),
             **{f"final_{key}": float(values[-1]) for key, values in history.items() if key != "learning_rate"}}
 
 
-def summarize(name, cfg, model, history, n_train, seconds, train_step_seconds) -> dict:
+def steps_per_epoch(train_ds, n_train: int, batch_size: int) -> int:
+    """Training batches per epoch: SliceBatches may leave out a partial last batch, tf.data never does."""
+    return len(train_ds) if isinstance(train_ds, SliceBatches) else math.ceil(n_train / batch_size)
+
+
+def summarize(name, cfg, model, history, n_train, seconds, train_step_seconds,
+              per_epoch: int | None = None) -> dict:
     """Run facts plus the validation loss and metrics at the best epoch (doubleunet: its total loss and
-    mask2's metrics, without the `mask2_` prefix, so every segmenter reports best_val_dice)."""
+    mask2's metrics, without the `mask2_` prefix, so every segmenter reports best_val_dice). `per_epoch`: the
+    slices trained on per epoch when fewer than `n_train` (full batches only)."""
     best = int(np.nanargmin(history["val_loss"]))
     epochs = len(history["val_loss"])
     summary = {"model": name, "profile": cfg["profile"], "params": model.count_params(),
                "image_size": cfg["image_size"], "batch_size": cfg["batch_size"], "filters": cfg["filters"],
                "train_slices": n_train, "epochs": epochs, "best_epoch": best + 1,
                "train_seconds": round(seconds, 1),
-               "train_slices_per_s": round(n_train * epochs / max(train_step_seconds, 1e-9), 2)}
+               "train_slices_per_s": round(min(n_train, per_epoch or n_train) * epochs
+                                           / max(train_step_seconds, 1e-9), 2)}
     for key, values in history.items():
         if key == "val_loss" or key.startswith("val_") and not key.endswith("_loss"):
             summary["best_" + key.replace("mask2_", "")] = float(values[best])

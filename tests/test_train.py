@@ -11,7 +11,7 @@ import stages.prepared as prepared_data
 import stages.train as train_stage
 from stages.common import ROOT, BrainsegError, load_params, train_config
 from stages.preprocess import mask_to_model_size, to_model_input
-from stages.train import callbacks, compile_model, learning_rate, make_datasets, summarize, train
+from stages.train import callbacks, compile_model, learning_rate, make_datasets, steps_per_epoch, summarize, train
 from tests.conftest import write_data
 
 SIZE = 64
@@ -316,6 +316,34 @@ def test_other_keras_backends_get_the_same_batches_without_tf_data(prepared, mon
         assert np.array_equal(mask, masks[source] if same else masks[source][:, ::-1])
         mirrored += not same
     assert 0 < mirrored < len(x)
+
+
+def test_slice_batches_train_on_full_batches_only_and_validate_on_every_slice(prepared, monkeypatch):
+    """Off TensorFlow the training batches are all full (XLA compiles a step per batch shape): the partial last
+    batch of each epoch's order is left out, a different few slices each epoch; validation keeps every slice,
+    and the slice rate counts only the slices trained on."""
+    tf_train = make_datasets(prepared, 32, 3)[0]
+    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
+    train_b, val_b, n = make_datasets(prepared, 32, 3, seed=3)
+    assert n == 8 and len(train_b) == 2 and train_b.drop_remainder and not val_b.drop_remainder
+    assert sum(len(val_b[i][0]) for i in range(len(val_b))) == len(val_b.x)
+    assert steps_per_epoch(train_b, n, 3) == 2 and steps_per_epoch(tf_train, n, 3) == len(tf_train) == 3
+
+    left_out = []
+    for _ in range(3):
+        rows = {np.asarray(row).tobytes() for i in range(len(train_b)) for row in train_b[i][0]}
+        assert all(len(train_b[i][0]) == 3 for i in range(len(train_b))) and len(rows) == 6
+        left_out.append(frozenset(r.tobytes() for r in to_model_input(train_b.x, 32)) - rows)
+        train_b.on_epoch_end()
+    assert all(len(slices) == 2 for slices in left_out) and len(set(left_out)) > 1
+
+    small = make_datasets(prepared, 32, 16, seed=3)[0]  # fewer slices than a batch: kept as one batch
+    assert len(small) == 1 and len(small[0][0]) == 8
+    history = {"val_loss": [0.5], "loss": [0.6]}
+    summary = summarize("unet", {"profile": "gpu", "image_size": 32, "batch_size": 3, "filters": 4},
+                        keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)]), history, n_train=8,
+                        seconds=2.0, train_step_seconds=1.0, per_epoch=6)
+    assert summary["train_slices"] == 8 and summary["train_slices_per_s"] == 6.0
 
 
 def _epoch(limit, epoch, steps_begin, test_begin, end):
