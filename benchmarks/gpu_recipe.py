@@ -5,7 +5,7 @@ Where DVC is installed, `dvc exp run -S profile=gpu` is the same run. Overrides 
 
   KERAS_BACKEND=jax python -m benchmarks.gpu_recipe -S data.archive=/root/lgg/kaggle_3m
   KERAS_BACKEND=jax python -m benchmarks.gpu_recipe -S profile=demo -S data.source=synthetic   # smoke test
-  KERAS_BACKEND=jax python -m benchmarks.gpu_recipe --folds 5 --parallel 2 -S data.archive=/root/lgg/kaggle_3m
+  KERAS_BACKEND=jax python -m benchmarks.gpu_recipe --folds 5 --parallel 3 -S data.archive=/root/lgg/kaggle_3m
 
 Defaults: profile gpu, data.source archive. Prints each stage's seconds, the training summary and the
 evaluation headline (per-volume Dice on the test patients: mean, median, worst; validation beside it).
@@ -13,9 +13,10 @@ evaluation headline (per-volume Dice on the test patients: mean, median, worst; 
 --folds k runs the k runs of `split.folds: k` (workdir/fold0 ...; each run's output in its run.log), at most
 --parallel of them at a time on the one GPU, then prints the pooled cross-validation (`benchmarks.crossval`) and
 the fold ensemble on test (`benchmarks.ensemble --folds`). Five processes compiling XLA at once made the H100's
-first two epochs take 3 and 2 minutes (alone: 61 and 46 s), so keep --parallel at 3 or less. On JAX the
-runs share a persistent compilation cache (workdir/jax-cache, unless JAX_COMPILATION_CACHE_DIR is set): a run
-after the first loads its compiled steps instead of compiling them again. --resume keeps the folds an earlier
+first epoch take 3 minutes, so keep --parallel at 3 or less: three took 2 minutes, and `--folds 5 --parallel 3`
+ran whole in 7.9 minutes there. On JAX the runs share a persistent compilation cache (workdir/jax-cache, unless
+JAX_COMPILATION_CACHE_DIR is set): a run after the first loads its compiled steps instead of compiling them
+again (first epoch 14-15 s instead of 2 minutes). --resume keeps the folds an earlier
 call already evaluated with the same parameters, so k folds can be spread over several time-limited calls.
 """
 from __future__ import annotations
