@@ -334,8 +334,9 @@ class TimeLimit(keras.callbacks.Callback):
 
     The next epoch is estimated as the median step of the one just ended times its steps, plus the shortest
     validation (and callbacks) time seen so far. Medians and minima, not the last epoch's length: on XLA the
-    first epochs include compiling (60-120 s each on the H100, against 2-5 s once compiled), and taking those as
-    the next epoch's length stopped GPU runs after their second epoch."""
+    first epoch includes compiling (60-120 s on the H100, against 2-4 s once compiled; the second did too while
+    SliceBatches still trained on partial batches), and taking that as the next epoch's length stopped GPU runs
+    after their second epoch."""
 
     def __init__(self, minutes: float):
         super().__init__()
