@@ -10,6 +10,13 @@ Where DVC is installed, `dvc exp run -S profile=gpu` is the same run. Overrides 
 Defaults: profile gpu, data.source archive. Prints each stage's seconds, the training summary and the
 evaluation headline (per-volume Dice on the test patients: mean, median, worst; validation beside it).
 
+--seeds 42 7 1 runs the recipe once per training seed (`train.seed`) on one split (workdir/seed42 ...), at
+most --parallel at a time, then prints the seed spread on test and the seed ensemble (`benchmarks.ensemble`):
+
+  KERAS_BACKEND=jax python -m benchmarks.gpu_recipe --seeds 42 7 1 --parallel 3 -S data.archive=/root/lgg/kaggle_3m
+
+(`-S seed=N` would change the top-level seed, which also draws the split: other test patients.)
+
 --folds k runs the k runs of `split.folds: k` (workdir/fold0 ...; each run's output in its run.log), at most
 --parallel of them at a time on the one GPU, then prints the pooled cross-validation (`benchmarks.crossval`) and
 the fold ensemble on test (`benchmarks.ensemble --folds`). Five processes compiling XLA at once made the H100's
@@ -135,33 +142,50 @@ def evaluated_with(run: Path, assignments: list[str]) -> bool:
         and (run / "params.yaml").read_text() == params_text(assignments)
 
 
-def run_folds(workdir: Path, assignments: list[str], k: int, parallel: int,
-              resume: bool = False) -> dict[int, dict[str, float]]:
-    """The k runs of a k-fold split in workdir/fold0 ... (at most `parallel` at a time); seconds per stage of
-    each. A run that fails is named with its log; the others still finish. With `resume`, a fold already
-    evaluated with the same params.yaml (an earlier call cut short by a time limit) is kept, its seconds
-    unknown ({})."""
+def run_side_by_side(workdir: Path, runs: dict[str, list[str]], parallel: int,
+                     resume: bool = False) -> dict[str, dict[str, float]]:
+    """Runs named `runs` ({folder name: its params.yaml assignments}) in workdir/NAME, at most `parallel` at a
+    time; seconds per stage of each. A run that fails is named with its log; the others still finish. With
+    `resume`, a run already evaluated with the same params.yaml (an earlier call cut short by a time limit) is
+    kept, its seconds unknown ({})."""
     from concurrent.futures import ThreadPoolExecutor
 
     env = child_env(workdir, parallel)
 
-    def one(fold: int) -> dict[str, float]:
-        run = workdir / f"fold{fold}"
-        fold_assignments = assignments + [f"split.folds={k}", f"split.fold={fold}"]
-        if resume and evaluated_with(run, fold_assignments):
-            print(f"fold {fold}: evaluated before with these params, kept", flush=True)
+    def one(name: str) -> dict[str, float]:
+        run = workdir / name
+        if resume and evaluated_with(run, runs[name]):
+            print(f"{name}: evaluated before with these params, kept", flush=True)
             return {}
         run.mkdir(parents=True, exist_ok=True)
         with open(run / "run.log", "w") as log:
-            return run_stages(run, fold_assignments, log=log, env=env)
+            return run_stages(run, runs[name], log=log, env=env)
 
-    print(f"{k} folds, {parallel} at a time; each run's output in {workdir}/foldN/run.log", flush=True)
+    print(f"{len(runs)} runs, {parallel} at a time; each run's output in {workdir}/NAME/run.log", flush=True)
     with ThreadPoolExecutor(parallel) as pool:
-        futures = {fold: pool.submit(one, fold) for fold in range(k)}
-    failed = [fold for fold, future in futures.items() if future.exception()]
+        futures = {name: pool.submit(one, name) for name in runs}
+    failed = [name for name, future in futures.items() if future.exception()]
     if failed:
-        raise SystemExit(f"folds {failed} failed: see {', '.join(str(workdir / f'fold{f}/run.log') for f in failed)}")
-    return {fold: future.result() for fold, future in futures.items()}
+        raise SystemExit(f"{', '.join(failed)} failed: see "
+                         f"{', '.join(str(workdir / name / 'run.log') for name in failed)}")
+    return {name: future.result() for name, future in futures.items()}
+
+
+def run_folds(workdir: Path, assignments: list[str], k: int, parallel: int,
+              resume: bool = False) -> dict[int, dict[str, float]]:
+    """The k runs of a k-fold split in workdir/fold0 ... (run_side_by_side); seconds per stage, by fold."""
+    runs = {f"fold{fold}": assignments + [f"split.folds={k}", f"split.fold={fold}"] for fold in range(k)}
+    seconds = run_side_by_side(workdir, runs, parallel, resume)
+    return {fold: seconds[f"fold{fold}"] for fold in range(k)}
+
+
+def run_seeds(workdir: Path, assignments: list[str], seeds: list[int], parallel: int,
+              resume: bool = False) -> dict[int, dict[str, float]]:
+    """The recipe once per training seed (`train.seed`, which leaves the split alone: the top-level `seed` would
+    draw another split) in workdir/seedN (run_side_by_side); seconds per stage, by seed."""
+    runs = {f"seed{seed}": assignments + [f"train.seed={seed}"] for seed in seeds}
+    seconds = run_side_by_side(workdir, runs, parallel, resume)
+    return {seed: seconds[f"seed{seed}"] for seed in seeds}
 
 
 def report_folds(workdir: Path, seconds: dict[int, dict[str, float]]) -> dict:
@@ -179,18 +203,48 @@ def report_folds(workdir: Path, seconds: dict[int, dict[str, float]]) -> dict:
     return {"folds": folds, "fold_ensemble": fold_ensemble}
 
 
+def report_seeds(workdir: Path, seconds: dict[int, dict[str, float]]) -> dict:
+    """Each seed's figures, their spread on test (mean, sd, range of per-volume Dice) and the seed ensemble."""
+    import numpy as np
+
+    from benchmarks import ensemble
+
+    runs = {seed: workdir / f"seed{seed}" for seed in sorted(seconds)}
+    seeds = {seed: report(run, seconds[seed]) for seed, run in runs.items()}
+    test = np.array([seeds[seed]["test"]["dice_volume_mean"] for seed in runs])
+    spread = {"seeds": list(runs), "test_dice_volume_mean": [round(float(d), 4) for d in test],
+              "mean": round(float(test.mean()), 4), "sd": round(float(test.std(ddof=1)), 4) if len(test) > 1 else 0.0,
+              "range": round(float(test.max() - test.min()), 4)}
+    print("seed spread on test:", json.dumps(spread))
+    seed_ensemble = ensemble.evaluate_ensemble(list(runs.values())) if len(runs) > 1 else None
+    print("seed ensemble:", json.dumps(seed_ensemble, indent=1))
+    return {"seeds": seeds, "spread": spread, "seed_ensemble": seed_ensemble}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-S", dest="set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--workdir", type=Path, default=ROOT / "runs" / "gpu")
     parser.add_argument("--fresh", action="store_true", help="empty the workdir first")
     parser.add_argument("--folds", type=int, default=0, metavar="K", help="run the K folds of split.folds: K")
-    parser.add_argument("--parallel", type=int, default=1, metavar="N", help="with --folds: N runs at a time")
+    parser.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
+                        help="run the recipe once per train.seed on one split, then the spread and seed ensemble")
+    parser.add_argument("--parallel", type=int, default=1, metavar="N",
+                        help="with --folds or --seeds: N runs at a time")
     parser.add_argument("--resume", action="store_true",
-                        help="with --folds: keep the folds an earlier call evaluated with the same params")
+                        help="with --folds or --seeds: keep the runs an earlier call evaluated with the same params")
     args = parser.parse_args()
     if args.fresh and args.workdir.exists():
         shutil.rmtree(args.workdir)
+    if args.folds and args.seeds:
+        raise SystemExit("--folds and --seeds: one at a time (a seed's folds: --folds K -S train.seed=N)")
+    if args.seeds:
+        if args.parallel < 1:
+            raise SystemExit(f"--parallel {args.parallel}: need N >= 1")
+        seconds = run_seeds(args.workdir, DEFAULTS + args.set, args.seeds, args.parallel, args.resume)
+        summary = report_seeds(args.workdir, seconds)
+        (args.workdir / "seeds.json").write_text(json.dumps(summary, indent=1) + "\n")
+        return
     if args.folds:
         if args.folds < 2 or args.parallel < 1:
             raise SystemExit(f"--folds {args.folds} --parallel {args.parallel}: need K >= 2 folds and N >= 1")

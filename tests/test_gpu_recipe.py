@@ -86,5 +86,23 @@ def test_resume_keeps_only_a_fold_evaluated_with_the_same_params(tmp_path):
 
 
 def test_a_fold_that_fails_is_named_with_its_log(tmp_path):
-    with pytest.raises(SystemExit, match=r"folds \[0, 1\] failed: see .*fold0/run.log"):
+    with pytest.raises(SystemExit, match=r"fold0, fold1 failed: see .*fold0/run.log"):
         gpu_recipe.run_folds(tmp_path, SMALL + ["train.no_such_key=1"], k=2, parallel=1)
+
+
+def test_seeds_train_on_one_split_then_give_their_spread_and_ensemble(tmp_path, capsys):
+    """--seeds changes train.seed only, so every run has the same split (the top-level seed would draw another)."""
+    seconds = gpu_recipe.run_seeds(tmp_path, SMALL, [3, 4], parallel=2)
+    assert sorted(seconds) == [3, 4] and all("evaluate" in s for s in seconds.values())
+    for seed in (3, 4):
+        params = yaml.safe_load((tmp_path / f"seed{seed}/params.yaml").read_text())
+        assert params["train"]["seed"] == seed and params["seed"] == 42
+    assert (tmp_path / "seed3/data/split.csv").read_text() == (tmp_path / "seed4/data/split.csv").read_text()
+    summary = gpu_recipe.report_seeds(tmp_path, seconds)
+    tests = [json.loads((tmp_path / f"seed{seed}/metrics/eval.json").read_text())["dice_volume_mean"]
+             for seed in (3, 4)]
+    assert summary["spread"]["seeds"] == [3, 4]
+    assert summary["spread"]["mean"] == pytest.approx(sum(tests) / 2, abs=1e-4)
+    assert summary["spread"]["range"] == pytest.approx(abs(tests[0] - tests[1]), abs=1e-4)
+    assert 0.0 <= summary["seed_ensemble"]["test"]["dice_volume_mean"] <= 1.0
+    assert "seed spread on test:" in capsys.readouterr().out
