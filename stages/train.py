@@ -433,7 +433,7 @@ def train(name: str, cfg: dict, seed: int = 42, data_dir: Path = DATA, model_pat
             raise BrainsegError(f"{name} never reached a finite val_loss, so {model_path} was not written: "
                                 "lower train.learning_rate in params.yaml and rerun `dvc repro train`")
     summary = summarize(name, cfg, model, history, n_train, seconds, timer.seconds,
-                        steps_per_epoch(train_ds, n_train, cfg["batch_size"]) * cfg["batch_size"])
+                        slices_per_epoch(train_ds, n_train))
     rates = history.get("learning_rate")
     summary["learning_rates"] = None if rates is None else [float(rate) for rate in rates]
     return summary
@@ -476,8 +476,7 @@ def refit(name: str, cfg: dict, seed: int, epochs: int, learning_rates: list[flo
                                 "was not replaced: set train.refit false or lower train.learning_rate")
         model.save(checkpoint)
     return {"epochs": epochs, "train_slices": n_train, "train_seconds": round(seconds, 1),
-            "train_slices_per_s": round(min(n_train, steps_per_epoch(train_ds, n_train, cfg["batch_size"])
-                                            * cfg["batch_size"]) * epochs / max(timer.seconds, 1e-9), 2),
+            "train_slices_per_s": round(slices_per_epoch(train_ds, n_train) * epochs / max(timer.seconds, 1e-9), 2),
             **{f"final_{key}": float(values[-1]) for key, values in history.items() if key != "learning_rate"}}
 
 
@@ -486,19 +485,25 @@ def steps_per_epoch(train_ds, n_train: int, batch_size: int) -> int:
     return len(train_ds) if isinstance(train_ds, SliceBatches) else math.ceil(n_train / batch_size)
 
 
+def slices_per_epoch(train_ds, n_train: int) -> int:
+    """Slices trained on per epoch: all `n_train`, less the partial last batch SliceBatches may leave out."""
+    if isinstance(train_ds, SliceBatches) and train_ds.drop_remainder:
+        return len(train_ds) * train_ds.batch_size
+    return n_train
+
+
 def summarize(name, cfg, model, history, n_train, seconds, train_step_seconds,
               per_epoch: int | None = None) -> dict:
     """Run facts plus the validation loss and metrics at the best epoch (doubleunet: its total loss and
     mask2's metrics, without the `mask2_` prefix, so every segmenter reports best_val_dice). `per_epoch`: the
-    slices trained on per epoch when fewer than `n_train` (full batches only)."""
+    slices trained on per epoch (slices_per_epoch), when not all `n_train`."""
     best = int(np.nanargmin(history["val_loss"]))
     epochs = len(history["val_loss"])
     summary = {"model": name, "profile": cfg["profile"], "params": model.count_params(),
                "image_size": cfg["image_size"], "batch_size": cfg["batch_size"], "filters": cfg["filters"],
                "train_slices": n_train, "epochs": epochs, "best_epoch": best + 1,
                "train_seconds": round(seconds, 1),
-               "train_slices_per_s": round(min(n_train, per_epoch or n_train) * epochs
-                                           / max(train_step_seconds, 1e-9), 2)}
+               "train_slices_per_s": round((per_epoch or n_train) * epochs / max(train_step_seconds, 1e-9), 2)}
     for key, values in history.items():
         if key == "val_loss" or key.startswith("val_") and not key.endswith("_loss"):
             summary["best_" + key.replace("mask2_", "")] = float(values[best])

@@ -11,7 +11,8 @@ import stages.prepared as prepared_data
 import stages.train as train_stage
 from stages.common import ROOT, BrainsegError, load_params, train_config
 from stages.preprocess import mask_to_model_size, to_model_input
-from stages.train import callbacks, compile_model, learning_rate, make_datasets, steps_per_epoch, summarize, train
+from stages.train import (callbacks, compile_model, learning_rate, make_datasets, slices_per_epoch,
+                          steps_per_epoch, summarize, train)
 from tests.conftest import write_data
 
 SIZE = 64
@@ -328,6 +329,8 @@ def test_slice_batches_train_on_full_batches_only_and_validate_on_every_slice(pr
     assert n == 8 and len(train_b) == 2 and train_b.drop_remainder and not val_b.drop_remainder
     assert sum(len(val_b[i][0]) for i in range(len(val_b))) == len(val_b.x)
     assert steps_per_epoch(train_b, n, 3) == 2 and steps_per_epoch(tf_train, n, 3) == len(tf_train) == 3
+    assert slices_per_epoch(train_b, n) == 6 and slices_per_epoch(val_b, len(val_b.x)) == len(val_b.x)
+    assert slices_per_epoch(tf_train, n) == 8
 
     left_out = []
     for _ in range(3):
