@@ -3,8 +3,9 @@
 Prints, in one run on this machine:
 - the matrix-multiply peak (float32 GEMM through TensorFlow, 2048x2048, best of several),
 - training slices/s of params.yaml's model at the CPU profile in plain float32 Keras with default settings
-  (the baseline: TensorFlow's own runtime defaults for this CPU), in the pipeline's recipe (its TensorFlow
-  settings from stages/__init__.py, params.yaml's mixed_precision and jit_compile), each in a fresh process,
+  (the baseline: the network built from stock Keras layers, TensorFlow's own runtime defaults for this CPU),
+  in the pipeline's recipe (its fused batch normalisation, its TensorFlow settings from stages/__init__.py,
+  params.yaml's mixed_precision and jit_compile), each in a fresh process,
   with the convolution FLOPs they achieve as a share of the measured peak, and in the mixed precision this
   hardware offers (mixed_float16 on a GPU, mixed_bfloat16 on a CPU),
 - inference slices/s through stages.inference.predict_probs (what evaluation, the CLI and the app use), with
@@ -75,27 +76,52 @@ def conv_flops(model) -> float:
     return total
 
 
-def train_rate(name, cfg, steps: int, policy: str, jit) -> tuple[float, float]:
-    """(slices/s, forward GFLOP per slice) over `steps` training steps on random data."""
+def step_clock():
+    """A Keras callback that notes when each training batch ends. Rates are taken between the first and the last
+    note, so neither the first step nor fit()'s return counts: here fit() sometimes returns 1-3 s after its last
+    step (while it lets go of its tf.data iterator), which made 20-step timings snap to 62.7 slices/s."""
+    import keras
+
+    class StepClock(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.ends = []
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.ends.append(time.perf_counter())
+
+    return StepClock()
+
+
+def train_rate(name, cfg, steps: int, policy: str, jit, plain_layers: bool = False) -> tuple[float, float]:
+    """(slices/s, forward GFLOP per slice) over `steps` training steps on random data. `plain_layers`: the
+    network as plain Keras builds it (keras.layers.BatchNormalization instead of the pipeline's fused one)."""
     import keras
     import tensorflow as tf
 
+    import stages.models
     from stages.models import build_model
     from stages.train import compile_model
 
     keras.utils.set_random_seed(0)
     keras.mixed_precision.set_global_policy(policy)
     size, batch = cfg["image_size"], cfg["batch_size"]
-    model = compile_model(build_model(name, (size, size, 3), cfg["filters"], input_norm=cfg.get("input_norm")),
-                          {**cfg, "jit_compile": jit})
+    fused = stages.models.BATCH_NORM
+    stages.models.BATCH_NORM = keras.layers.BatchNormalization if plain_layers else fused
+    try:
+        network = build_model(name, (size, size, 3), cfg["filters"], input_norm=cfg.get("input_norm"))
+    finally:
+        stages.models.BATCH_NORM = fused
+    model = compile_model(network, {**cfg, "jit_compile": jit})
     rng = np.random.default_rng(0)
     x = rng.random((batch * 4, size, size, 3), dtype=np.float32)
     y = (rng.random((batch * 4, size, size, 1)) > 0.9).astype(np.float32)
     ds = tf.data.Dataset.from_tensor_slices((x, y)).repeat().batch(batch).prefetch(tf.data.AUTOTUNE)
     model.fit(ds, steps_per_epoch=3, epochs=1, verbose=0)  # trace and warm up
-    seconds = _time(lambda: model.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0))
+    clock = step_clock()
+    model.fit(ds, steps_per_epoch=steps + 1, epochs=1, verbose=0, callbacks=[clock])
     keras.mixed_precision.set_global_policy("float32")
-    return steps * batch / seconds, conv_flops(model) / 1e9
+    return steps * batch / (clock.ends[-1] - clock.ends[0]), conv_flops(model) / 1e9
 
 
 def inference_rate(name, cfg, engine: str, n: int = 512) -> tuple[float, float]:
@@ -139,7 +165,7 @@ def child(setting: str, steps: int, profile: str, policy: str | None, filters: i
     cfg = profile_config(params, profile, filters)
     policy = policy or ("float32" if setting == "plain" else cfg.get("mixed_precision") or "float32")
     jit = False if setting == "plain" else cfg.get("jit_compile", "auto")
-    rate, gflop = train_rate(params["model"], cfg, steps, policy, jit)
+    rate, gflop = train_rate(params["model"], cfg, steps, policy, jit, plain_layers=setting == "plain")
     return {"rate": rate, "gflop": gflop, "peak": matmul_peak_gflops(tf), "policy": policy, "jit": jit,
             "onednn": bool(_pywrap_util_port.IsMklEnabled()),
             "gpu": bool(tf.config.list_logical_devices("GPU"))}

@@ -104,11 +104,52 @@ class PlaneDecode(layers.Layer):
         return (x * 255.0 - Z_ZERO) / Z_STEP * head
 
 
+@keras.saving.register_keras_serializable(package="brainseg")
+class FusedBatchNormalization(layers.BatchNormalization):
+    """keras.layers.BatchNormalization, the same weights and arithmetic, computed on TensorFlow by its fused
+    kernel (one op forward, one backward) instead of Keras 3's dozen elementwise ops and reductions.
+
+    tf.keras 2 used the fused kernel by default; Keras 3 does not, and on the CPU U-Net's thin layers those ops
+    took a third of each training step (`python -m benchmarks.training`). Other backends, masks, renorm, synchronised
+    statistics and anything but channels-last 4D inputs take Keras' own path.
+    """
+
+    def call(self, inputs, training=None, mask=None):
+        if (keras.backend.backend() != "tensorflow" or mask is not None or self.renorm or self.synchronized
+                or len(inputs.shape) != 4 or list(self._reduction_axes) != [0, 1, 2]):
+            return super().call(inputs, training=training, mask=mask)
+        import tensorflow as tf
+
+        # statistics in float32 as Keras' own layer does (its fused bfloat16 gradient is slow on oneDNN CPUs)
+        x = tf.cast(inputs, tf.float32)
+        channels = x.shape[-1]
+        gamma = self.gamma if self.scale else tf.ones((channels,))
+        beta = self.beta if self.center else tf.zeros((channels,))
+        if training and self.trainable:
+            y, mean, variance = tf.compat.v1.nn.fused_batch_norm(x, gamma, beta, epsilon=self.epsilon,
+                                                                 is_training=True)[:3]
+            # the kernel returns the unbiased variance; Keras' moving variance follows the biased one
+            count = tf.cast(tf.size(x) // channels, tf.float32)
+            variance = variance * (count - 1.0) / count
+            self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
+            self.moving_variance.assign(self.moving_variance * self.momentum + variance * (1.0 - self.momentum))
+        else:
+            y = tf.compat.v1.nn.fused_batch_norm(x, gamma, beta, mean=self.moving_mean,
+                                                 variance=self.moving_variance, epsilon=self.epsilon,
+                                                 is_training=False)[0]
+        return tf.cast(y, self.compute_dtype)
+
+
+# what conv_bn_relu and residual_block normalise with; benchmarks.training swaps in Keras' own layer for its
+# plain-Keras baseline
+BATCH_NORM = FusedBatchNormalization
+
+
 # ---------------------------------------------------------------- shared blocks
 
 def conv_bn_relu(x, filters, kernel_size=3, dilation_rate=1):
     x = layers.Conv2D(filters, kernel_size, padding="same", dilation_rate=dilation_rate, use_bias=False)(x)
-    x = layers.BatchNormalization()(x)
+    x = BATCH_NORM()(x)
     return layers.Activation("relu")(x)
 
 
@@ -121,10 +162,10 @@ def conv_block(x, filters):
 def residual_block(x, filters):
     """The seed ResUNet's block: 1x1 -> 3x3 convolutions plus a 1x1-projected shortcut."""
     shortcut = layers.Conv2D(filters, 1, use_bias=False)(x)
-    shortcut = layers.BatchNormalization()(shortcut)
+    shortcut = BATCH_NORM()(shortcut)
     x = conv_bn_relu(x, filters, kernel_size=1)
     x = layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
-    x = layers.BatchNormalization()(x)
+    x = BATCH_NORM()(x)
     x = layers.Add()([x, shortcut])
     return layers.Activation("relu")(x)
 

@@ -153,3 +153,57 @@ def test_neighbours_model_decodes_the_neighbour_planes_on_their_own_and_reloads_
         build_model("doubleunet", (32, 32, 3), filters=4, neighbours=1)
     with pytest.raises(BrainsegError, match="neighbours needs train.input_norm volume or none"):
         build_model("unet", (32, 32, 3), filters=4, input_norm="slice", neighbours=1)
+
+
+def batch_norm_step(layer, x):
+    """One training-mode pass of `layer` (gamma and beta set away from 1 and 0): its output, the gradients of a
+    loss with respect to the input, gamma and beta, the moving statistics after it, and its inference output."""
+    import tensorflow as tf
+
+    layer.build(x.shape)
+    layer.gamma.assign(np.linspace(0.5, 2.0, x.shape[-1]))
+    layer.beta.assign(np.linspace(-1.0, 1.0, x.shape[-1]))
+    x = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x, training=True)
+        loss = tf.reduce_sum(y * tf.sin(x))
+    grads = tape.gradient(loss, [x, layer.gamma, layer.beta])
+    return [np.asarray(v) for v in [y, *grads, layer.moving_mean, layer.moving_variance, layer(x, training=False)]]
+
+
+@pytest.mark.parametrize("shape", [(4, 8, 8, 5), (6, 5)])
+def test_fused_batch_normalization_computes_what_keras_own_layer_does(shape):
+    """Same output, gradients and moving statistics (Keras' biased variance, not the kernel's unbiased one) in
+    training, same output in inference; a 2D input takes Keras' own path."""
+    from stages.models import FusedBatchNormalization
+    x = np.random.default_rng(0).normal(2.0, 3.0, shape).astype(np.float32)
+    ours = batch_norm_step(FusedBatchNormalization(momentum=0.9), x)
+    keras_own = batch_norm_step(keras.layers.BatchNormalization(momentum=0.9), x)
+    for a, b in zip(ours, keras_own):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-5)
+    # the moving mean took a tenth of the step towards the batch's mean (it starts at 0)
+    np.testing.assert_allclose(ours[4], 0.1 * x.reshape(-1, shape[-1]).mean(axis=0), rtol=1e-4)
+
+
+def test_fused_batch_normalization_runs_the_fused_kernel_on_tensorflow_only(monkeypatch):
+    import tensorflow as tf
+
+    from stages.models import FusedBatchNormalization
+    layer = FusedBatchNormalization()
+    layer.build((2, 4, 4, 3))
+    graph = tf.function(lambda x: layer(x, training=True)).get_concrete_function(
+        tf.TensorSpec((2, 4, 4, 3), tf.float32)).graph
+    assert any(op.type.startswith("FusedBatchNorm") for op in graph.get_operations())
+    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")  # JAX / PyTorch: Keras' own arithmetic
+    graph = tf.function(lambda x: layer(x, training=True)).get_concrete_function(
+        tf.TensorSpec((2, 4, 4, 3), tf.float32)).graph
+    assert not any(op.type.startswith("FusedBatchNorm") for op in graph.get_operations())
+
+
+def test_segmenters_normalise_with_the_fused_layer():
+    from stages.models import FusedBatchNormalization
+    for name in ("unet", "resunet"):
+        norms = [layer for layer in build_model(name, (32, 32, 3), filters=4).layers
+                 if isinstance(layer, keras.layers.BatchNormalization)]
+        assert norms and all(isinstance(layer, FusedBatchNormalization) for layer in norms)
