@@ -172,10 +172,11 @@ def batch_norm_step(layer, x):
     return [np.asarray(v) for v in [y, *grads, layer.moving_mean, layer.moving_variance, layer(x, training=False)]]
 
 
-@pytest.mark.parametrize("shape", [(4, 8, 8, 5), (6, 5)])
+@pytest.mark.parametrize("shape", [(4, 8, 8, 5), (1, 1, 1, 3), (6, 5)])
 def test_fused_batch_normalization_computes_what_keras_own_layer_does(shape):
     """Same output, gradients and moving statistics (Keras' biased variance, not the kernel's unbiased one) in
-    training, same output in inference; a 2D input takes Keras' own path."""
+    training, same output in inference; also for one value a channel (DoubleU-Net's pooled ASPP branch at batch
+    1, where the kernel's unbiased variance divides by zero); a 2D input takes Keras' own path."""
     from stages.models import FusedBatchNormalization
     x = np.random.default_rng(0).normal(2.0, 3.0, shape).astype(np.float32)
     ours = batch_norm_step(FusedBatchNormalization(momentum=0.9), x)
