@@ -1,9 +1,10 @@
-"""benchmarks/training.py: the FLOP count behind its share-of-peak figure, and the --filters override."""
+"""benchmarks/training.py: the FLOP count behind its share-of-peak figure, the --filters override, and the
+plain baseline's stock layers."""
 import argparse
 
 import keras
 
-from benchmarks.training import child_command, conv_flops, cpu_summary, profile_config
+from benchmarks.training import child_command, conv_flops, cpu_summary, profile_config, train_rate
 from stages.common import load_params
 
 
@@ -41,3 +42,23 @@ def test_cpu_summary_names_the_model_and_the_instruction_sets_that_pick_kernels(
     assert cpu_summary(avx2) == "AMD EPYC (avx2 fma)"
     assert cpu_summary(avx512) == "AMD EPYC (avx2 fma avx512f avx512_vnni avx512_bf16)"
     assert cpu_summary("") == "unknown CPU (no AVX2)"
+
+
+def test_the_plain_baseline_is_built_from_keras_own_layers_and_the_swap_is_undone(monkeypatch):
+    import stages.models
+    import stages.train
+    from stages.models import FusedBatchNormalization
+
+    norms, compile_model = [], stages.train.compile_model
+
+    def recording(model, cfg):
+        norms.append({type(layer) for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)})
+        return compile_model(model, cfg)
+
+    monkeypatch.setattr(stages.train, "compile_model", recording)
+    cfg = profile_config(load_params(), "demo", None)
+    for plain in (True, False):
+        rate, gflop = train_rate("unet", cfg, 2, "float32", False, plain_layers=plain)
+        assert rate > 0 and gflop > 0
+    assert norms == [{keras.layers.BatchNormalization}, {FusedBatchNormalization}]
+    assert stages.models.BATCH_NORM is FusedBatchNormalization
