@@ -110,8 +110,9 @@ class FusedBatchNormalization(layers.BatchNormalization):
     kernel (one op forward, one backward) instead of Keras 3's dozen elementwise ops and reductions.
 
     tf.keras 2 used the fused kernel by default; Keras 3 does not, and on the CPU U-Net's thin layers those ops
-    took a third of each training step (`python -m benchmarks.training`). Other backends, masks, renorm, synchronised
-    statistics and anything but channels-last 4D inputs take Keras' own path.
+    took a third of each training step (a tf.profiler trace; `python -m benchmarks.training` measures the gain).
+    Other backends, masks, renorm, synchronised statistics and anything but channels-last 4D inputs take Keras'
+    own path.
     """
 
     def call(self, inputs, training=None, mask=None):
