@@ -19,6 +19,7 @@ share of peak grows with the channel count.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -95,7 +96,8 @@ def step_clock():
 
 def train_rate(name, cfg, steps: int, policy: str, jit, plain_layers: bool = False) -> tuple[float, float]:
     """(slices/s, forward GFLOP per slice) over `steps` training steps on random data. `plain_layers`: the
-    network as plain Keras builds it (keras.layers.BatchNormalization instead of the pipeline's fused one)."""
+    network as plain Keras builds it (keras.layers.BatchNormalization instead of the pipeline's fused one,
+    Concatenate then Conv2D instead of its ConcatConv2D)."""
     import keras
     import tensorflow as tf
 
@@ -106,12 +108,8 @@ def train_rate(name, cfg, steps: int, policy: str, jit, plain_layers: bool = Fal
     keras.utils.set_random_seed(0)
     keras.mixed_precision.set_global_policy(policy)
     size, batch = cfg["image_size"], cfg["batch_size"]
-    fused = stages.models.BATCH_NORM
-    stages.models.BATCH_NORM = keras.layers.BatchNormalization if plain_layers else fused
-    try:
+    with stages.models.plain_keras() if plain_layers else contextlib.nullcontext():
         network = build_model(name, (size, size, 3), cfg["filters"], input_norm=cfg.get("input_norm"))
-    finally:
-        stages.models.BATCH_NORM = fused
     model = compile_model(network, {**cfg, "jit_compile": jit})
     rng = np.random.default_rng(0)
     x = rng.random((batch * 4, size, size, 3), dtype=np.float32)

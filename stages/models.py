@@ -11,6 +11,8 @@ with `neighbours` k, 2k FLAIR planes of the slices around it come before that (H
 """
 from __future__ import annotations
 
+import contextlib
+
 import keras
 from keras import layers, ops
 
@@ -141,15 +143,82 @@ class FusedBatchNormalization(layers.BatchNormalization):
         return tf.cast(y, self.compute_dtype)
 
 
-# what conv_bn_relu and residual_block normalise with; benchmarks.training swaps in Keras' own layer for its
-# plain-Keras baseline
+@keras.saving.register_keras_serializable(package="brainseg")
+class ConcatConv2D(layers.Conv2D):
+    """keras.layers.Conv2D over the channel concatenation of a list of inputs, with the same kernel (its input
+    channels in list order), computed on TensorFlow as the sum of each input's convolution with its slice of
+    the kernel.
+
+    A decoder stage convolves its upsampled map joined to the encoder's skips. TensorFlow's gradient of that
+    join copies strided slices of the stage's widest tensors, and the join itself copies them once more; the
+    sum has neither (`python -m benchmarks.training` measures the gain). Other backends join the inputs and
+    convolve once, since XLA fuses the copy there.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.input_spec = None  # a list of inputs; build checks their shapes
+
+    def _joined(self, input_shapes):
+        axis = -1 if self.data_format == "channels_last" else 1
+        shape = list(input_shapes[0])
+        shape[axis] = sum(s[axis] for s in input_shapes)
+        return tuple(shape)
+
+    def build(self, input_shape):
+        if not isinstance(input_shape[0], (list, tuple)):
+            raise ValueError(f"ConcatConv2D takes a list of inputs, got one of shape {input_shape}")
+        axis = -1 if self.data_format == "channels_last" else 1
+        self.channels = [int(s[axis]) for s in input_shape]
+        super().build(self._joined(input_shape))
+        self.input_spec = None
+
+    def compute_output_shape(self, input_shape):
+        if isinstance(input_shape[0], (list, tuple)):
+            input_shape = self._joined(input_shape)
+        return super().compute_output_shape(input_shape)
+
+    def convolution_op(self, inputs, kernel):
+        axis = -1 if self.data_format == "channels_last" else 1
+        if keras.backend.backend() != "tensorflow":
+            return super().convolution_op(ops.concatenate(inputs, axis=axis), kernel)
+        outputs, start = None, 0
+        for x, channels in zip(inputs, self.channels):
+            y = super().convolution_op(x, kernel[:, :, start:start + channels, :])
+            outputs = y if outputs is None else ops.add(outputs, y)
+            start += channels
+        return outputs
+
+
+# how conv_bn_relu and residual_block normalise, and what convolves a decoder stage's inputs (None: join them
+# with Concatenate first); plain_keras() swaps in stock Keras for benchmarks.training's baseline
 BATCH_NORM = FusedBatchNormalization
+CONCAT_CONV = ConcatConv2D
+
+
+@contextlib.contextmanager
+def plain_keras():
+    """Within it, networks are built from stock Keras layers only, as plain Keras would build them:
+    keras.layers.BatchNormalization, and Concatenate followed by Conv2D in the decoders."""
+    global BATCH_NORM, CONCAT_CONV
+    saved = BATCH_NORM, CONCAT_CONV
+    BATCH_NORM, CONCAT_CONV = layers.BatchNormalization, None
+    try:
+        yield
+    finally:
+        BATCH_NORM, CONCAT_CONV = saved
 
 
 # ---------------------------------------------------------------- shared blocks
 
+def conv2d(x, filters, kernel_size, **kwargs):
+    """Conv2D of a tensor; of a list (a decoder stage's upsampled map and skips), CONCAT_CONV."""
+    conv = CONCAT_CONV if isinstance(x, list) else layers.Conv2D
+    return conv(filters, kernel_size, **kwargs)(x)
+
+
 def conv_bn_relu(x, filters, kernel_size=3, dilation_rate=1):
-    x = layers.Conv2D(filters, kernel_size, padding="same", dilation_rate=dilation_rate, use_bias=False)(x)
+    x = conv2d(x, filters, kernel_size, padding="same", dilation_rate=dilation_rate, use_bias=False)
     x = BATCH_NORM()(x)
     return layers.Activation("relu")(x)
 
@@ -162,7 +231,7 @@ def conv_block(x, filters):
 
 def residual_block(x, filters):
     """The seed ResUNet's block: 1x1 -> 3x3 convolutions plus a 1x1-projected shortcut."""
-    shortcut = layers.Conv2D(filters, 1, use_bias=False)(x)
+    shortcut = conv2d(x, filters, 1, use_bias=False)
     shortcut = BATCH_NORM()(shortcut)
     x = conv_bn_relu(x, filters, kernel_size=1)
     x = layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
@@ -208,10 +277,11 @@ def encoder(x, widths, block):
 
 
 def decoder(x, widths, block, *skip_lists):
-    """Per stage, deepest first: upsample x2, concatenate the same-resolution skips of every encoder, `block`."""
+    """Per stage, deepest first: upsample x2, then `block` over that joined to the same-resolution skips of every
+    encoder (the block's first convolutions take the list: CONCAT_CONV)."""
     for width, skips in zip(widths, reversed(list(zip(*skip_lists)))):
         x = layers.UpSampling2D(interpolation="bilinear")(x)
-        x = layers.Concatenate()([x, *skips])
+        x = [x, *skips] if CONCAT_CONV else layers.Concatenate()([x, *skips])
         x = block(x, width)
     return x
 

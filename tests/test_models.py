@@ -208,3 +208,95 @@ def test_segmenters_normalise_with_the_fused_layer():
         norms = [layer for layer in build_model(name, (32, 32, 3), filters=4).layers
                  if isinstance(layer, keras.layers.BatchNormalization)]
         assert norms and all(isinstance(layer, FusedBatchNormalization) for layer in norms)
+
+
+def concat_conv_step(inputs, kernel, bias, joined):
+    """Output of a 3x3 convolution with bias and ReLU over the channel join of `inputs`, and the gradients of a
+    loss with respect to every input, the kernel and the bias: by ConcatConv2D, or by Concatenate then Conv2D."""
+    import tensorflow as tf
+
+    from stages.models import ConcatConv2D
+
+    if joined:
+        join, conv = keras.layers.Concatenate(), keras.layers.Conv2D(kernel.shape[-1], 3, padding="same",
+                                                                     activation="relu")
+        conv.build(join.compute_output_shape([x.shape for x in inputs]))
+        layer = lambda xs: conv(join(xs))  # noqa: E731
+    else:
+        conv = ConcatConv2D(kernel.shape[-1], 3, padding="same", activation="relu")
+        conv.build([x.shape for x in inputs])
+        layer = conv
+    conv.kernel.assign(kernel)
+    conv.bias.assign(bias)
+    xs = [tf.constant(x) for x in inputs]
+    with tf.GradientTape() as tape:
+        tape.watch(xs)
+        y = layer(xs)
+        loss = tf.reduce_sum(y * tf.cos(y))
+    grads = tape.gradient(loss, [*xs, conv.kernel, conv.bias])
+    return [np.asarray(v) for v in [y, *grads]]
+
+
+@pytest.mark.parametrize("channels", [(3, 5), (4, 2, 6)])
+def test_concat_conv_computes_what_concatenate_then_conv2d_does(channels):
+    rng = np.random.default_rng(0)
+    inputs = [rng.normal(size=(2, 6, 6, c)).astype(np.float32) for c in channels]
+    kernel = rng.normal(0.0, 0.1, size=(3, 3, sum(channels), 4)).astype(np.float32)
+    bias = rng.normal(size=4).astype(np.float32)
+    ours, keras_own = (concat_conv_step(inputs, kernel, bias, joined) for joined in (False, True))
+    assert len(ours) == len(channels) + 3
+    for a, b in zip(ours, keras_own):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_concat_conv_joins_nothing_on_tensorflow_and_joins_elsewhere(monkeypatch):
+    import tensorflow as tf
+
+    from stages.models import ConcatConv2D
+    layer = ConcatConv2D(2, 3, padding="same")
+    layer.build([(1, 4, 4, 3), (1, 4, 4, 2)])
+    assert tuple(layer.kernel.shape) == (3, 3, 5, 2)
+    spec = [tf.TensorSpec((1, 4, 4, 3)), tf.TensorSpec((1, 4, 4, 2))]
+
+    def op_types():
+        def step(a, b):
+            with tf.GradientTape() as tape:
+                tape.watch([a, b])
+                y = layer([a, b])
+            return tape.gradient(y, [a, b, layer.kernel])
+        return {op.type for op in tf.function(step).get_concrete_function(*spec).graph.get_operations()}
+
+    tensorflow = op_types()
+    assert "Conv2D" in tensorflow and not {"ConcatV2", "ConcatOffset"} & tensorflow
+    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")  # XLA fuses the join there
+    assert "ConcatV2" in op_types()
+    with pytest.raises(ValueError, match="takes a list of inputs"):
+        ConcatConv2D(2, 3).build((1, 4, 4, 5))
+
+
+@pytest.mark.parametrize("name", ["unet", "resunet", "doubleunet"])
+def test_segmenters_are_the_same_network_as_plain_keras_builds_it(name):
+    """plain_keras() builds from stock layers only (benchmarks.training's baseline); with the same seed the
+    pipeline's layers hold the same weights and compute the same maps."""
+    from stages.models import BATCH_NORM, CONCAT_CONV, ConcatConv2D, FusedBatchNormalization, plain_keras
+
+    def built(plain):
+        keras.utils.set_random_seed(0)
+        if not plain:
+            return build_model(name, (32, 32, 3), filters=4)
+        with plain_keras():
+            return build_model(name, (32, 32, 3), filters=4)
+
+    ours, plain = built(False), built(True)
+    assert (BATCH_NORM, CONCAT_CONV) == (FusedBatchNormalization, ConcatConv2D)  # the swap is undone
+    kinds = lambda model: {type(layer) for layer in all_layers(model)}  # noqa: E731
+    assert {ConcatConv2D, FusedBatchNormalization} <= kinds(ours)
+    assert not {ConcatConv2D, FusedBatchNormalization} & kinds(plain)
+    assert keras.layers.Concatenate in kinds(plain)
+    assert keras.layers.Concatenate not in kinds(ours) or name == "doubleunet"  # its ASPP joins branches
+    assert [w.shape for w in ours.weights] == [w.shape for w in plain.weights]
+    for a, b in zip(ours.get_weights(), plain.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    x = np.random.default_rng(0).random((2, 32, 32, 3), dtype=np.float32)
+    for a, b in zip(keras.tree.flatten(ours(x, training=False)), keras.tree.flatten(plain(x, training=False))):
+        np.testing.assert_allclose(a, b, atol=1e-5)

@@ -62,3 +62,4 @@ def test_the_plain_baseline_is_built_from_keras_own_layers_and_the_swap_is_undon
         assert rate > 0 and gflop > 0
     assert norms == [{keras.layers.BatchNormalization}, {FusedBatchNormalization}]
     assert stages.models.BATCH_NORM is FusedBatchNormalization
+    assert stages.models.CONCAT_CONV is stages.models.ConcatConv2D
