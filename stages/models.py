@@ -182,11 +182,12 @@ class ConcatConv2D(layers.Conv2D):
         axis = -1 if self.data_format == "channels_last" else 1
         if keras.backend.backend() != "tensorflow":
             return super().convolution_op(ops.concatenate(inputs, axis=axis), kernel)
-        outputs, start = None, 0
-        for x, channels in zip(inputs, self.channels):
-            y = super().convolution_op(x, kernel[:, :, start:start + channels, :])
+        # split, not sliced: the gradient of a split joins the small kernel pieces, a slice's pads each to full size
+        bounds = [sum(self.channels[:i + 1]) for i in range(len(self.channels) - 1)]
+        outputs = None
+        for x, piece in zip(inputs, ops.split(kernel, bounds, axis=2)):
+            y = super().convolution_op(x, piece)
             outputs = y if outputs is None else ops.add(outputs, y)
-            start += channels
         return outputs
 
 
