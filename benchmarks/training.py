@@ -4,8 +4,8 @@ Prints, in one run on this machine:
 - the matrix-multiply peak (float32 GEMM through TensorFlow, 2048x2048, best of several),
 - training slices/s of params.yaml's model at the CPU profile in plain float32 Keras with default settings
   (the baseline: the network built from stock Keras layers, TensorFlow's own runtime defaults for this CPU),
-  in the pipeline's recipe (its fused batch normalisation, its TensorFlow settings from stages/__init__.py,
-  params.yaml's mixed_precision and jit_compile), each in a fresh process,
+  in the pipeline's recipe (its fused batch normalisation and ConcatConv2D decoders, its TensorFlow settings
+  from stages/__init__.py, params.yaml's mixed_precision and jit_compile), each in a fresh process,
   with the convolution FLOPs they achieve as a share of the measured peak, and in the mixed precision this
   hardware offers (mixed_float16 on a GPU, mixed_bfloat16 on a CPU),
 - inference slices/s through stages.inference.predict_probs (what evaluation, the CLI and the app use), with
