@@ -11,10 +11,11 @@ Prints, in one run on this machine:
 - inference slices/s through stages.inference.predict_probs (what evaluation, the CLI and the app use), with
   the engine params.yaml's evaluate.engine picks here (LiteRT on a CPU) against Keras' own predict.
 
-    python -m benchmarks.training [--steps 20] [--profile cpu] [--filters N]
+    python -m benchmarks.training [--steps 20] [--profile cpu] [--filters N] [--repeats 2]
 
 --filters measures the same network at another width (the profile's `filters` replaced), e.g. to see how the
-share of peak grows with the channel count.
+share of peak grows with the channel count. --repeats: how many fresh processes each setting gets (alternated,
+the best kept); more of them make the figures steadier on a machine whose speed comes and goes.
 """
 from __future__ import annotations
 
@@ -190,6 +191,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--profile", default="cpu")
     parser.add_argument("--filters", type=int, help="the network's width instead of the profile's")
+    parser.add_argument("--repeats", type=int, default=2, help="fresh processes per setting, the best kept")
     parser.add_argument("--child", choices=["plain", "recipe"], help=argparse.SUPPRESS)
     parser.add_argument("--policy", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -198,7 +200,7 @@ def main() -> None:
         return
     # alternated and repeated, each in a fresh process, best of each, so neither gains from when it runs
     runs = {"plain": [], "recipe": []}
-    for _ in range(2):
+    for _ in range(max(args.repeats, 1)):
         for setting in runs:
             runs[setting].append(measure(setting, args))
     plain, recipe = (max(runs[s], key=lambda r: r["rate"]) for s in runs)
@@ -235,7 +237,8 @@ def main() -> None:
     print(f"train, recipe (oneDNN {'on' if recipe['onednn'] else 'off'}, policy {policy}, jit {jit})  {ours:8.1f} "
           f"slices/s  ({achieved(ours):6.1f} GFLOP/s, {achieved(ours) / peak:5.1%} of peak)   speed-up "
           f"{ours / base:.2f}x (target >= 1.5x, >= 60% of peak)")
-    print(f"  (each best of 2, alternated, a fresh process each: plain {rates['plain']}; recipe {rates['recipe']})")
+    print(f"  (each best of {len(runs['plain'])}, alternated, a fresh process each: plain {rates['plain']}; "
+          f"recipe {rates['recipe']})")
     if mixed is not None:
         print(f"train, {other} (jit {jit})  {mixed:8.1f} slices/s  ({mixed / base:.2f}x plain float32)")
     print(f"inference, Keras predict (256->{cfg['image_size']} px)  {infer_keras:8.1f} slices/s  "
