@@ -152,7 +152,7 @@ class ConcatConv2D(layers.Conv2D):
     A decoder stage convolves its upsampled map joined to the encoder's skips. TensorFlow's gradient of that
     join copies strided slices of the stage's widest tensors, and the join itself copies them once more; the
     sum has neither (`python -m benchmarks.training` measures the gain). Other backends join the inputs and
-    convolve once, since XLA fuses the copy there.
+    convolve once, as Keras would: the GPU recipe runs on JAX, where the join's cost was not measured.
     """
 
     def __init__(self, *args, **kwargs):

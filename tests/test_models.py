@@ -271,7 +271,7 @@ def test_concat_conv_joins_nothing_on_tensorflow_and_joins_elsewhere(monkeypatch
         return {shape for shape in shapes if len(shape) == 4}  # not the small shape vectors
 
     assert joins() <= {(3, 3, 5, 2)}  # at most the kernel's gradient, from its pieces; never the inputs
-    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")  # XLA fuses the join there
+    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")  # there it joins and convolves once
     assert (1, 4, 4, 5) in joins()
     with pytest.raises(ValueError, match="takes a list of inputs"):
         ConcatConv2D(2, 3).build((1, 4, 4, 5))
