@@ -265,11 +265,13 @@ def learning_rate(cfg: dict, steps_per_epoch: int):
 
 
 def compile_model(model: keras.Model, cfg: dict, steps_per_epoch: int = 1) -> keras.Model:
-    """Adam (keeping an exponential moving average of the weights when `ema` is a momentum) + the configured
-    loss. Classifiers: binary cross-entropy, accuracy and AUC.
+    """Adam, or AdamW with `weight_decay` on the kernels (not on biases or normalisation scales and offsets),
+    keeping an exponential moving average of the weights when `ema` is a momentum, + the configured loss.
+    Classifiers: binary cross-entropy, accuracy and AUC.
     doubleunet: the same loss on both outputs (summed), metrics on mask2, the prediction."""
-    if cfg.get("optimizer", "adam") != "adam":
-        raise BrainsegError(f"params.yaml: train.optimizer '{cfg['optimizer']}' is not supported; use adam")
+    name = cfg.get("optimizer", "adam")
+    if name not in ("adam", "adamw"):
+        raise BrainsegError(f"params.yaml: train.optimizer '{name}' is not supported; use adam or adamw")
     if model.name in CLASSIFIERS:
         loss = keras.losses.BinaryCrossentropy()
         metrics = [keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")]
@@ -278,8 +280,13 @@ def compile_model(model: keras.Model, cfg: dict, steps_per_epoch: int = 1) -> ke
     if len(model.outputs) == 2:
         loss, metrics = [loss, loss], [[], metrics]
     ema = cfg.get("ema")
-    optimizer = keras.optimizers.Adam(learning_rate(cfg, steps_per_epoch), use_ema=bool(ema),
-                                      ema_momentum=float(ema or 0.99))
+    settings = dict(learning_rate=learning_rate(cfg, steps_per_epoch), use_ema=bool(ema),
+                    ema_momentum=float(ema or 0.99))
+    if name == "adamw":
+        optimizer = keras.optimizers.AdamW(weight_decay=float(cfg.get("weight_decay", 0.004)), **settings)
+        optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
+    else:
+        optimizer = keras.optimizers.Adam(**settings)
     model.compile(optimizer=optimizer, loss=loss,
                   metrics=metrics, jit_compile=cfg.get("jit_compile", "auto"))
     return model

@@ -526,3 +526,29 @@ def test_main_with_refit_serves_the_refit_and_keeps_the_chosen_epoch_beside_it(c
     assert metrics["train_slices"] == 8 and "learning_rates" not in metrics
     served, chosen = (keras.models.load_model(tmp_path / f"{n}.keras", compile=False) for n in ("model", "selection"))
     assert not all(np.array_equal(a, b) for a, b in zip(served.get_weights(), chosen.get_weights()))
+
+
+def test_adamw_decays_the_kernels_only(cfg):
+    """One step with a zero loss gradient: Adam leaves every weight alone; AdamW shrinks the kernels by
+    learning_rate x weight_decay and leaves biases and the normalisation's gamma and beta alone."""
+    def step(optimizer):
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((4, 4, 2))
+        x = keras.layers.Conv2D(3, 3, padding="same")(inputs)
+        x = keras.layers.BatchNormalization()(x)
+        model = compile_model(keras.Model(inputs, keras.layers.Conv2D(1, 1, activation="sigmoid")(x), name="unet"),
+                              {**cfg, "optimizer": optimizer, "weight_decay": 0.5, "learning_rate": 0.1,
+                               "lr_schedule": "constant", "ema": None})
+        before = {v.path: np.array(v) for v in model.trainable_variables}
+        zeros = [keras.ops.zeros_like(v) for v in model.trainable_variables]
+        model.optimizer.apply_gradients(zip(zeros, model.trainable_variables))
+        return {v.path: (before[v.path], np.array(v)) for v in model.trainable_variables}
+
+    for path, (before, after) in step("adam").items():
+        np.testing.assert_allclose(after, before, err_msg=path)
+    decayed = step("adamw")
+    kernels = [p for p in decayed if p.endswith("kernel")]
+    assert len(kernels) == 2 and len(decayed) == 6
+    for path, (before, after) in decayed.items():
+        np.testing.assert_allclose(after, before * (1 - 0.1 * 0.5) if path in kernels else before, rtol=1e-6,
+                                   err_msg=path)
