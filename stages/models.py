@@ -12,6 +12,7 @@ with `neighbours` k, 2k FLAIR planes of the slices around it come before that (H
 from __future__ import annotations
 
 import contextlib
+import itertools
 
 import keras
 from keras import layers, ops
@@ -159,17 +160,19 @@ class ConcatConv2D(layers.Conv2D):
         super().__init__(*args, **kwargs)
         self.input_spec = None  # a list of inputs; build checks their shapes
 
+    @property
+    def _channel_axis(self):
+        return -1 if self.data_format == "channels_last" else 1
+
     def _joined(self, input_shapes):
-        axis = -1 if self.data_format == "channels_last" else 1
         shape = list(input_shapes[0])
-        shape[axis] = sum(s[axis] for s in input_shapes)
+        shape[self._channel_axis] = sum(s[self._channel_axis] for s in input_shapes)
         return tuple(shape)
 
     def build(self, input_shape):
         if not isinstance(input_shape[0], (list, tuple)):
             raise ValueError(f"ConcatConv2D takes a list of inputs, got one of shape {input_shape}")
-        axis = -1 if self.data_format == "channels_last" else 1
-        self.channels = [int(s[axis]) for s in input_shape]
+        self.channels = [int(s[self._channel_axis]) for s in input_shape]
         super().build(self._joined(input_shape))
         self.input_spec = None
 
@@ -179,11 +182,10 @@ class ConcatConv2D(layers.Conv2D):
         return super().compute_output_shape(input_shape)
 
     def convolution_op(self, inputs, kernel):
-        axis = -1 if self.data_format == "channels_last" else 1
         if keras.backend.backend() != "tensorflow":
-            return super().convolution_op(ops.concatenate(inputs, axis=axis), kernel)
+            return super().convolution_op(ops.concatenate(inputs, axis=self._channel_axis), kernel)
         # split, not sliced: the gradient of a split joins the small kernel pieces, a slice's pads each to full size
-        bounds = [sum(self.channels[:i + 1]) for i in range(len(self.channels) - 1)]
+        bounds = list(itertools.accumulate(self.channels[:-1]))
         outputs = None
         for x, piece in zip(inputs, ops.split(kernel, bounds, axis=2)):
             y = super().convolution_op(x, piece)

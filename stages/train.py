@@ -283,7 +283,7 @@ def compile_model(model: keras.Model, cfg: dict, steps_per_epoch: int = 1) -> ke
     settings = dict(learning_rate=learning_rate(cfg, steps_per_epoch), use_ema=bool(ema),
                     ema_momentum=float(ema or 0.99))
     if name == "adamw":
-        optimizer = keras.optimizers.AdamW(weight_decay=float(cfg.get("weight_decay", 0.004)), **settings)
+        optimizer = keras.optimizers.AdamW(weight_decay=float(cfg["weight_decay"]), **settings)
         optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
     else:
         optimizer = keras.optimizers.Adam(**settings)

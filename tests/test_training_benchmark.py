@@ -47,12 +47,13 @@ def test_cpu_summary_names_the_model_and_the_instruction_sets_that_pick_kernels(
 def test_the_plain_baseline_is_built_from_keras_own_layers_and_the_swap_is_undone(monkeypatch):
     import stages.models
     import stages.train
-    from stages.models import FusedBatchNormalization
+    from stages.models import ConcatConv2D, FusedBatchNormalization
 
-    norms, compile_model = [], stages.train.compile_model
+    norms, joins, compile_model = [], [], stages.train.compile_model
 
     def recording(model, cfg):
         norms.append({type(layer) for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)})
+        joins.append({type(layer) for layer in model.layers} & {ConcatConv2D, keras.layers.Concatenate})
         return compile_model(model, cfg)
 
     monkeypatch.setattr(stages.train, "compile_model", recording)
@@ -61,5 +62,6 @@ def test_the_plain_baseline_is_built_from_keras_own_layers_and_the_swap_is_undon
         rate, gflop = train_rate("unet", cfg, 2, "float32", False, plain_layers=plain)
         assert rate > 0 and gflop > 0
     assert norms == [{keras.layers.BatchNormalization}, {FusedBatchNormalization}]
+    assert joins == [{keras.layers.Concatenate}, {ConcatConv2D}]
     assert stages.models.BATCH_NORM is FusedBatchNormalization
     assert stages.models.CONCAT_CONV is stages.models.ConcatConv2D
