@@ -279,18 +279,40 @@ def encoder(x, widths, block):
     return x, skips
 
 
-def decoder(x, widths, block, *skip_lists):
+def decoder_stages(x, widths, block, *skip_lists):
     """Per stage, deepest first: upsample x2, then `block` over that joined to the same-resolution skips of every
-    encoder (the block's first convolutions take the list: CONCAT_CONV)."""
+    encoder (the block's first convolutions take the list: CONCAT_CONV). Returns every stage's output."""
+    stages = []
     for width, skips in zip(widths, reversed(list(zip(*skip_lists)))):
         x = layers.UpSampling2D(interpolation="bilinear")(x)
         x = [x, *skips] if CONCAT_CONV else layers.Concatenate()([x, *skips])
         x = block(x, width)
-    return x
+        stages.append(x)
+    return stages
+
+
+def decoder(x, widths, block, *skip_lists):
+    """decoder_stages' last, full-resolution output."""
+    return decoder_stages(x, widths, block, *skip_lists)[-1]
 
 
 def mask_head(x, name="mask"):
     return layers.Conv2D(1, 1, activation="sigmoid", dtype="float32", name=name)(x)
+
+
+def supervised_heads(stages, deep_supervision=False):
+    """The mask head on the last decoder stage. With deep supervision (nnU-Net's), also a head on each of the
+    AUXILIARY_HEADS stages before it, its probabilities upsampled to full size so it trains on the same mask:
+    [coarsest, ..., mask], the prediction last, as inference expects."""
+    if not deep_supervision:
+        return mask_head(stages[-1])
+    heads = []
+    for x in stages[-1 - AUXILIARY_HEADS:-1]:
+        factor = stages[-1].shape[1] // x.shape[1]
+        name = f"aux_{factor}"
+        x = layers.Conv2D(1, 1, activation="sigmoid", dtype="float32", name=f"{name}_head")(x)
+        heads.append(layers.UpSampling2D(factor, interpolation="bilinear", dtype="float32", name=name)(x))
+    return [*heads, mask_head(stages[-1])]
 
 
 def tumour_head(x):
@@ -316,23 +338,21 @@ def feature_extractor(base, names):
 
 # ---------------------------------------------------------------- segmenters
 
-def unet(inputs, filters, weights=None):
+def unet(inputs, filters, weights=None, deep_supervision=False):
     """Ronneberger et al. 2015: four encoder stages (f, 2f, 4f, 8f), a 16f bottleneck, a mirrored decoder."""
     widths = [filters * 2**i for i in range(4)]
     x, skips = encoder(inputs, widths, conv_block)
     x = conv_block(x, filters * 16)
-    x = decoder(x, widths[::-1], conv_block, skips)
-    return mask_head(x)
+    return supervised_heads(decoder_stages(x, widths[::-1], conv_block, skips), deep_supervision)
 
 
-def resunet(inputs, filters, weights=None):
+def resunet(inputs, filters, weights=None, deep_supervision=False):
     """The seed article's ResUNet: a U-Net whose stages after the first are residual blocks."""
     widths = [filters * 2**i for i in range(4)]
     first = conv_block(inputs, widths[0])
     x, skips = encoder(layers.MaxPooling2D()(first), widths[1:], residual_block)
     x = residual_block(x, filters * 16)
-    x = decoder(x, widths[::-1], residual_block, [first, *skips])
-    return mask_head(x)
+    return supervised_heads(decoder_stages(x, widths[::-1], residual_block, [first, *skips]), deep_supervision)
 
 
 def efficientunet(inputs, filters, weights=None):
@@ -397,16 +417,21 @@ BUILDERS = {"unet": unet, "resunet": resunet, "efficientunet": efficientunet, "d
 
 # the others' ImageNet encoders take exactly three channels: slice_position and neighbours are for these
 POSITION_MODELS = ("unet", "resunet", "cnn")
+# deep supervision: heads on the decoder stages at 1/4 and 1/2 of the input size; each weighs half the next
+AUXILIARY_HEADS = 2
+SUPERVISED_MODELS = ("unet", "resunet")
 
 
 def build_model(name: str, input_shape=(128, 128, 3), filters: int = 16, weights: str | None = None,
-                input_norm: str | None = None, slice_position: bool = False, neighbours: int = 0) -> keras.Model:
+                input_norm: str | None = None, slice_position: bool = False, neighbours: int = 0,
+                deep_supervision: bool = False) -> keras.Model:
     """A freshly initialised `name` model (model.name == name). `weights` ("imagenet" or None) only
     concerns the pretrained encoders of efficientunet, doubleunet and xception. `input_norm="slice"` puts
     BrainStandardise in front of the network, `"volume"` VolumeDecode (ImageNet encoders then no longer see the
     range they expect). `slice_position` adds a fourth input channel, the slice's place in the volume, which
     bypasses the normalisation and joins the normalised slice at the network's first layer. `neighbours` > 0 adds
-    the FLAIR of that many slices below and above as channels before it (2.5D input), decoded as the slice is."""
+    the FLAIR of that many slices below and above as channels before it (2.5D input), decoded as the slice is.
+    `deep_supervision` (unet, resunet) adds auxiliary outputs before the mask: see supervised_heads."""
     if name not in BUILDERS:
         raise BrainsegError(f"params.yaml: model '{name}' is not one of {SEGMENTERS + CLASSIFIERS}; "
                             "set it with `dvc exp run -S model=unet`")
@@ -423,6 +448,9 @@ def build_model(name: str, input_shape=(128, 128, 3), filters: int = 16, weights
     if neighbours and name not in POSITION_MODELS:
         raise BrainsegError(f"params.yaml: train.neighbours works with {', '.join(POSITION_MODELS)}, not {name}; "
                             "set `-S train.neighbours=0`")
+    if deep_supervision and name not in SUPERVISED_MODELS:
+        raise BrainsegError(f"params.yaml: train.deep_supervision works with {', '.join(SUPERVISED_MODELS)}, not "
+                            f"{name}; set `-S train.deep_supervision=false`")
     if neighbours and input_norm == "slice":
         raise BrainsegError("params.yaml: train.neighbours needs train.input_norm volume or none (a neighbour's "
                             "plane has no slice statistics of its own to standardise with); set one of them")
@@ -442,4 +470,5 @@ def build_model(name: str, input_shape=(128, 128, 3), filters: int = 16, weights
         x = layers.Concatenate(name="with_neighbours")([x, around])
     if slice_position:
         x = layers.Concatenate(name="with_position")([x, position])
-    return keras.Model(inputs, BUILDERS[name](x, filters=filters, weights=weights), name=name)
+    extra = {"deep_supervision": True} if deep_supervision else {}
+    return keras.Model(inputs, BUILDERS[name](x, filters=filters, weights=weights, **extra), name=name)

@@ -268,7 +268,9 @@ def compile_model(model: keras.Model, cfg: dict, steps_per_epoch: int = 1) -> ke
     """Adam, or AdamW with `weight_decay` on the kernels (not on biases or normalisation scales and offsets),
     keeping an exponential moving average of the weights when `ema` is a momentum, + the configured loss.
     Classifiers: binary cross-entropy, accuracy and AUC.
-    doubleunet: the same loss on both outputs (summed), metrics on mask2, the prediction."""
+    doubleunet: the same loss on both outputs (summed), metrics on mask2, the prediction. Deep supervision
+    (outputs aux_4, aux_2, mask): the same loss on each, an auxiliary output weighing 1 / its downsampling
+    (nnU-Net's halving per level), metrics on the mask."""
     name = cfg.get("optimizer", "adam")
     if name not in ("adam", "adamw"):
         raise BrainsegError(f"params.yaml: train.optimizer '{name}' is not supported; use adam or adamw")
@@ -277,8 +279,10 @@ def compile_model(model: keras.Model, cfg: dict, steps_per_epoch: int = 1) -> ke
         metrics = [keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")]
     else:
         loss, metrics = get_loss(cfg), segmentation_metrics()
-    if len(model.outputs) == 2:
-        loss, metrics = [loss, loss], [[], metrics]
+    weights = None
+    if len(model.outputs) > 1:
+        loss, metrics = [loss] * len(model.outputs), [[]] * (len(model.outputs) - 1) + [metrics]
+        weights = [1 / int(name[4:]) if name.startswith("aux_") else 1.0 for name in model.output_names]
     ema = cfg.get("ema")
     settings = dict(learning_rate=learning_rate(cfg, steps_per_epoch), use_ema=bool(ema),
                     ema_momentum=float(ema or 0.99))
@@ -287,7 +291,7 @@ def compile_model(model: keras.Model, cfg: dict, steps_per_epoch: int = 1) -> ke
         optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
     else:
         optimizer = keras.optimizers.Adam(**settings)
-    model.compile(optimizer=optimizer, loss=loss,
+    model.compile(optimizer=optimizer, loss=loss, loss_weights=weights,
                   metrics=metrics, jit_compile=cfg.get("jit_compile", "auto"))
     return model
 
@@ -405,7 +409,8 @@ def build(name: str, cfg: dict, seed: int, data_dir: Path, splits: tuple = ("tra
     try:
         with strategy_scope(strategy):
             model = build_model(name, (size, size, 3), cfg["filters"], cfg.get("weights"), cfg.get("input_norm"),
-                                bool(cfg.get("slice_position")), int(cfg.get("neighbours") or 0))
+                                bool(cfg.get("slice_position")), int(cfg.get("neighbours") or 0),
+                                bool(cfg.get("deep_supervision")))
             *datasets, n_train = make_datasets(Path(data_dir), size, batch, name in CLASSIFIERS,
                                                cfg.get("tumour_slices_only", False), seed, len(model.outputs),
                                                cfg.get("augment"), cfg.get("input_norm"),
@@ -501,9 +506,10 @@ def slices_per_epoch(train_ds, n_train: int) -> int:
 
 def summarize(name, cfg, model, history, n_train, seconds, train_step_seconds,
               per_epoch: int | None = None) -> dict:
-    """Run facts plus the validation loss and metrics at the best epoch (doubleunet: its total loss and
-    mask2's metrics, without the `mask2_` prefix, so every segmenter reports best_val_dice). `per_epoch`: the
-    slices trained on per epoch (slices_per_epoch), when not all `n_train`."""
+    """Run facts plus the validation loss and metrics at the best epoch (a model of several outputs, doubleunet
+    or deep supervision: its total loss and the prediction's metrics without their output's prefix, so every
+    segmenter reports best_val_dice). `per_epoch`: the slices trained on per epoch (slices_per_epoch), when not
+    all `n_train`."""
     best = int(np.nanargmin(history["val_loss"]))
     epochs = len(history["val_loss"])
     summary = {"model": name, "profile": cfg["profile"], "params": model.count_params(),
@@ -513,7 +519,7 @@ def summarize(name, cfg, model, history, n_train, seconds, train_step_seconds,
                "train_slices_per_s": round((per_epoch or n_train) * epochs / max(train_step_seconds, 1e-9), 2)}
     for key, values in history.items():
         if key == "val_loss" or key.startswith("val_") and not key.endswith("_loss"):
-            summary["best_" + key.replace("mask2_", "")] = float(values[best])
+            summary["best_" + key.replace(f"{model.output_names[-1]}_", "")] = float(values[best])
     return summary
 
 
