@@ -2,7 +2,8 @@
 
 Every model takes float32 (H, W, 3) slices in [0, 1] (stages.preprocess.to_model_input) and ends in a
 float32 sigmoid, so mixed precision never reaches the probabilities. Segmenters output an (H, W, 1) tumour
-probability map; `doubleunet` outputs [mask1, mask2] and its prediction is mask2. Classifiers output (1,),
+probability map; `doubleunet` outputs [mask1, mask2] and its prediction is mask2, and with deep supervision unet
+and resunet output [aux_4, aux_2, mask] (supervised_heads), the prediction last. Classifiers output (1,),
 the probability that the slice shows tumour. Pretrained encoders receive the input range their ImageNet
 weights expect through Rescaling layers, never Lambda layers, so saved models load with safe_mode=True
 once this module is imported (it registers the custom layers and, via stages.losses, the losses). With

@@ -222,8 +222,9 @@ class SliceBatches(keras.utils.PyDataset):
             self.rng.shuffle(self.order)
 
 
-def augmenter(cfg: dict, seed: int) -> keras.Sequential | None:
-    """Keras' random flip / rotation / zoom layers as train.augment asks (None when it asks for none).
+def augmenter(cfg: dict, seed: int) -> Augment | None:
+    """train.augment's online transforms (None when it asks for none): Keras' random flip / rotation / zoom
+    layers, and RandomGamma.
 
     Balance's copies are drawn once; these are drawn per slice each epoch, so no two epochs see the same
     training set. Corners that rotation or zoom-out uncover are filled with 0, the scanner's background.
@@ -237,21 +238,74 @@ def augmenter(cfg: dict, seed: int) -> keras.Sequential | None:
                                                       **common))
         if cfg.get("zoom"):
             layers.append(keras.layers.RandomZoom(cfg["zoom"], fill_mode="constant", seed=seed + 2, **common))
+        gamma = RandomGamma(cfg["gamma"], seed=seed + 3, **common) if cfg.get("gamma") else None
     except (TypeError, ValueError) as error:
         raise BrainsegError(f"params.yaml: train.augment {cfg} cannot be used ({error}). Fix: flip true or false, "
-                            "rotation in degrees (0-360), zoom a fraction below 1, e.g. "
+                            "rotation in degrees (0-360), zoom a fraction below 1, gamma a number above 0, e.g. "
                             "`dvc exp run -S train.augment.rotation=15 -S train.augment.zoom=0.1`") from error
-    return keras.Sequential(layers, name="augment") if layers else None
+    if not layers and gamma is None:
+        return None
+    return Augment(keras.Sequential(layers, name="augment") if layers else None, gamma)
 
 
-def same_transform(transform, classifier: bool):
-    """`transform` applied to a batch, each mask moved with its slice (one draw for both): a tf.data map on
-    the TensorFlow backend, a SliceBatches step on the others."""
+class Augment:
+    """A training batch's online transforms: the geometric ones move each slice and its mask together (one
+    draw for both), the intensity one changes the slice alone."""
+
+    def __init__(self, geometric: keras.Sequential | None = None, intensity: keras.layers.Layer | None = None):
+        self.geometric, self.intensity = geometric, intensity
+
+    def __call__(self, image, target=None):
+        """(image, target) transformed; a target of None (a classifier's label is not a picture) stays None."""
+        if self.geometric is not None and target is None:
+            image = self.geometric(image, training=True)
+        elif self.geometric is not None:
+            both = self.geometric(keras.ops.concatenate([image, target], axis=-1), training=True)
+            image, target = both[..., :-1], both[..., -1:]
+        if self.intensity is not None:
+            image = self.intensity(image, training=True)
+        return image, target
+
+
+class RandomGamma(keras.layers.Layer):
+    """nnU-Net's gamma augmentation: with probability 0.5, each channel of each slice has its head pixels
+    (those above 0, the background) scaled to 0-1 over their own range, raised to a power drawn log-uniformly
+    in [1 / (1 + `gamma`), 1 + `gamma`], and scaled back. The range and the background stay; the contrast
+    between tissues (tumour and brain included) changes, as it does between scanners and patients."""
+
+    def __init__(self, gamma: float, seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        if not gamma > 0:
+            raise ValueError(f"gamma must be above 0, got {gamma}")
+        self.gamma, self.seed = float(gamma), seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, images, training=True):
+        if not training:
+            return images
+        ops = keras.ops
+        head = images > 0
+        low = ops.min(ops.where(head, images, 2.0), axis=(1, 2), keepdims=True)
+        high = ops.max(ops.where(head, images, -1.0), axis=(1, 2), keepdims=True)
+        span = ops.maximum(high - low, 1e-6)
+        draws = (ops.shape(images)[0], 1, 1, ops.shape(images)[3])
+        limit = float(np.log1p(self.gamma))
+        power = ops.exp(keras.random.uniform(draws, -limit, limit, seed=self.seed_generator))
+        power = ops.where(keras.random.uniform(draws, seed=self.seed_generator) < 0.5, power, 1.0)
+        scaled = ops.clip((images - low) / span, 0.0, 1.0)
+        return ops.where(head, low + span * ops.power(scaled, power), images)
+
+    def get_config(self):
+        return {**super().get_config(), "gamma": self.gamma, "seed": self.seed}
+
+
+def same_transform(transform: Augment, classifier: bool):
+    """`transform` applied to a batch (a classifier's labels left alone): a tf.data map on the TensorFlow backend,
+    a SliceBatches step on the others."""
     def apply(image, target):
-        if classifier:  # the target is a label, not a picture
-            return transform(image, training=True), target
-        both = transform(keras.ops.concatenate([image, target], axis=-1), training=True)
-        return both[..., :-1], both[..., -1:]
+        if classifier:
+            return transform(image)[0], target
+        return transform(image, target)
     return apply
 
 

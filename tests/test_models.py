@@ -303,3 +303,27 @@ def test_segmenters_are_the_same_network_as_plain_keras_builds_it(name):
     x = np.random.default_rng(0).random((2, 32, 32, 3), dtype=np.float32)
     for a, b in zip(keras.tree.flatten(ours(x, training=False)), keras.tree.flatten(plain(x, training=False))):
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["unet", "resunet"])
+def test_deep_supervision_adds_upsampled_heads_before_the_mask_of_the_same_network(name):
+    keras.utils.set_random_seed(0)
+    plain = build_model(name, (64, 64, 3), 4)
+    keras.utils.set_random_seed(0)
+    supervised = build_model(name, (64, 64, 3), 4, deep_supervision=True)
+    assert supervised.output_names == ["aux_4", "aux_2", "mask"]
+    assert all(output.shape == (None, 64, 64, 1) for output in supervised.outputs)
+    assert supervised.count_params() == plain.count_params() + (16 + 1) + (8 + 1)  # 1x1 heads on 16 and 8 channels
+    x = np.random.default_rng(0).uniform(size=(2, 64, 64, 3)).astype("float32")
+    quarter = keras.Model(supervised.input, supervised.get_layer("aux_4_head").output).predict_on_batch(x)
+    aux_4, _, mask = supervised.predict_on_batch(x)
+    assert quarter.shape == (2, 16, 16, 1) and np.allclose(aux_4, keras.ops.image.resize(quarter, (64, 64)),
+                                                             atol=1e-6)
+    plain.set_weights([w for layer in supervised.layers if not layer.name.startswith("aux_")
+                       for w in layer.get_weights()])
+    assert np.allclose(mask, plain.predict_on_batch(x), atol=1e-6)  # the prediction is the plain network's
+
+
+def test_deep_supervision_is_refused_where_there_is_no_decoder_to_supervise():
+    with pytest.raises(BrainsegError, match="deep_supervision works with unet, resunet, not efficientunet"):
+        build_model("efficientunet", (64, 64, 3), 4, deep_supervision=True)

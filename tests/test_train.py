@@ -207,6 +207,38 @@ def test_online_augmentation_moves_each_training_slice_with_its_mask_anew_each_e
         make_datasets(prepared, 32, 16, augment={"zoom": 1.5})
 
 
+def test_gamma_augmentation_changes_each_channels_contrast_keeping_its_range_order_and_background(prepared):
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0.05, 1.0, (16, 12, 12, 3)).astype("float32")
+    x[:, :4] = 0  # background
+    out = np.asarray(train_stage.RandomGamma(0.5, seed=1)(x))
+    assert np.array_equal(out[:, :4], x[:, :4])
+    changed = 0
+    for i in range(16):
+        for c in range(3):
+            head, new = x[i, 4:, :, c].ravel(), out[i, 4:, :, c].ravel()
+            assert np.allclose([new.min(), new.max()], [head.min(), head.max()], atol=1e-6)
+            assert np.all(np.diff(new[np.argsort(head)]) >= -1e-6)  # tissues keep their order
+            low, span = head.min(), head.max() - head.min()
+            inner = (head - low > 0.1 * span) & (head - low < 0.9 * span)
+            powers = np.log((new[inner] - low) / span) / np.log((head[inner] - low) / span)
+            assert np.allclose(powers, powers.mean(), atol=1e-3) and 1 / 1.5 - 1e-3 < powers.mean() < 1.5 + 1e-3
+            changed += not np.allclose(new, head)
+    assert 10 < changed < 38  # each channel of each slice with probability 0.5
+    assert np.array_equal(np.asarray(train_stage.RandomGamma(0.5, seed=1)(x, training=False)), x)
+
+    train_ds = make_datasets(prepared, 32, 16, augment={"gamma": 0.5})[0]
+    images, masks, _ = prepared_data.load_split(prepared, "train")
+    first, second = (next(iter(train_ds)) for _ in range(2))
+    assert not np.array_equal(first[0], second[0])  # drawn anew each epoch
+    order = [np.flatnonzero((np.asarray(first[1]) == mask_to_model_size(masks, 32)[i]).all(axis=(1, 2, 3)))
+             for i in range(len(masks))]
+    assert all(len(rows) for rows in order)  # the masks are left as they were
+    assert not np.allclose(np.sort(np.asarray(first[0]), axis=None), np.sort(to_model_input(images, 32), axis=None))
+    with pytest.raises(BrainsegError, match=r"train.augment .*gamma a number above 0"):
+        make_datasets(prepared, 32, 16, augment={"gamma": -1})
+
+
 def test_a_split_left_without_slices_names_the_fix(tmp_path):
     data = write_prepared(tmp_path, counts=(("train", 8), ("val", 0)))
     with pytest.raises(BrainsegError, match="no val slices to train on.*dvc repro"):
@@ -257,10 +289,29 @@ def test_ema_weights_are_validated_chosen_and_saved(prepared, cfg, tmp_path):
 def test_summary_reports_doubleunet_total_loss_and_mask2_metrics(cfg):
     history = {"loss": [2.0, 1.5], "val_loss": [1.8, 1.2], "val_mask1_loss": [0.9, 0.7],
                "val_mask2_loss": [0.9, 0.5], "val_mask2_dice": [0.2, 0.6]}
-    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    inputs = keras.Input((2,))
+    model = keras.Model(inputs, [keras.layers.Dense(1, name=name)(inputs) for name in ("mask1", "mask2")])
     summary = summarize("doubleunet", cfg, model, history, n_train=10, seconds=4.0, train_step_seconds=2.0)
     assert summary["best_epoch"] == 2 and summary["best_val_loss"] == 1.2 and summary["best_val_dice"] == 0.6
     assert summary["train_slices_per_s"] == 10.0 and "best_val_mask1_loss" not in summary
+
+
+def test_deep_supervision_weighs_each_auxiliary_loss_by_its_downsampling_and_serves_the_mask(prepared, cfg,
+                                                                                              tmp_path):
+    model_path = tmp_path / "model.keras"
+    summary = train("unet", {**cfg, "deep_supervision": True}, 0, prepared, model_path, tmp_path / "live")
+    model = keras.models.load_model(model_path, safe_mode=True)
+    assert model.output_names == ["aux_4", "aux_2", "mask"]
+    assert {"best_val_loss", "best_val_dice", "best_val_tversky"} <= set(summary)
+    x, y = make_datasets(prepared, SIZE, 4, splits=("val",))[0].take(1).get_single_element()
+    scores = model.evaluate(x, (y, y, y), return_dict=True, verbose=0)
+    assert scores["loss"] == pytest.approx(scores["mask_loss"] + scores["aux_2_loss"] / 2 + scores["aux_4_loss"] / 4,
+                                           rel=1e-5)
+    from stages.inference import predict_probs
+    images = prepared_data.load_split(prepared, "val")[0]
+    keras_probs = predict_probs(model, images, engine="keras")
+    assert keras_probs.shape == images.shape[:3]
+    assert np.allclose(predict_probs(model, images, engine="litert"), keras_probs, atol=1e-5)  # the mask, too
 
 
 def test_mirrored_strategy_trains_on_two_logical_cpus(prepared, cfg, tmp_path):
