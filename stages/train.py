@@ -388,9 +388,33 @@ def callbacks(cfg: dict, checkpoint: Path, live=None) -> list:
                                              restore_best_weights=True, verbose=1),
                keras.callbacks.ModelCheckpoint(str(checkpoint), monitor="val_loss", save_best_only=True)]
     if live is not None:
-        from dvclive.keras import DVCLiveCallback
-        result.append(DVCLiveCallback(live=live))
+        result.append(live_callback(live))
     return result
+
+
+def live_callback(live):
+    """DVCLive's Keras callback, given the prediction's metrics under their plain names too (plain_names)."""
+    from dvclive.keras import DVCLiveCallback
+
+    class Callback(DVCLiveCallback):
+        def on_epoch_end(self, epoch, logs=None):
+            super().on_epoch_end(epoch, plain_names(self.model, logs))
+    return Callback(live=live)
+
+
+def plain_names(model: keras.Model, logs: dict | None) -> dict | None:
+    """`logs` plus, for a model of several outputs (doubleunet, deep supervision), the prediction's metrics
+    without their output's prefix (dice and val_dice beside mask_dice and val_mask_dice), so the curves that
+    dvc.yaml plots exist for every segmenter. Per-output losses keep their names: `loss` is the total."""
+    if not logs or len(model.outputs) < 2:
+        return logs
+    prefix = f"{model.output_names[-1]}_"
+    plain = {}
+    for key, value in logs.items():
+        head = "val_" if key.startswith("val_") else ""
+        if key.startswith(head + prefix) and not key.endswith("_loss"):
+            plain[head + key[len(head + prefix):]] = value
+    return {**logs, **plain}
 
 
 class TimeLimit(keras.callbacks.Callback):
@@ -571,9 +595,10 @@ def summarize(name, cfg, model, history, n_train, seconds, train_step_seconds,
                "train_slices": n_train, "epochs": epochs, "best_epoch": best + 1,
                "train_seconds": round(seconds, 1),
                "train_slices_per_s": round((per_epoch or n_train) * epochs / max(train_step_seconds, 1e-9), 2)}
-    for key, values in history.items():
-        if key == "val_loss" or key.startswith("val_") and not key.endswith("_loss"):
-            summary["best_" + key.replace(f"{model.output_names[-1]}_", "")] = float(values[best])
+    prefix = f"val_{model.output_names[-1]}_"
+    for key, values in plain_names(model, history).items():
+        if key == "val_loss" or key.startswith("val_") and not key.endswith("_loss") and not key.startswith(prefix):
+            summary["best_" + key] = float(values[best])
     return summary
 
 

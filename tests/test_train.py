@@ -303,6 +303,9 @@ def test_deep_supervision_weighs_each_auxiliary_loss_by_its_downsampling_and_ser
     model = keras.models.load_model(model_path, safe_mode=True)
     assert model.output_names == ["aux_4", "aux_2", "mask"]
     assert {"best_val_loss", "best_val_dice", "best_val_tversky"} <= set(summary)
+    assert not any(key.startswith(("best_val_mask_", "best_val_aux")) for key in summary)
+    for curve in ("train/dice.tsv", "eval/dice.tsv", "train/loss.tsv", "eval/loss.tsv"):  # dvc.yaml's plots
+        assert (tmp_path / "live/plots/metrics" / curve).is_file()
     x, y = make_datasets(prepared, SIZE, 4, splits=("val",))[0].take(1).get_single_element()
     scores = model.evaluate(x, (y, y, y), return_dict=True, verbose=0)
     assert scores["loss"] == pytest.approx(scores["mask_loss"] + scores["aux_2_loss"] / 2 + scores["aux_4_loss"] / 4,
