@@ -522,11 +522,21 @@ def train(name: str, cfg: dict, seed: int = 42, data_dir: Path = DATA, model_pat
         if not checkpoint.is_file():
             raise BrainsegError(f"{name} never reached a finite val_loss, so {model_path} was not written: "
                                 "lower train.learning_rate in params.yaml and rerun `dvc repro train`")
+        if len(model.outputs) != len(served(model).outputs):
+            served(keras.models.load_model(checkpoint, safe_mode=True)).save(checkpoint)
     summary = summarize(name, cfg, model, history, n_train, seconds, timer.seconds,
                         slices_per_epoch(train_ds, n_train))
     rates = history.get("learning_rate")
     summary["learning_rates"] = None if rates is None else [float(rate) for rate in rates]
     return summary
+
+
+def served(model: keras.Model) -> keras.Model:
+    """The model to save: with deep supervision the mask head alone (its auxiliary heads only helped train the
+    decoder), so evaluation, the CLI and the app run the plain network; any other model as it is."""
+    if not any(name.startswith("aux_") for name in model.output_names):
+        return model
+    return keras.Model(model.inputs, model.outputs[-1], name=model.name)
 
 
 @contextlib.contextmanager
@@ -564,10 +574,11 @@ def refit(name: str, cfg: dict, seed: int, epochs: int, learning_rates: list[flo
         if not np.isfinite(history["loss"][-1]):
             raise BrainsegError(f"the refit of {name} ended with a loss of {history['loss'][-1]}, so {model_path} "
                                 "was not replaced: set train.refit false or lower train.learning_rate")
-        model.save(checkpoint)
+        served(model).save(checkpoint)
     return {"epochs": epochs, "train_slices": n_train, "train_seconds": round(seconds, 1),
             "train_slices_per_s": round(slices_per_epoch(train_ds, n_train) * epochs / max(timer.seconds, 1e-9), 2),
-            **{f"final_{key}": float(values[-1]) for key, values in history.items() if key != "learning_rate"}}
+            **{f"final_{key}": float(values[-1]) for key, values in plain_names(model, history).items()
+               if key != "learning_rate"}}
 
 
 def steps_per_epoch(train_ds, n_train: int, batch_size: int) -> int:

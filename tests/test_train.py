@@ -10,6 +10,7 @@ import pytest
 import stages.prepared as prepared_data
 import stages.train as train_stage
 from stages.common import ROOT, BrainsegError, load_params, train_config
+from stages.models import build_model
 from stages.preprocess import mask_to_model_size, to_model_input
 from stages.train import (callbacks, compile_model, learning_rate, make_datasets, slices_per_epoch,
                           steps_per_epoch, summarize, train)
@@ -300,21 +301,23 @@ def test_deep_supervision_weighs_each_auxiliary_loss_by_its_downsampling_and_ser
                                                                                               tmp_path):
     model_path = tmp_path / "model.keras"
     summary = train("unet", {**cfg, "deep_supervision": True}, 0, prepared, model_path, tmp_path / "live")
-    model = keras.models.load_model(model_path, safe_mode=True)
-    assert model.output_names == ["aux_4", "aux_2", "mask"]
     assert {"best_val_loss", "best_val_dice", "best_val_tversky"} <= set(summary)
     assert not any(key.startswith(("best_val_mask_", "best_val_aux")) for key in summary)
     for curve in ("train/dice.tsv", "eval/dice.tsv", "train/loss.tsv", "eval/loss.tsv"):  # dvc.yaml's plots
         assert (tmp_path / "live/plots/metrics" / curve).is_file()
+    saved = keras.models.load_model(model_path, safe_mode=True)
+    assert saved.name == "unet" and saved.output_names == ["mask"]  # the plain network is served
+
+    keras.utils.set_random_seed(0)
+    model = build_model("unet", (SIZE, SIZE, 3), 4, input_norm=cfg["input_norm"], deep_supervision=True)
+    compile_model(model, cfg)
+    assert model.output_names == ["aux_4", "aux_2", "mask"]
     x, y = make_datasets(prepared, SIZE, 4, splits=("val",))[0].take(1).get_single_element()
     scores = model.evaluate(x, (y, y, y), return_dict=True, verbose=0)
     assert scores["loss"] == pytest.approx(scores["mask_loss"] + scores["aux_2_loss"] / 2 + scores["aux_4_loss"] / 4,
                                            rel=1e-5)
-    from stages.inference import predict_probs
-    images = prepared_data.load_split(prepared, "val")[0]
-    keras_probs = predict_probs(model, images, engine="keras")
-    assert keras_probs.shape == images.shape[:3]
-    assert np.allclose(predict_probs(model, images, engine="litert"), keras_probs, atol=1e-5)  # the mask, too
+    plain = train_stage.served(model)
+    assert np.array_equal(plain.predict_on_batch(x), model.predict_on_batch(x)[-1])
 
 
 def test_mirrored_strategy_trains_on_two_logical_cpus(prepared, cfg, tmp_path):
@@ -542,6 +545,10 @@ def test_refit_trains_on_training_and_validation_patients_for_the_epochs_given_r
     assert float(model.optimizer.learning_rate) == pytest.approx(2.5e-4)  # the second epoch's rate, replayed
     assert keras.models.load_model(tmp_path / "m.keras", compile=False).name == "unet"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".train.")] == []
+
+    summary = train_stage.refit("unet", {**cfg, "deep_supervision": True}, 0, 1, [1e-3], data, tmp_path / "ds.keras")
+    assert keras.models.load_model(tmp_path / "ds.keras", compile=False).output_names == ["mask"]
+    assert 0 <= summary["final_dice"] <= 1
 
 
 def test_refit_with_fewer_logged_rates_than_epochs_names_the_fix(cfg, tmp_path):
