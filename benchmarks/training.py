@@ -110,12 +110,14 @@ def train_rate(name, cfg, steps: int, policy: str, jit, plain_layers: bool = Fal
     keras.mixed_precision.set_global_policy(policy)
     size, batch = cfg["image_size"], cfg["batch_size"]
     with stages.models.plain_keras() if plain_layers else contextlib.nullcontext():
-        network = build_model(name, (size, size, 3), cfg["filters"], input_norm=cfg.get("input_norm"))
+        network = build_model(name, (size, size, 3), cfg["filters"], input_norm=cfg.get("input_norm"),
+                              deep_supervision=bool(cfg.get("deep_supervision")))
     model = compile_model(network, {**cfg, "jit_compile": jit})
     rng = np.random.default_rng(0)
     x = rng.random((batch * 4, size, size, 3), dtype=np.float32)
     y = (rng.random((batch * 4, size, size, 1)) > 0.9).astype(np.float32)
-    ds = tf.data.Dataset.from_tensor_slices((x, y)).repeat().batch(batch).prefetch(tf.data.AUTOTUNE)
+    targets = (y,) * len(model.outputs) if len(model.outputs) > 1 else y  # deep supervision: one per head
+    ds = tf.data.Dataset.from_tensor_slices((x, targets)).repeat().batch(batch).prefetch(tf.data.AUTOTUNE)
     model.fit(ds, steps_per_epoch=3, epochs=1, verbose=0)  # trace and warm up
     clock = step_clock()
     model.fit(ds, steps_per_epoch=steps + 1, epochs=1, verbose=0, callbacks=[clock])

@@ -52,8 +52,8 @@ def train_saving_epochs(workdir: Path, seed: int) -> dict:
     from stages.common import load_params, train_config
 
     class SaveEpoch(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch, logs=None):
-            self.model.save_weights(str(workdir / f"e{epoch + 1:02d}.weights.h5"))
+        def on_epoch_end(self, epoch, logs=None):  # the served network's weights: best.keras has no auxiliary heads
+            train.served(self.model).save_weights(str(workdir / f"e{epoch + 1:02d}.weights.h5"))
 
     made = train.callbacks
     # first, so it saves each epoch's own weights: early stopping puts the best epoch's back at the last epoch's end
