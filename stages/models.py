@@ -432,7 +432,8 @@ def build_model(name: str, input_shape=(128, 128, 3), filters: int = 16, weights
     range they expect). `slice_position` adds a fourth input channel, the slice's place in the volume, which
     bypasses the normalisation and joins the normalised slice at the network's first layer. `neighbours` > 0 adds
     the FLAIR of that many slices below and above as channels before it (2.5D input), decoded as the slice is.
-    `deep_supervision` (unet, resunet) adds auxiliary outputs before the mask: see supervised_heads."""
+    `deep_supervision` adds auxiliary outputs before the mask of unet and resunet (supervised_heads); the other
+    models ignore it."""
     if name not in BUILDERS:
         raise BrainsegError(f"params.yaml: model '{name}' is not one of {SEGMENTERS + CLASSIFIERS}; "
                             "set it with `dvc exp run -S model=unet`")
@@ -449,9 +450,6 @@ def build_model(name: str, input_shape=(128, 128, 3), filters: int = 16, weights
     if neighbours and name not in POSITION_MODELS:
         raise BrainsegError(f"params.yaml: train.neighbours works with {', '.join(POSITION_MODELS)}, not {name}; "
                             "set `-S train.neighbours=0`")
-    if deep_supervision and name not in SUPERVISED_MODELS:
-        raise BrainsegError(f"params.yaml: train.deep_supervision works with {', '.join(SUPERVISED_MODELS)}, not "
-                            f"{name}; set `-S train.deep_supervision=false`")
     if neighbours and input_norm == "slice":
         raise BrainsegError("params.yaml: train.neighbours needs train.input_norm volume or none (a neighbour's "
                             "plane has no slice statistics of its own to standardise with); set one of them")
@@ -471,5 +469,6 @@ def build_model(name: str, input_shape=(128, 128, 3), filters: int = 16, weights
         x = layers.Concatenate(name="with_neighbours")([x, around])
     if slice_position:
         x = layers.Concatenate(name="with_position")([x, position])
-    extra = {"deep_supervision": True} if deep_supervision else {}
+    # the other models have no decoder stages of their own to supervise, so they train as they are
+    extra = {"deep_supervision": True} if deep_supervision and name in SUPERVISED_MODELS else {}
     return keras.Model(inputs, BUILDERS[name](x, filters=filters, weights=weights, **extra), name=name)

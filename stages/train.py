@@ -534,8 +534,8 @@ def train(name: str, cfg: dict, seed: int = 42, data_dir: Path = DATA, model_pat
 def served(model: keras.Model) -> keras.Model:
     """The model to save: with deep supervision the mask head alone (its auxiliary heads only helped train the
     decoder), so evaluation, the CLI and the app run the plain network; any other model as it is."""
-    if not any(name.startswith("aux_") for name in model.output_names):
-        return model
+    if not any(name.startswith("aux_") for name in getattr(model, "output_names", None) or ()):
+        return model  # a Sequential model has no output_names, nor auxiliary heads
     return keras.Model(model.inputs, model.outputs[-1], name=model.name)
 
 
@@ -601,14 +601,15 @@ def summarize(name, cfg, model, history, n_train, seconds, train_step_seconds,
     all `n_train`."""
     best = int(np.nanargmin(history["val_loss"]))
     epochs = len(history["val_loss"])
-    summary = {"model": name, "profile": cfg["profile"], "params": model.count_params(),
+    summary = {"model": name, "profile": cfg["profile"], "params": served(model).count_params(),
                "image_size": cfg["image_size"], "batch_size": cfg["batch_size"], "filters": cfg["filters"],
                "train_slices": n_train, "epochs": epochs, "best_epoch": best + 1,
                "train_seconds": round(seconds, 1),
                "train_slices_per_s": round((per_epoch or n_train) * epochs / max(train_step_seconds, 1e-9), 2)}
-    prefix = f"val_{model.output_names[-1]}_"
+    prefix = f"val_{model.output_names[-1]}_" if len(model.outputs) > 1 else None
     for key, values in plain_names(model, history).items():
-        if key == "val_loss" or key.startswith("val_") and not key.endswith("_loss") and not key.startswith(prefix):
+        if key == "val_loss" or key.startswith("val_") and not key.endswith("_loss") and not (
+                prefix and key.startswith(prefix)):
             summary["best_" + key] = float(values[best])
     return summary
 

@@ -324,6 +324,11 @@ def test_deep_supervision_adds_upsampled_heads_before_the_mask_of_the_same_netwo
     assert np.allclose(mask, plain.predict_on_batch(x), atol=1e-6)  # the prediction is the plain network's
 
 
-def test_deep_supervision_is_refused_where_there_is_no_decoder_to_supervise():
-    with pytest.raises(BrainsegError, match="deep_supervision works with unet, resunet, not efficientunet"):
-        build_model("efficientunet", (64, 64, 3), 4, deep_supervision=True)
+@pytest.mark.parametrize("name", ["efficientunet", "doubleunet", "cnn"])
+def test_deep_supervision_leaves_models_without_a_plain_decoder_as_they_are(name):
+    """params.yaml turns it on for every model, so `dvc exp run -S model=...` must still build the others."""
+    keras.utils.set_random_seed(0)
+    plain = build_model(name, (64, 64, 3), 4)
+    keras.utils.set_random_seed(0)
+    supervised = build_model(name, (64, 64, 3), 4, deep_supervision=True)
+    assert supervised.output_names == plain.output_names and supervised.count_params() == plain.count_params()
