@@ -522,7 +522,7 @@ def train(name: str, cfg: dict, seed: int = 42, data_dir: Path = DATA, model_pat
         if not checkpoint.is_file():
             raise BrainsegError(f"{name} never reached a finite val_loss, so {model_path} was not written: "
                                 "lower train.learning_rate in params.yaml and rerun `dvc repro train`")
-        if len(model.outputs) != len(served(model).outputs):
+        if served(model) is not model:  # deep supervision: the checkpoint keeps its mask head alone
             served(keras.models.load_model(checkpoint, safe_mode=True)).save(checkpoint)
     summary = summarize(name, cfg, model, history, n_train, seconds, timer.seconds,
                         slices_per_epoch(train_ds, n_train))
