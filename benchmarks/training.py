@@ -104,7 +104,7 @@ def train_rate(name, cfg, steps: int, policy: str, jit, plain_layers: bool = Fal
 
     import stages.models
     from stages.models import build_model
-    from stages.train import compile_model
+    from stages.train import compile_model, per_output
 
     keras.utils.set_random_seed(0)
     keras.mixed_precision.set_global_policy(policy)
@@ -116,8 +116,8 @@ def train_rate(name, cfg, steps: int, policy: str, jit, plain_layers: bool = Fal
     rng = np.random.default_rng(0)
     x = rng.random((batch * 4, size, size, 3), dtype=np.float32)
     y = (rng.random((batch * 4, size, size, 1)) > 0.9).astype(np.float32)
-    targets = (y,) * len(model.outputs) if len(model.outputs) > 1 else y  # deep supervision: one per head
-    ds = tf.data.Dataset.from_tensor_slices((x, targets)).repeat().batch(batch).prefetch(tf.data.AUTOTUNE)
+    ds = tf.data.Dataset.from_tensor_slices((x, per_output(y, len(model.outputs))))  # deep supervision: one each
+    ds = ds.repeat().batch(batch).prefetch(tf.data.AUTOTUNE)
     model.fit(ds, steps_per_epoch=3, epochs=1, verbose=0)  # trace and warm up
     clock = step_clock()
     model.fit(ds, steps_per_epoch=steps + 1, epochs=1, verbose=0, callbacks=[clock])

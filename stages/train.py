@@ -121,7 +121,7 @@ def make_datasets(data_dir: Path, image_size: int, batch_size: int, classifier: 
         if training and transform is not None:
             ds = ds.map(same_transform(transform, classifier))
         if outputs > 1:
-            ds = ds.map(lambda image, target: (image, (target,) * outputs))
+            ds = ds.map(lambda image, target: (image, per_output(target, outputs)))
         datasets.append(ds.prefetch(tf.data.AUTOTUNE))
     return *datasets, n_train
 
@@ -189,6 +189,11 @@ def with_neighbours(x: np.ndarray, table, count: int) -> np.ndarray:
     return out
 
 
+def per_output(target, outputs: int):
+    """The target once per output of a model with several (doubleunet, deep supervision), else itself."""
+    return (target,) * outputs if outputs > 1 else target
+
+
 class SliceBatches(keras.utils.PyDataset):
     """make_datasets' batches without tf.data: uint8 slices scaled to float32 / 255 and float16 targets to
     float32 as each batch is drawn, reshuffled each epoch when `shuffle_seed` is set, `transform` applied to
@@ -215,7 +220,7 @@ class SliceBatches(keras.utils.PyDataset):
         image, target = to_model_input(self.x[rows], self.x.shape[1]), self.y[rows].astype(np.float32)
         if self.transform is not None:
             image, target = (keras.ops.convert_to_numpy(t) for t in self.transform(image, target))
-        return image, (target,) * self.outputs if self.outputs > 1 else target
+        return image, per_output(target, self.outputs)
 
     def on_epoch_end(self) -> None:
         if self.rng is not None:
@@ -393,7 +398,7 @@ def callbacks(cfg: dict, checkpoint: Path, live=None) -> list:
 
 
 def live_callback(live):
-    """DVCLive's Keras callback, given the prediction's metrics under their plain names too (plain_names)."""
+    """DVCLive's Keras callback, the prediction's metrics under their plain names (plain_names)."""
     from dvclive.keras import DVCLiveCallback
 
     class Callback(DVCLiveCallback):
@@ -403,9 +408,9 @@ def live_callback(live):
 
 
 def plain_names(model: keras.Model, logs: dict | None) -> dict | None:
-    """`logs` plus, for a model of several outputs (doubleunet, deep supervision), the prediction's metrics
-    without their output's prefix (dice and val_dice beside mask_dice and val_mask_dice), so the curves that
-    dvc.yaml plots exist for every segmenter. Per-output losses keep their names: `loss` is the total."""
+    """`logs` of a model of several outputs (doubleunet, deep supervision) with the prediction's metrics renamed
+    without their output's prefix (dice and val_dice for mask_dice and val_mask_dice), so every segmenter reports
+    and plots the same names. Per-output losses keep theirs: `loss` is the total."""
     if not logs or len(model.outputs) < 2:
         return logs
     prefix = f"{model.output_names[-1]}_"
@@ -413,8 +418,9 @@ def plain_names(model: keras.Model, logs: dict | None) -> dict | None:
     for key, value in logs.items():
         head = "val_" if key.startswith("val_") else ""
         if key.startswith(head + prefix) and not key.endswith("_loss"):
-            plain[head + key[len(head + prefix):]] = value
-    return {**logs, **plain}
+            key = head + key[len(head + prefix):]
+        plain[key] = value
+    return plain
 
 
 class TimeLimit(keras.callbacks.Callback):
@@ -606,10 +612,8 @@ def summarize(name, cfg, model, history, n_train, seconds, train_step_seconds,
                "train_slices": n_train, "epochs": epochs, "best_epoch": best + 1,
                "train_seconds": round(seconds, 1),
                "train_slices_per_s": round((per_epoch or n_train) * epochs / max(train_step_seconds, 1e-9), 2)}
-    prefix = f"val_{model.output_names[-1]}_" if len(model.outputs) > 1 else None
     for key, values in plain_names(model, history).items():
-        if key == "val_loss" or key.startswith("val_") and not key.endswith("_loss") and not (
-                prefix and key.startswith(prefix)):
+        if key == "val_loss" or key.startswith("val_") and not key.endswith("_loss"):
             summary["best_" + key] = float(values[best])
     return summary
 
