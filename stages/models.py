@@ -198,6 +198,8 @@ class ConcatConv2D(layers.Conv2D):
 # with Concatenate first); plain_keras() swaps in stock Keras for benchmarks.training's baseline
 BATCH_NORM = FusedBatchNormalization
 CONCAT_CONV = ConcatConv2D
+# the moving statistics' momentum of those layers; build_model sets it for the network it builds
+BN_MOMENTUM = 0.99
 
 
 @contextlib.contextmanager
@@ -221,9 +223,13 @@ def conv2d(x, filters, kernel_size, **kwargs):
     return conv(filters, kernel_size, **kwargs)(x)
 
 
+def batch_norm(x):
+    return BATCH_NORM(momentum=BN_MOMENTUM)(x)
+
+
 def conv_bn_relu(x, filters, kernel_size=3, dilation_rate=1):
     x = conv2d(x, filters, kernel_size, padding="same", dilation_rate=dilation_rate, use_bias=False)
-    x = BATCH_NORM()(x)
+    x = batch_norm(x)
     return layers.Activation("relu")(x)
 
 
@@ -236,10 +242,10 @@ def conv_block(x, filters):
 def residual_block(x, filters):
     """The seed ResUNet's block: 1x1 -> 3x3 convolutions plus a 1x1-projected shortcut."""
     shortcut = conv2d(x, filters, 1, use_bias=False)
-    shortcut = BATCH_NORM()(shortcut)
+    shortcut = batch_norm(shortcut)
     x = conv_bn_relu(x, filters, kernel_size=1)
     x = layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
-    x = BATCH_NORM()(x)
+    x = batch_norm(x)
     x = layers.Add()([x, shortcut])
     return layers.Activation("relu")(x)
 
@@ -425,7 +431,7 @@ SUPERVISED_MODELS = ("unet", "resunet")
 
 def build_model(name: str, input_shape=(128, 128, 3), filters: int = 16, weights: str | None = None,
                 input_norm: str | None = None, slice_position: bool = False, neighbours: int = 0,
-                deep_supervision: bool = False) -> keras.Model:
+                deep_supervision: bool = False, bn_momentum: float = 0.99) -> keras.Model:
     """A freshly initialised `name` model (model.name == name). `weights` ("imagenet" or None) only
     concerns the pretrained encoders of efficientunet, doubleunet and xception. `input_norm="slice"` puts
     BrainStandardise in front of the network, `"volume"` VolumeDecode (ImageNet encoders then no longer see the
@@ -433,7 +439,9 @@ def build_model(name: str, input_shape=(128, 128, 3), filters: int = 16, weights
     bypasses the normalisation and joins the normalised slice at the network's first layer. `neighbours` > 0 adds
     the FLAIR of that many slices below and above as channels before it (2.5D input), decoded as the slice is.
     `deep_supervision` adds auxiliary outputs before the mask of unet and resunet (supervised_heads); the other
-    models ignore it."""
+    models ignore it. `bn_momentum` is the moving statistics' momentum of the network's own batch normalisation
+    (Keras' default 0.99; PyTorch's default, as Buda et al. trained, is 0.9 in Keras' terms); pretrained encoders
+    keep theirs."""
     if name not in BUILDERS:
         raise BrainsegError(f"params.yaml: model '{name}' is not one of {SEGMENTERS + CLASSIFIERS}; "
                             "set it with `dvc exp run -S model=unet`")
@@ -442,6 +450,8 @@ def build_model(name: str, input_shape=(128, 128, 3), filters: int = 16, weights
     if height % step or width % step or channels != 3:
         raise BrainsegError(f"{name} needs (H, W, 3) inputs with H and W multiples of {step}, got {input_shape}; "
                             "fix image_size in params.yaml's profiles")
+    if not 0 <= bn_momentum < 1:
+        raise BrainsegError(f"params.yaml: train.bn_momentum {bn_momentum} is not in [0, 1); Keras' default is 0.99")
     if input_norm not in (None, "none", "slice", "volume"):
         raise BrainsegError(f"params.yaml: train.input_norm '{input_norm}' is not none, slice or volume")
     if slice_position and name not in POSITION_MODELS:
@@ -471,4 +481,10 @@ def build_model(name: str, input_shape=(128, 128, 3), filters: int = 16, weights
         x = layers.Concatenate(name="with_position")([x, position])
     # the other models have no decoder stages of their own to supervise, so they train as they are
     extra = {"deep_supervision": True} if deep_supervision and name in SUPERVISED_MODELS else {}
-    return keras.Model(inputs, BUILDERS[name](x, filters=filters, weights=weights, **extra), name=name)
+    global BN_MOMENTUM
+    saved, BN_MOMENTUM = BN_MOMENTUM, float(bn_momentum)
+    try:
+        outputs = BUILDERS[name](x, filters=filters, weights=weights, **extra)
+    finally:
+        BN_MOMENTUM = saved
+    return keras.Model(inputs, outputs, name=name)

@@ -210,6 +210,25 @@ def test_segmenters_normalise_with_the_fused_layer():
         assert norms and all(isinstance(layer, FusedBatchNormalization) for layer in norms)
 
 
+@pytest.mark.parametrize("name", ["unet", "resunet", "doubleunet"])
+def test_bn_momentum_reaches_every_own_normalisation_and_the_saved_model(name, tmp_path):
+    """doubleunet too: its VGG19 encoder has no normalisation of its own (efficientunet's encoder keeps its 0.99)."""
+    def momenta(model):
+        return {layer.momentum for layer in all_layers(model) if isinstance(layer, keras.layers.BatchNormalization)}
+
+    model = build_model(name, (64, 64, 3), 4, bn_momentum=0.9)
+    assert momenta(model) == {0.9}
+    model.save(tmp_path / "m.keras")
+    assert momenta(keras.saving.load_model(tmp_path / "m.keras", safe_mode=True)) == {0.9}
+    assert momenta(build_model(name, (64, 64, 3), 4)) == {0.99}  # Keras' default again for the next build
+
+
+@pytest.mark.parametrize("momentum", [1.0, -0.1])
+def test_bn_momentum_outside_zero_one_names_the_setting(momentum):
+    with pytest.raises(BrainsegError, match="train.bn_momentum"):
+        build_model("unet", (64, 64, 3), 4, bn_momentum=momentum)
+
+
 def concat_conv_step(inputs, kernel, bias, joined):
     """Output of a 3x3 convolution with bias and ReLU over the channel join of `inputs`, and the gradients of a
     loss with respect to every input, the kernel and the bias: by ConcatConv2D, or by Concatenate then Conv2D."""
