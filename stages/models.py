@@ -198,7 +198,7 @@ class ConcatConv2D(layers.Conv2D):
 # with Concatenate first); plain_keras() swaps in stock Keras for benchmarks.training's baseline
 BATCH_NORM = FusedBatchNormalization
 CONCAT_CONV = ConcatConv2D
-# the moving statistics' momentum of those layers; build_model sets it for the network it builds
+# the moving statistics' momentum of those layers; build_model sets it (batch_norm_momentum) while it builds
 BN_MOMENTUM = 0.99
 
 
@@ -213,6 +213,17 @@ def plain_keras():
         yield
     finally:
         BATCH_NORM, CONCAT_CONV = saved
+
+
+@contextlib.contextmanager
+def batch_norm_momentum(momentum: float):
+    """Within it, batch_norm() layers keep their moving statistics with this momentum."""
+    global BN_MOMENTUM
+    saved, BN_MOMENTUM = BN_MOMENTUM, float(momentum)
+    try:
+        yield
+    finally:
+        BN_MOMENTUM = saved
 
 
 # ---------------------------------------------------------------- shared blocks
@@ -481,10 +492,6 @@ def build_model(name: str, input_shape=(128, 128, 3), filters: int = 16, weights
         x = layers.Concatenate(name="with_position")([x, position])
     # the other models have no decoder stages of their own to supervise, so they train as they are
     extra = {"deep_supervision": True} if deep_supervision and name in SUPERVISED_MODELS else {}
-    global BN_MOMENTUM
-    saved, BN_MOMENTUM = BN_MOMENTUM, float(bn_momentum)
-    try:
+    with batch_norm_momentum(bn_momentum):
         outputs = BUILDERS[name](x, filters=filters, weights=weights, **extra)
-    finally:
-        BN_MOMENTUM = saved
     return keras.Model(inputs, outputs, name=name)
