@@ -1,0 +1,131 @@
+import json
+
+import pandas as pd
+import pytest
+import yaml
+
+from benchmarks import seeds
+
+
+def evaluation(threshold, chosen_value, test, chosen="tta_flip"):
+    compare = {"threshold": {"dice_volume_mean": threshold}, chosen: {"dice_volume_mean": chosen_value}}
+    return {"validation": {"patients": 9, "postprocess_compare": compare},
+            "postprocess": {"chosen_on_validation": chosen},
+            "dice_volume_mean": test, "dice_volume_median": test + 0.05}
+
+
+PATIENTS = pd.DataFrame({"patient": ["TCGA_A", "TCGA_B", "TCGA_C"], "dice": [0.9, 0.2, 0.8]})
+
+
+def params(train_seed, seed=42, val=0.15):
+    return {"seed": seed, "split": {"val": val, "test": 0.2, "folds": 0, "fold": 0}, "train": {"seed": train_seed}}
+
+
+def test_run_row_reads_validation_test_and_the_worst_patient():
+    row = seeds.run_row("ds-s7", params(7), evaluation(0.80, 0.83, 0.76), {"epochs": 14, "best_epoch": 9}, PATIENTS)
+    assert row["seed"] == 7 and row["epochs (best)"] == "14 (9)" and row["chosen"] == "tta_flip"
+    assert (row["validation, threshold only"], row["validation, chosen"], row["test mean"]) == (0.80, 0.83, 0.76)
+    assert row["test worst"] == "0.200 (TCGA_B)"
+
+
+def test_a_null_train_seed_is_the_top_level_seed():
+    assert seeds.run_seed(params(None, seed=3)) == 3 and seeds.run_seed(params(5, seed=3)) == 5
+
+
+def test_a_run_without_validation_scores_is_refused_by_name():
+    with pytest.raises(SystemExit, match="unet-cpu.*no validation"):
+        seeds.run_row("unet-cpu", params(42), {"dice_volume_mean": 0.6}, {}, PATIENTS)
+
+
+def rows(tests, thresholds=None, chosen=None, start=0):
+    n = len(tests)
+    return pd.DataFrame({"run": [f"r{i}" for i in range(n)], "seed": list(range(start, start + n)), "test mean": tests,
+                         "validation, threshold only": thresholds or [0.8] * n,
+                         "validation, chosen": chosen or [0.8] * n})
+
+
+def test_spread_counts_the_pairs_within_the_tolerance_edge_included():
+    s = seeds.spread(rows([0.78, 0.76, 0.70]))
+    assert s["pairs"] == 3 and s["pairs within"] == 1  # 0.78-0.76 = 0.02 counts; the two others do not
+    assert s["range"] == pytest.approx(0.08) and s["mean"] == pytest.approx(0.74667, abs=1e-4)
+    assert "1 of 3 pairs" in seeds.spread_line(s) and seeds.spread_line(s).endswith("not met")
+    assert seeds.spread_line(seeds.spread(rows([0.78, 0.77]))).endswith(": met")
+
+
+def test_paired_differences_follow_the_seed_and_validation_decides():
+    lever = rows([0.80, 0.70], thresholds=[0.82, 0.78], chosen=[0.84, 0.79])
+    base = rows([0.75, 0.75], thresholds=[0.80, 0.80], chosen=[0.80, 0.80]).iloc[::-1]  # order does not matter
+    d = seeds.paired(lever, base)
+    assert d["validation, chosen"].round(3).tolist() == [0.04, -0.01]
+    assert d["test mean"].round(3).tolist() == [0.05, -0.05]
+    text = seeds.verdict(d)
+    assert "mean difference +0.015" in text and "ahead in 1 and behind in 1 of 2 seeds" in text
+
+
+def test_paired_without_a_common_seed_is_refused():
+    with pytest.raises(SystemExit, match="no seed in common"):
+        seeds.paired(rows([0.8]), rows([0.8], start=5))
+
+
+def test_runs_of_different_splits_are_refused():
+    seeds.same_split({"a": params(1), "b": params(2)})
+    with pytest.raises(SystemExit, match="do not share one split"):
+        seeds.same_split({"a": params(1), "b": params(2, val=0.2)})
+    with pytest.raises(SystemExit, match="do not share one split"):
+        seeds.same_split({"a": params(1), "b": params(1, seed=7)})
+
+
+def test_the_runs_of_one_recipe_differ_in_their_training_seed_only():
+    seeds.same_recipe({"a": params(1), "b": params(2)})
+    other = params(2)
+    other["train"]["patience"] = 10
+    with pytest.raises(SystemExit, match="differ in more than train.seed: train.patience"):
+        seeds.same_recipe({"a": {**params(1), "train": {"seed": 1, "patience": 5}}, "b": other})
+    with pytest.raises(SystemExit, match="differ in more than train.seed: train.patience"):
+        seeds.same_recipe({"a": params(1), "b": other})  # a key only one run has
+
+
+def test_select_takes_shell_patterns_and_names():
+    found = [("ds-s42", "a"), ("ds-s7", "b"), ("p10-s42", "c")]
+    assert seeds.select(found, ["ds-s*"]) == {"ds-s42": "a", "ds-s7": "b"}
+    assert seeds.select(found, ["p10-s42", "ds-s7"]) == {"ds-s7": "b", "p10-s42": "c"}
+    with pytest.raises(SystemExit, match="no experiment matches"):
+        seeds.select(found, ["bnm-*"])
+
+
+def fake_repo(monkeypatch, runs):
+    """git_show over {commit: {path: text}}."""
+    monkeypatch.setattr(seeds, "git_show", lambda repo, rev, path: runs[rev].get(path))
+
+
+def files(train_seed, test, **train):
+    p = params(train_seed)
+    p["train"].update(train)
+    return {"params.yaml": yaml.safe_dump(p),
+            "metrics/eval.json": json.dumps(evaluation(0.8, 0.81, test)),
+            "metrics/train.json": json.dumps({"epochs": 20, "best_epoch": 15}),
+            "metrics/per_patient.csv": PATIENTS.to_csv(index=False)}
+
+
+def test_load_sorts_by_seed_and_refuses_a_seed_twice_or_a_missing_file(monkeypatch, tmp_path):
+    fake_repo(monkeypatch, {"a": files(42, 0.78), "b": files(7, 0.76), "c": files(7, 0.70),
+                            "d": {**files(1, 0.7), "metrics/eval.json": None}})
+    table, found = seeds.load(tmp_path, {"x-s42": "a", "x-s7": "b"})
+    assert table.seed.tolist() == [7, 42] and table["test mean"].tolist() == [0.76, 0.78]
+    assert set(found) == {"x-s42", "x-s7"}
+    with pytest.raises(SystemExit, match="seeds \\[7\\]"):
+        seeds.load(tmp_path, {"x-s7": "b", "y-s7": "c"})
+    with pytest.raises(SystemExit, match="x-s1: its commit has no metrics/eval.json"):
+        seeds.load(tmp_path, {"x-s1": "d"})
+
+
+def test_main_prints_the_spread_and_the_paired_verdict(monkeypatch, tmp_path, capsys):
+    fake_repo(monkeypatch, {"a": files(42, 0.78), "b": files(7, 0.76),
+                            "c": files(42, 0.80, patience=10), "d": files(7, 0.70, patience=10)})
+    monkeypatch.setattr(seeds, "experiments",
+                        lambda repo: [("ds-s42", "a"), ("ds-s7", "b"), ("p10-s42", "c"), ("p10-s7", "d")])
+    seeds.main(["--repo", str(tmp_path), "--exp", "p10-s*", "--against", "ds-s*"])
+    out = capsys.readouterr().out
+    assert "over 2 seeds: mean 0.750, sd 0.071, range 0.100; 0 of 1 pairs of seeds within 0.02: not met" in out
+    assert "over 2 seeds: mean 0.770, sd 0.014, range 0.020; 1 of 1 pairs of seeds within 0.02: met" in out
+    assert "p10-s42 vs ds-s42" in out and "Test, for the record only: -0.020" in out
