@@ -179,7 +179,8 @@ def main(argv: list[str] | None = None) -> None:
         print(spread_line(spread(base)))
         print("\nthe runs against the baseline, seed for seed:")
         differences = paired(rows, base)
-        print(markdown(differences))
+        signed = {c: differences[c].map("{:+.3f}".format) for c in differences.columns[2:]}
+        print(markdown(differences.assign(**signed)))
         print(verdict(differences))
 
 

@@ -128,4 +128,5 @@ def test_main_prints_the_spread_and_the_paired_verdict(monkeypatch, tmp_path, ca
     out = capsys.readouterr().out
     assert "over 2 seeds: mean 0.750, sd 0.071, range 0.100; 0 of 1 pairs of seeds within 0.02: not met" in out
     assert "over 2 seeds: mean 0.770, sd 0.014, range 0.020; 1 of 1 pairs of seeds within 0.02: met" in out
-    assert "p10-s42 vs ds-s42" in out and "Test, for the record only: -0.020" in out
+    assert "| 42 | p10-s42 vs ds-s42 | +0.000 | +0.000 | +0.020 |" in out
+    assert "| 7 | p10-s7 vs ds-s7 | +0.000 | +0.000 | -0.060 |" in out and "Test, for the record only: -0.020" in out
