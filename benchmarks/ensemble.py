@@ -14,6 +14,14 @@ them. The post-processing is then chosen on the pooled out-of-fold validation (e
 member that did not train on it, as `benchmarks.crossval` pools it), and the average is scored once on test:
 
   python -m benchmarks.ensemble --folds runs/f0 runs/f1 runs/f2 runs/f3 runs/f4
+
+With --groups K the runs (seeds of one split) are cut, in the order given, into ensembles of K members with no
+member shared, and each ensemble is scored as above. Issue 6 asks that a recipe run with another seed stay within
+0.02 of per-volume Dice on test; an ensemble recipe's "another seed" is another set of member seeds. The spread of
+the ensembles' test means is printed beside the spread of the same runs scored alone, with the same measure as
+`benchmarks.seeds`:
+
+  python -m benchmarks.ensemble --groups 3 runs/s42 runs/s7 runs/s1 runs/s3 runs/s5 runs/s11
 """
 from __future__ import annotations
 
@@ -26,7 +34,7 @@ import keras
 import pandas as pd
 import yaml
 
-from benchmarks import crossval
+from benchmarks import crossval, seeds
 from stages import evaluate, inference, prepared
 from stages.common import BrainsegError
 
@@ -117,17 +125,75 @@ def member_figures(run: Path) -> dict:
             "validation_chosen_dice_volume_mean": compare.get(chosen, {}).get("dice_volume_mean")}
 
 
+def groups_of(runs: list[Path], size: int) -> list[list[Path]]:
+    """The runs cut in order into ensembles of `size` members, none shared; at least two, to have a spread."""
+    if size < 1 or len(runs) % size or len(runs) < 2 * size:
+        raise BrainsegError(f"--groups {size} with {len(runs)} runs: give a multiple of {size} runs, at least "
+                            f"{2 * size}, so that every ensemble has {size} members of its own and there are two "
+                            "or more ensembles to compare")
+    return [runs[i:i + size] for i in range(0, len(runs), size)]
+
+
+def evaluate_groups(runs: list[Path], size: int) -> dict:
+    """Each group's ensemble scored (validation, its choice, test), and the spread of the ensembles' test means
+    beside that of the same runs alone; the same for validation (with the chosen post-processing), the split a
+    choice may be made on."""
+    groups = groups_of(runs, size)
+    check_same_split(runs)
+    scored = []
+    for group in groups:
+        score = evaluate_ensemble(group)
+        score["members"] = [str(run) for run in group]
+        scored.append(score)
+    alone = [member_figures(run) for run in runs]
+    validation = [s["validation"]["chosen_dice_volume_mean"] for s in scored]
+    return {"ensembles": scored,
+            "ensemble_spread": seeds.spread([s["test"]["dice_volume_mean"] for s in scored]),
+            "alone_spread": seeds.spread([m["test_dice_volume_mean"] for m in alone]),
+            "ensemble_validation_spread": seeds.spread(validation),
+            "alone_validation_spread": seeds.spread([m["validation_chosen_dice_volume_mean"] for m in alone])}
+
+
+def groups_table(summary: dict) -> str:
+    """The ensembles as rows, then the spread lines: test, then validation, each ensembles then runs alone."""
+    rows = pd.DataFrame([{"members": ", ".join(s["members"]),
+                          "validation, threshold only": s["validation"]["dice_volume_mean"],
+                          "validation, chosen": s["validation"]["chosen_dice_volume_mean"],
+                          "chosen": s["validation"]["chosen"], "test mean": s["test"]["dice_volume_mean"],
+                          "test median": s["test"]["dice_volume_median"],
+                          "test worst": f"{s['worst_test_patient']['dice']:.3f} "
+                                        f"({s['worst_test_patient']['patient']})"}
+                         for s in summary["ensembles"]])
+    validation = "validation per-volume Dice, chosen post-processing"
+    return "\n".join([crossval.markdown(rows), seeds.spread_line(summary["ensemble_spread"], unit="ensemble"),
+                      "the same runs alone: " + seeds.spread_line(summary["alone_spread"]),
+                      seeds.spread_line(summary["ensemble_validation_spread"], unit="ensemble", measure=validation),
+                      "the same runs alone: " + seeds.spread_line(summary["alone_validation_spread"],
+                                                                  measure=validation)])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", type=Path, nargs="+")
     parser.add_argument("--folds", action="store_true",
                         help="the runs are the k folds of one k-fold split (see above), not seeds of one split")
+    parser.add_argument("--groups", type=int, metavar="K",
+                        help="cut the runs, in order, into ensembles of K members each and compare their spread "
+                             "with the runs' own (see above)")
     parser.add_argument("--out", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args()
-    scoring = evaluate_fold_ensemble if args.folds else evaluate_ensemble
-    summary = {"members": {str(run): member_figures(run) for run in args.runs}, "ensemble": scoring(args.runs)}
-    text = json.dumps(summary, indent=1)
-    print(text)
+    if args.groups and args.folds:
+        parser.error("--groups compares seed ensembles of one split; --folds averages the folds of one")
+    members = {str(run): member_figures(run) for run in args.runs}
+    if args.groups:
+        summary = {"members": members, **evaluate_groups(args.runs, args.groups)}
+        text = json.dumps(summary, indent=1)
+        print(groups_table(summary))
+    else:
+        scoring = evaluate_fold_ensemble if args.folds else evaluate_ensemble
+        summary = {"members": members, "ensemble": scoring(args.runs)}
+        text = json.dumps(summary, indent=1)
+        print(text)
     if args.out:
         args.out.write_text(text + "\n")
 

@@ -61,9 +61,10 @@ def run_row(name: str, params: dict, evaluation: dict, train: dict, per_patient:
             "test worst": f"{worst['dice']:.3f} ({worst['patient']})"}
 
 
-def spread(rows: pd.DataFrame, tolerance: float = TOLERANCE) -> dict:
-    """The test means over the seeds: mean, sd, range, and the pairs of seeds within `tolerance` of each other."""
-    means = rows["test mean"].tolist()
+def spread(means: list[float], tolerance: float = TOLERANCE) -> dict:
+    """Per-volume Dice means over the seeds (of test, or validation): mean, sd, range, and the pairs of seeds
+    within `tolerance` of each other."""
+    means = list(means)
     pairs = list(itertools.combinations(means, 2))
     # rounded so that a pair 0.020 apart in the printed figures counts as within
     close = sum(round(abs(a - b), 6) <= tolerance for a, b in pairs)
@@ -72,11 +73,14 @@ def spread(rows: pd.DataFrame, tolerance: float = TOLERANCE) -> dict:
             "range": max(means) - min(means), "pairs within": close, "pairs": len(pairs)}
 
 
-def spread_line(s: dict, tolerance: float = TOLERANCE) -> str:
+def spread_line(s: dict, tolerance: float = TOLERANCE, unit: str = "seed",
+                measure: str = "test per-volume Dice") -> str:
+    """`unit`: what one run stands for (a seed; for benchmarks.ensemble, an ensemble of several)."""
     verdict = "met" if s["pairs"] and s["pairs within"] == s["pairs"] else "not met"
-    seeds = "1 seed" if s["runs"] == 1 else f"{s['runs']} seeds"
-    return (f"test per-volume Dice over {seeds}: mean {s['mean']:.3f}, sd {s['sd']:.3f}, range "
-            f"{s['range']:.3f}; {s['pairs within']} of {s['pairs']} pairs of seeds within {tolerance}: {verdict}")
+    runs = f"1 {unit}" if s["runs"] == 1 else f"{s['runs']} {unit}s"
+    return (f"{measure} over {runs}: mean {s['mean']:.3f}, sd {s['sd']:.3f}, range "
+            f"{s['range']:.3f}; {s['pairs within']} of {s['pairs']} pair{'' if s['pairs'] == 1 else 's'} of {unit}s "
+            f"within {tolerance}: {verdict}")
 
 
 def paired(rows: pd.DataFrame, baseline: pd.DataFrame) -> pd.DataFrame:
@@ -172,11 +176,11 @@ def main(argv: list[str] | None = None) -> None:
     base, base_params = load(args.repo, select(found, args.against)) if args.against else (None, {})
     same_split({**params, **base_params})
     print(markdown(rows))
-    print(spread_line(spread(rows)))
+    print(spread_line(spread(rows["test mean"])))
     if args.against:
         print(f"\nbaseline {', '.join(args.against)}:")
         print(markdown(base))
-        print(spread_line(spread(base)))
+        print(spread_line(spread(base["test mean"])))
         print("\nthe runs against the baseline, seed for seed:")
         differences = paired(rows, base)
         signed = {c: differences[c].map("{:+.3f}".format) for c in differences.columns[2:]}

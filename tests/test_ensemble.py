@@ -144,3 +144,57 @@ def test_a_fold_ensemble_needs_every_fold_of_one_split(fold_runs, runs):
         ensemble.evaluate_fold_ensemble(fold_runs[:1])
     with pytest.raises(BrainsegError, match="test patients differ"):
         ensemble.pooled_validation([fold_runs[0], runs[0]])
+
+
+def test_runs_are_cut_in_order_into_ensembles_with_no_member_shared():
+    runs = [f"r{i}" for i in range(6)]
+    assert ensemble.groups_of(runs, 3) == [["r0", "r1", "r2"], ["r3", "r4", "r5"]]
+    assert ensemble.groups_of(runs, 2) == [["r0", "r1"], ["r2", "r3"], ["r4", "r5"]]
+    for size in (4, 0):  # 6 runs make no whole groups of 4; 0 members is no ensemble
+        with pytest.raises(BrainsegError, match="multiple"):
+            ensemble.groups_of(runs, size)
+    with pytest.raises(BrainsegError, match="two or more ensembles"):
+        ensemble.groups_of(runs[:3], 3)  # one ensemble has no spread
+
+
+@pytest.fixture(scope="module")
+def evaluated_runs(tmp_path_factory):
+    """Four run folders of one synthetic split, each with its own (untrained) model, evaluated by the stage."""
+    import yaml
+
+    from stages import evaluate
+
+    root = tmp_path_factory.mktemp("seeds")
+    overrides = ["data.source=synthetic", "data.synthetic.patients=6", "data.synthetic.slices=8", "profile=demo"]
+    result = []
+    for seed in (1, 2, 3, 4):
+        run = root / f"r{seed}"
+        gpu_recipe.run_stages(run, overrides, names=["download", "index", "split", "balance"])
+        (run / "models").mkdir()
+        _unet(seed, "volume").save(run / "models/model.keras")
+        evaluate.run_stage(yaml.safe_load((run / "params.yaml").read_text()), run)
+        result.append(run)
+    return result
+
+
+def test_one_member_groups_spread_as_the_runs_alone(evaluated_runs):
+    summary = ensemble.evaluate_groups(evaluated_runs[:2], 1)
+    assert [s["members"] for s in summary["ensembles"]] == [[str(r)] for r in evaluated_runs[:2]]
+    for key in ("mean", "sd", "range"):
+        assert summary["ensemble_spread"][key] == pytest.approx(summary["alone_spread"][key], abs=1e-6), key
+        assert summary["ensemble_validation_spread"][key] == pytest.approx(
+            summary["alone_validation_spread"][key], abs=1e-6), key
+
+
+def test_two_member_ensembles_are_scored_and_their_spread_printed_beside_the_runs_alone(evaluated_runs):
+    summary = ensemble.evaluate_groups(evaluated_runs, 2)
+    assert summary["ensemble_spread"]["runs"] == 2 and summary["alone_spread"]["runs"] == 4
+    first = ensemble.evaluate_ensemble(evaluated_runs[:2])
+    assert summary["ensembles"][0]["test"]["dice_volume_mean"] == pytest.approx(first["test"]["dice_volume_mean"])
+    text = ensemble.groups_table(summary)
+    assert text.count(f"{evaluated_runs[0]}, {evaluated_runs[1]}") == 1
+    assert "test per-volume Dice over 2 ensembles" in text and "2 ensembles within" not in text
+    assert "of 1 pair of ensembles within 0.02" in text
+    assert "the same runs alone: test per-volume Dice over 4 seeds" in text
+    assert "validation per-volume Dice, chosen post-processing over 2 ensembles" in text
+    assert "the same runs alone: validation per-volume Dice, chosen post-processing over 4 seeds" in text

@@ -45,11 +45,11 @@ def rows(tests, thresholds=None, chosen=None, start=0):
 
 
 def test_spread_counts_the_pairs_within_the_tolerance_edge_included():
-    s = seeds.spread(rows([0.78, 0.76, 0.70]))
+    s = seeds.spread([0.78, 0.76, 0.70])
     assert s["pairs"] == 3 and s["pairs within"] == 1  # 0.78-0.76 = 0.02 counts; the two others do not
     assert s["range"] == pytest.approx(0.08) and s["mean"] == pytest.approx(0.74667, abs=1e-4)
     assert "1 of 3 pairs" in seeds.spread_line(s) and seeds.spread_line(s).endswith("not met")
-    assert seeds.spread_line(seeds.spread(rows([0.78, 0.77]))).endswith(": met")
+    assert seeds.spread_line(seeds.spread([0.78, 0.77])).endswith(": met")
 
 
 def test_paired_differences_follow_the_seed_and_validation_decides():
@@ -126,7 +126,7 @@ def test_main_prints_the_spread_and_the_paired_verdict(monkeypatch, tmp_path, ca
                         lambda repo: [("ds-s42", "a"), ("ds-s7", "b"), ("p10-s42", "c"), ("p10-s7", "d")])
     seeds.main(["--repo", str(tmp_path), "--exp", "p10-s*", "--against", "ds-s*"])
     out = capsys.readouterr().out
-    assert "over 2 seeds: mean 0.750, sd 0.071, range 0.100; 0 of 1 pairs of seeds within 0.02: not met" in out
-    assert "over 2 seeds: mean 0.770, sd 0.014, range 0.020; 1 of 1 pairs of seeds within 0.02: met" in out
+    assert "over 2 seeds: mean 0.750, sd 0.071, range 0.100; 0 of 1 pair of seeds within 0.02: not met" in out
+    assert "over 2 seeds: mean 0.770, sd 0.014, range 0.020; 1 of 1 pair of seeds within 0.02: met" in out
     assert "| 42 | p10-s42 vs ds-s42 | +0.000 | +0.000 | +0.020 |" in out
     assert "| 7 | p10-s7 vs ds-s7 | +0.000 | +0.000 | -0.060 |" in out and "Test, for the record only: -0.020" in out
