@@ -140,12 +140,16 @@ def evaluate_groups(runs: list[Path], size: int) -> dict:
     choice may be made on."""
     groups = groups_of(runs, size)
     check_same_split(runs)
+    alone = [member_figures(run) for run in runs]
+    unchosen = [str(run) for run, m in zip(runs, alone) if m["validation_chosen_dice_volume_mean"] is None]
+    if unchosen:
+        raise BrainsegError(f"{', '.join(unchosen)}: metrics/eval.json has no post-processing chosen on validation "
+                            "(a run from before evaluate.choose_on_validation). Fix: `dvc repro evaluate` there")
     scored = []
     for group in groups:
         score = evaluate_ensemble(group)
         score["members"] = [str(run) for run in group]
         scored.append(score)
-    alone = [member_figures(run) for run in runs]
     validation = [s["validation"]["chosen_dice_volume_mean"] for s in scored]
     return {"ensembles": scored,
             "ensemble_spread": seeds.spread([s["test"]["dice_volume_mean"] for s in scored]),

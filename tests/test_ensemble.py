@@ -198,3 +198,19 @@ def test_two_member_ensembles_are_scored_and_their_spread_printed_beside_the_run
     assert "the same runs alone: test per-volume Dice over 4 seeds" in text
     assert "validation per-volume Dice, chosen post-processing over 2 ensembles" in text
     assert "the same runs alone: validation per-volume Dice, chosen post-processing over 4 seeds" in text
+    import re
+
+    assert len(re.findall(r": (not )?met$", text, re.M)) == 2  # issue 6's verdict on the two test lines only
+
+
+def test_groups_refuse_runs_without_a_choice_on_validation(evaluated_runs, tmp_path):
+    import json
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(evaluated_runs[1], old, symlinks=True)
+    metrics = json.loads((old / "metrics/eval.json").read_text())
+    metrics["postprocess"].pop("chosen_on_validation")
+    (old / "metrics/eval.json").write_text(json.dumps(metrics))
+    with pytest.raises(BrainsegError, match="old: metrics/eval.json has no post-processing chosen"):
+        ensemble.evaluate_groups([evaluated_runs[0], old], 1)
