@@ -135,9 +135,9 @@ def groups_of(runs: list[Path], size: int) -> list[list[Path]]:
 
 
 def evaluate_groups(runs: list[Path], size: int) -> dict:
-    """Each group's ensemble scored (validation, its choice, test), and the spread of the ensembles' test means
-    beside that of the same runs alone; the same for validation (with the chosen post-processing), the split a
-    choice may be made on."""
+    """Each run's own figures (member_figures), each group's ensemble scored (validation, its choice, test), and the
+    spread of the ensembles' test means beside that of the same runs alone; the same for validation (with the chosen
+    post-processing), the split a choice may be made on."""
     groups = groups_of(runs, size)
     check_same_split(runs)
     alone = [member_figures(run) for run in runs]
@@ -150,11 +150,10 @@ def evaluate_groups(runs: list[Path], size: int) -> dict:
         score = evaluate_ensemble(group)
         score["members"] = [str(run) for run in group]
         scored.append(score)
-    validation = [s["validation"]["chosen_dice_volume_mean"] for s in scored]
-    return {"ensembles": scored,
+    return {"members": dict(zip(map(str, runs), alone)), "ensembles": scored,
             "ensemble_spread": seeds.spread([s["test"]["dice_volume_mean"] for s in scored]),
             "alone_spread": seeds.spread([m["test_dice_volume_mean"] for m in alone]),
-            "ensemble_validation_spread": seeds.spread(validation),
+            "ensemble_validation_spread": seeds.spread([s["validation"]["chosen_dice_volume_mean"] for s in scored]),
             "alone_validation_spread": seeds.spread([m["validation_chosen_dice_volume_mean"] for m in alone])}
 
 
@@ -168,12 +167,11 @@ def groups_table(summary: dict) -> str:
                           "test worst": f"{s['worst_test_patient']['dice']:.3f} "
                                         f"({s['worst_test_patient']['patient']})"}
                          for s in summary["ensembles"]])
-    validation = "validation per-volume Dice, chosen post-processing"
+    validation = {"measure": "validation per-volume Dice, chosen post-processing", "target": False}
     return "\n".join([crossval.markdown(rows), seeds.spread_line(summary["ensemble_spread"], unit="ensemble"),
                       "the same runs alone: " + seeds.spread_line(summary["alone_spread"]),
-                      seeds.spread_line(summary["ensemble_validation_spread"], unit="ensemble", measure=validation),
-                      "the same runs alone: " + seeds.spread_line(summary["alone_validation_spread"],
-                                                                  measure=validation)])
+                      seeds.spread_line(summary["ensemble_validation_spread"], unit="ensemble", **validation),
+                      "the same runs alone: " + seeds.spread_line(summary["alone_validation_spread"], **validation)])
 
 
 def main() -> None:
@@ -188,14 +186,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.groups and args.folds:
         parser.error("--groups compares seed ensembles of one split; --folds averages the folds of one")
-    members = {str(run): member_figures(run) for run in args.runs}
     if args.groups:
-        summary = {"members": members, **evaluate_groups(args.runs, args.groups)}
+        summary = evaluate_groups(args.runs, args.groups)
         text = json.dumps(summary, indent=1)
         print(groups_table(summary))
     else:
         scoring = evaluate_fold_ensemble if args.folds else evaluate_ensemble
-        summary = {"members": members, "ensemble": scoring(args.runs)}
+        summary = {"members": {str(run): member_figures(run) for run in args.runs}, "ensemble": scoring(args.runs)}
         text = json.dumps(summary, indent=1)
         print(text)
     if args.out:

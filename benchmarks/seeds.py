@@ -74,11 +74,11 @@ def spread(means: list[float], tolerance: float = TOLERANCE) -> dict:
 
 
 def spread_line(s: dict, tolerance: float = TOLERANCE, unit: str = "seed",
-                measure: str = "test per-volume Dice") -> str:
-    """`unit`: what one run stands for (a seed; for benchmarks.ensemble, an ensemble of several). The verdict
-    (met / not met) is issue 6's, so only a test measure gets one."""
+                measure: str = "test per-volume Dice", target: bool = True) -> str:
+    """`unit`: what one run stands for (a seed; for benchmarks.ensemble, an ensemble of several). `target`: end with
+    issue 6's verdict (met / not met), which is the test patients'; off for a validation measure."""
     verdict = "met" if s["pairs"] and s["pairs within"] == s["pairs"] else "not met"
-    verdict = f": {verdict}" if measure.startswith("test") else ""
+    verdict = f": {verdict}" if target else ""
     runs = f"1 {unit}" if s["runs"] == 1 else f"{s['runs']} {unit}s"
     return (f"{measure} over {runs}: mean {s['mean']:.3f}, sd {s['sd']:.3f}, range "
             f"{s['range']:.3f}; {s['pairs within']} of {s['pairs']} pair{'' if s['pairs'] == 1 else 's'} of {unit}s "

@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 
@@ -198,8 +200,6 @@ def test_two_member_ensembles_are_scored_and_their_spread_printed_beside_the_run
     assert "the same runs alone: test per-volume Dice over 4 seeds" in text
     assert "validation per-volume Dice, chosen post-processing over 2 ensembles" in text
     assert "the same runs alone: validation per-volume Dice, chosen post-processing over 4 seeds" in text
-    import re
-
     assert len(re.findall(r": (not )?met$", text, re.M)) == 2  # issue 6's verdict on the two test lines only
 
 
