@@ -30,27 +30,13 @@ import json
 import sys
 from pathlib import Path
 
-import keras
 import pandas as pd
 import yaml
 
 from benchmarks import crossval, seeds
 from stages import evaluate, inference, prepared
 from stages.common import BrainsegError
-
-
-def average(models: list[keras.Model]) -> keras.Model:
-    """One model whose output is the mean of the members' final outputs (named as the members, so evaluation
-    and its checks see the architecture it averages)."""
-    name = models[0].name
-    inputs = keras.Input(models[0].inputs[0].shape[1:])
-    outputs = []
-    for i, member in enumerate(models):
-        member.name = f"member_{i}"  # nested models need distinct names
-        y = member(inputs)
-        outputs.append(y[-1] if isinstance(y, (list, tuple)) else y)
-    mean = outputs[0] if len(outputs) == 1 else keras.layers.Average(dtype="float32")(outputs)
-    return keras.Model(inputs, mean, name=name)
+from stages.models import average
 
 
 def check_same_split(runs: list[Path]) -> None:

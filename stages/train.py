@@ -3,7 +3,8 @@
 Outputs: models/selection.keras (the epoch with the lowest val loss), models/model.keras (the same model; with
 train.refit, the recipe trained again on the training and validation patients for that many epochs), each replaced
 atomically, metrics/train.json (with a `refit` section after a refit), and DVCLive per-epoch curves of the first run
-in dvclive/train/plots/metrics/{train,eval}/<metric>.tsv.
+in dvclive/train/plots/metrics/{train,eval}/<metric>.tsv. With train.members both models are the members' average
+(a seed ensemble) and metrics/train.json lists each member's facts under `members`.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from stages import prepared
 from stages.balance import replay
 from stages.common import BrainsegError, load_params, run_main, train_config, write_json
 from stages.losses import get_loss, segmentation_metrics
-from stages.models import CLASSIFIERS, build_model
+from stages.models import CLASSIFIERS, average, build_model
 from stages.preprocess import (add_neighbours, add_position, mask_to_model_size, neighbour_places, resize_images,
                                slice_positions, standardise_volume, to_model_input, volume_stats)
 
@@ -49,7 +50,11 @@ def main() -> None:
     if importlib.util.find_spec("dvclive") is None:  # a GPU machine with Keras alone (benchmarks/gpu_recipe.py)
         print("dvclive is not installed: training without per-epoch curves in dvclive/train", flush=True)
         live = None
-    summary = train(params["model"], cfg, seed, DATA, SELECTION, live)
+    members = member_seeds(cfg)
+    if members:
+        summary = train_members(params["model"], cfg, members, DATA, SELECTION, live)
+    else:
+        summary = train(params["model"], cfg, seed, DATA, SELECTION, live)
     rates = summary.pop("learning_rates", None)
     if cfg.get("refit"):
         print(f"refit: training again on the training and validation patients for the {summary['best_epoch']} "
@@ -58,7 +63,7 @@ def main() -> None:
     else:  # the model validation chose is the one served
         with checkpoint_path(MODEL) as checkpoint:
             shutil.copyfile(SELECTION, checkpoint)
-    summary["seed"] = seed
+    summary["seed"] = members or seed
     summary["data_source"] = json.loads(SOURCE.read_text()) if SOURCE.is_file() else "unknown"
     write_json(METRICS, summary)
 
@@ -534,6 +539,54 @@ def train(name: str, cfg: dict, seed: int = 42, data_dir: Path = DATA, model_pat
                         slices_per_epoch(train_ds, n_train))
     rates = history.get("learning_rate")
     summary["learning_rates"] = None if rates is None else [float(rate) for rate in rates]
+    return summary
+
+
+def member_seeds(cfg: dict) -> list[int]:
+    """train.members as a list of seeds, checked; [] for one network (null)."""
+    members = cfg.get("members")
+    if members is None or members == []:
+        return []
+    if (not isinstance(members, list) or len(members) < 2 or len(set(members)) != len(members)
+            or not all(isinstance(seed, int) and not isinstance(seed, bool) for seed in members)):
+        raise BrainsegError(f"params.yaml: train.members {members!r} is not a list of two or more distinct integer "
+                            "seeds; set it with `dvc exp run -S 'train.members=[42,7,1]'`, or null for one network")
+    if cfg.get("refit"):
+        raise BrainsegError("params.yaml: train.members and train.refit are both on; a refit trains one network "
+                            "again on the validation patients, so set `-S train.refit=false` for a seed ensemble "
+                            "or `-S train.members=null` for a refit")
+    return members
+
+
+def train_members(name: str, cfg: dict, seeds: list[int], data_dir: Path = DATA, model_path: Path = MODEL,
+                  live_dir: Path | None = LIVE, strategy: tf.distribute.Strategy | None = None) -> dict:
+    """A seed ensemble (train.members): the recipe trained once per seed, each member in a fresh Keras session
+    exactly as a run with train.seed set to that seed, and the average of their probability maps
+    (stages.models.average) saved to `model_path`. DVCLive logs the first member's curves. The summary holds each
+    member's under `members`; at the top the training time summed, and the mean over the members of the
+    throughput and of the best epoch's validation figures (the ensemble's own are evaluate's)."""
+    summaries = []
+    with checkpoint_path(model_path) as checkpoint:  # the members are kept beside it until the average is saved
+        for i, seed in enumerate(seeds):
+            print(f"train.members: member {i + 1} of {len(seeds)}, seed {seed}", flush=True)
+            keras.backend.clear_session()  # as a run of its own: Keras' global state starts empty
+            summary = train(name, cfg, seed, data_dir, checkpoint.with_name(f"member_{seed}.keras"),
+                            live_dir if i == 0 else None, strategy)
+            summary.pop("learning_rates")
+            summaries.append({"seed": seed, **summary})
+        ensemble = average([keras.models.load_model(checkpoint.with_name(f"member_{seed}.keras"), safe_mode=True,
+                                                    compile=False) for seed in seeds])
+        ensemble.save(checkpoint)
+    first = summaries[0]
+    summary = {**{key: first[key] for key in ("model", "profile", "image_size", "batch_size", "filters",
+                                              "train_slices")},
+               "params": ensemble.count_params(),
+               "train_seconds": round(sum(s["train_seconds"] for s in summaries), 1),
+               "train_slices_per_s": round(float(np.mean([s["train_slices_per_s"] for s in summaries])), 2)}
+    for key in first:
+        if key.startswith("best_val_"):
+            summary[key] = float(np.mean([s[key] for s in summaries]))
+    summary["members"] = summaries
     return summary
 
 

@@ -613,3 +613,55 @@ def test_adamw_decays_the_kernels_only(cfg):
     for path, (before, after) in decayed.items():
         np.testing.assert_allclose(after, before * (1 - 0.1 * 0.5) if path in kernels else before, rtol=1e-6,
                                    err_msg=path)
+
+
+def test_members_train_as_runs_of_their_seeds_and_the_served_model_averages_them(cfg, prepared, tmp_path,
+                                                                                  monkeypatch):
+    from stages import inference
+
+    params = load_params()
+    params.update(model="unet", profile="demo")
+    params["profiles"]["demo"].update(epochs=1, filters=4, image_size=SIZE, batch_size=4)
+    params["train"]["members"] = [1, 2]
+    for name, value in dict(DATA=prepared, MODEL=tmp_path / "model.keras", SELECTION=tmp_path / "selection.keras",
+                            LIVE=tmp_path / "live", METRICS=tmp_path / "train.json", SOURCE=tmp_path / "none.json",
+                            load_params=lambda: params).items():
+        monkeypatch.setattr(train_stage, name, value)
+
+    train_stage.main()
+
+    metrics = json.loads((tmp_path / "train.json").read_text())
+    assert metrics["seed"] == [1, 2] and [m["seed"] for m in metrics["members"]] == [1, 2]
+    assert metrics["train_seconds"] == pytest.approx(sum(m["train_seconds"] for m in metrics["members"]), abs=0.11)
+    assert metrics["best_val_dice"] == pytest.approx(np.mean([m["best_val_dice"] for m in metrics["members"]]))
+    assert (tmp_path / "model.keras").read_bytes() == (tmp_path / "selection.keras").read_bytes()
+    assert (tmp_path / "live/plots/metrics/eval/dice.tsv").is_file()  # the first member's curves
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no member left behind
+
+    ensemble = inference.load_model(tmp_path / "model.keras")
+    assert ensemble.name == "unet" and inference.volume_normalised(ensemble)
+    assert metrics["params"] == ensemble.count_params() == 2 * metrics["members"][0]["params"]
+    # the second member is, weight for weight, what a run with train.seed 2 alone trains
+    keras.backend.clear_session()
+    alone = train("unet", train_config(params), 2, prepared, tmp_path / "alone.keras", None)
+    assert alone["best_val_loss"] == metrics["members"][1]["best_val_loss"]
+    single = keras.models.load_model(tmp_path / "alone.keras", compile=False)
+    member = ensemble.get_layer("member_1")
+    assert all(np.array_equal(a, b) for a, b in zip(member.get_weights(), single.get_weights()))
+    x = np.random.default_rng(0).random((2, SIZE, SIZE, 3)).astype("float32")
+    mean = (ensemble.get_layer("member_0")(x) + member(x)) / 2
+    np.testing.assert_allclose(ensemble.predict(x, verbose=0), mean, atol=1e-6)
+    np.testing.assert_allclose(inference._runner(ensemble, "litert")(x), mean, atol=1e-4)
+
+
+@pytest.mark.parametrize("members, fix", [([7], "two or more"), ([7, 7], "distinct"), ("7,1", "list"),
+                                          ([7, 1.5], "integer"), ([7, True], "integer")])
+def test_members_that_are_not_distinct_seeds_name_the_fix(members, fix):
+    with pytest.raises(BrainsegError, match=f"train.members .*{fix}.*train.members=\\[42,7,1\\]"):
+        train_stage.member_seeds({"members": members})
+
+
+def test_members_with_refit_are_refused_and_null_trains_one_network():
+    assert train_stage.member_seeds({"members": None}) == [] == train_stage.member_seeds({})
+    with pytest.raises(BrainsegError, match="train.refit=false"):
+        train_stage.member_seeds({"members": [42, 7], "refit": True})
