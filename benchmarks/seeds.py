@@ -8,6 +8,7 @@ for seed.
     dvc queue start -j 1
     python -m benchmarks.seeds --exp 'ds-s*'                         # the recipe's spread over its seeds
     python -m benchmarks.seeds --exp 'p10-s*' --against 'ds-s*'      # a lever against it, seed for seed
+    python -m benchmarks.seeds --exp 'm3-*'     # seed ensembles (runs of -S 'train.members=[42,7,1]' and others)
 
 Issue 6 asks that the same recipe with another seed stays within 0.02 of per-volume Dice on the held-out patients.
 `train.seed` moves the weights' initialisation and the order of the batches, not the split (the top-level `seed`
@@ -38,10 +39,13 @@ from benchmarks.crossval import markdown
 TOLERANCE = 0.02  # issue 6: another seed stays within this of per-volume Dice
 
 
-def run_seed(params: dict) -> int:
-    """The seed a run trained with: `train.seed`, or the top-level seed where that is null."""
-    seed = (params.get("train") or {}).get("seed")
-    return int(params["seed"] if seed is None else seed)
+def run_seed(params: dict) -> int | str:
+    """The seed a run trained with: `train.seed`, or the top-level seed where that is null; for a seed ensemble
+    (`train.members`) its members' seeds, as "42+7+1"."""
+    train = params.get("train") or {}
+    if train.get("members"):
+        return "+".join(str(seed) for seed in train["members"])
+    return int(params["seed"] if train.get("seed") is None else train["seed"])
 
 
 def run_row(name: str, params: dict, evaluation: dict, train: dict, per_patient: pd.DataFrame) -> dict:
@@ -85,6 +89,11 @@ def spread_line(s: dict, tolerance: float = TOLERANCE, unit: str = "seed",
             f"within {tolerance}{verdict}")
 
 
+def unit(rows: pd.DataFrame) -> str:
+    """What one run stands for: a seed, or a seed ensemble (train.members)."""
+    return "ensemble" if rows["seed"].map(lambda seed: isinstance(seed, str)).any() else "seed"
+
+
 def paired(rows: pd.DataFrame, baseline: pd.DataFrame) -> pd.DataFrame:
     """The lever's runs against the baseline's, seed for seed: differences of validation and test."""
     both = rows.merge(baseline, on="seed", suffixes=("", " base"))
@@ -126,9 +135,11 @@ def flat(tree: dict, prefix: str = "") -> dict:
 
 
 def same_recipe(params: dict[str, dict]) -> None:
-    """The runs of one recipe may differ in their training seed only: a spread over runs that differ in more is not
-    a seed's spread."""
+    """The runs of one recipe may differ in their training seed only (for seed ensembles, in their members' seeds,
+    not in how many there are): a spread over runs that differ in more is not a seed's spread."""
     flats = {name: flat(p) for name, p in params.items()}
+    for f in flats.values():
+        f["train.members"] = len(f.get("train.members") or [])
     keys = set().union(*flats.values()) - {"train.seed"}
     differ = sorted(k for k in keys if len({json.dumps(f.get(k)) for f in flats.values()}) > 1)
     if differ:
@@ -178,11 +189,11 @@ def main(argv: list[str] | None = None) -> None:
     base, base_params = load(args.repo, select(found, args.against)) if args.against else (None, {})
     same_split({**params, **base_params})
     print(markdown(rows))
-    print(spread_line(spread(rows["test mean"])))
+    print(spread_line(spread(rows["test mean"]), unit=unit(rows)))
     if args.against:
         print(f"\nbaseline {', '.join(args.against)}:")
         print(markdown(base))
-        print(spread_line(spread(base["test mean"])))
+        print(spread_line(spread(base["test mean"]), unit=unit(base)))
         print("\nthe runs against the baseline, seed for seed:")
         differences = paired(rows, base)
         signed = {c: differences[c].map("{:+.3f}".format) for c in differences.columns[2:]}

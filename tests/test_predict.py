@@ -159,6 +159,24 @@ def test_cli_all_good_exits_0(tmp_path, model_path):
                  "--no-progress"]) == EXIT_OK
 
 
+def test_cli_serves_a_seed_ensemble_as_the_mean_of_its_members(tmp_path):
+    from stages.inference import load_model
+    from stages.models import average
+
+    write_png(tmp_path / "a.png", slice_image(5, 64, 64))
+    paths = [tiny_segmenter(tmp_path / f"m{seed}.keras", seed=seed) for seed in (1, 2)]
+    average([load_model(path) for path in paths]).save(tmp_path / "ensemble.keras")
+    peaks = []
+    for model in (*paths, tmp_path / "ensemble.keras"):
+        out = tmp_path / f"out-{model.stem}"
+        assert main([str(tmp_path / "a.png"), "--model", str(model), "--out", str(out), "--no-progress"]) == EXIT_OK
+        row = pd.read_csv(out / "predictions.csv").iloc[0]
+        assert row["model"] == "unet"
+        peaks.append(row["max_probability"])
+    # a mean of the two maps: its peak is no higher than the higher member's, and is neither member's own
+    assert peaks[2] <= max(peaks[:2]) and peaks[2] not in peaks[:2]
+
+
 def test_cli_with_a_classifier_writes_verdicts_only(tmp_path):
     import keras
 

@@ -32,6 +32,26 @@ def test_a_null_train_seed_is_the_top_level_seed():
     assert seeds.run_seed(params(None, seed=3)) == 3 and seeds.run_seed(params(5, seed=3)) == 5
 
 
+def ensemble(members, **train):
+    return {**params(None), "train": {"seed": None, "members": members, **train}}
+
+
+def test_a_seed_ensemble_is_named_by_its_members_seeds_and_counted_as_an_ensemble():
+    assert seeds.run_seed(ensemble([42, 7, 1])) == "42+7+1"
+    assert seeds.run_seed(ensemble(None)) == 42
+    assert seeds.unit(pd.DataFrame({"seed": ["42+7+1", "3+5+11"]})) == "ensemble"
+    assert seeds.unit(rows([0.8, 0.7])) == "seed"
+
+
+def test_seed_ensembles_of_one_recipe_may_differ_in_their_members_not_in_their_number():
+    seeds.same_recipe({"a": ensemble([42, 7, 1]), "b": ensemble([3, 5, 11])})
+    seeds.same_recipe({"a": params(1), "b": ensemble(None)})  # a run from before train.members: null
+    with pytest.raises(SystemExit, match="differ in more than train.seed: train.members"):
+        seeds.same_recipe({"a": ensemble([42, 7, 1]), "b": ensemble([3, 5])})
+    with pytest.raises(SystemExit, match="differ in more than train.seed: train.members"):
+        seeds.same_recipe({"a": ensemble([42, 7, 1]), "b": params(3)})
+
+
 def test_a_run_without_validation_scores_is_refused_by_name():
     with pytest.raises(SystemExit, match="unet-cpu.*no validation"):
         seeds.run_row("unet-cpu", params(42), {"dice_volume_mean": 0.6}, {}, PATIENTS)
