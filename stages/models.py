@@ -497,11 +497,11 @@ def build_model(name: str, input_shape=(128, 128, 3), filters: int = 16, weights
     return keras.Model(inputs, outputs, name=name)
 
 
-def average(members: list[keras.Model], name: str | None = None) -> keras.Model:
+def average(members: list[keras.Model]) -> keras.Model:
     """A seed ensemble: one model whose output is the mean of the members' final outputs, named as the members
-    (or `name`) so evaluation and its checks see the architecture it averages. The members are nested whole, so
-    inference still finds the input layers inside them (stages.inference.all_layers)."""
-    name = name or members[0].name
+    so evaluation and its checks see the architecture it averages. The members are nested whole, so inference
+    still finds the input layers inside them (stages.inference.all_layers)."""
+    name = members[0].name
     inputs = keras.Input(members[0].inputs[0].shape[1:], name="image")
     outputs = []
     for i, member in enumerate(members):
