@@ -4,7 +4,8 @@ Outputs: models/selection.keras (the epoch with the lowest val loss), models/mod
 train.refit, the recipe trained again on the training and validation patients for that many epochs), each replaced
 atomically, metrics/train.json (with a `refit` section after a refit), and DVCLive per-epoch curves of the first run
 in dvclive/train/plots/metrics/{train,eval}/<metric>.tsv. With train.members both models are the members' average
-(a seed ensemble) and metrics/train.json lists each member's facts under `members`.
+(a seed ensemble) and metrics/train.json lists each member's facts under `members`; with train.distil as well, both
+are one network (the student) trained on a mix of the masks and the ensemble's probability maps.
 """
 from __future__ import annotations
 
@@ -51,7 +52,10 @@ def main() -> None:
         print("dvclive is not installed: training without per-epoch curves in dvclive/train", flush=True)
         live = None
     members = member_seeds(cfg)
-    if members:
+    distil = distil_weight(cfg, members)
+    if distil:
+        summary = train_student(params["model"], cfg, members, distil, DATA, SELECTION, live)
+    elif members:
         summary = train_members(params["model"], cfg, members, DATA, SELECTION, live)
     else:
         summary = train(params["model"], cfg, seed, DATA, SELECTION, live)
@@ -71,7 +75,7 @@ def main() -> None:
 def make_datasets(data_dir: Path, image_size: int, batch_size: int, classifier: bool = False,
                   tumour_slices_only: bool = False, seed: int = 0, outputs: int = 1,
                   augment: dict | None = None, input_norm: str | None = None, slice_position: bool = False,
-                  neighbours: int = 0, splits: tuple = ("train", "val")):
+                  neighbours: int = 0, splits: tuple = ("train", "val"), teacher=None, distil: float = 0.0):
     """Batched tf.data datasets of model-size inputs and targets for `splits` (training, then validation),
     plus the training slice count. A split may be a tuple of prepared tables trained on together: the refit's
     ("train", "refit"), with no validation split.
@@ -87,6 +91,8 @@ def make_datasets(data_dir: Path, image_size: int, batch_size: int, classifier: 
     `slice_position` adds each slice's place in its patient's volume as a fourth channel (an augmented copy
     takes its source's: table_positions). `neighbours` > 0 adds the FLAIR of that many slices below and above
     each slice as channels (with_neighbours), before the position; that split is then held once at full size too.
+    `teacher` (a model, its file, or any callable from float32 model inputs to its outputs) and `distil` > 0: the
+    training targets become soft_targets' mix of the masks and the teacher's outputs; validation keeps the masks.
     On a Keras backend other than TensorFlow (JAX, PyTorch: a GPU machine without TensorFlow), the same batches
     come from SliceBatches instead of tf.data, except that each epoch's last partial training batch is left out:
     XLA compiles the training step once per batch shape, and on the H100 that second compile took ~45 s of the
@@ -108,6 +114,8 @@ def make_datasets(data_dir: Path, image_size: int, batch_size: int, classifier: 
                                 "train on; check params.yaml split / train.tumour_slices_only and rerun `dvc repro`")
         if classifier:
             y = tumour.astype(np.float16)[:, None]
+        if training and teacher is not None and distil > 0:
+            y = soft_targets(teacher, x, y, distil, batch_size)
         if training:
             n_train = len(x)
         if keras.backend.backend() != "tensorflow":
@@ -151,6 +159,23 @@ def split_arrays(data_dir: Path, split: str, image_size: int, input_norm: str | 
     if slice_position:
         x = add_position(x, table_positions(table))
     return x, y
+
+
+def soft_targets(teacher, x: np.ndarray, y: np.ndarray, weight: float, batch_size: int = 32) -> np.ndarray:
+    """Knowledge distillation's targets: (1 - weight) * the masks + weight * the teacher's outputs on the same
+    model-size uint8 inputs (scaled as training scales them), as float16 like the masks. The teacher is run on the
+    training split once, before training: the student sees the same soft targets each epoch."""
+    if isinstance(teacher, (str, Path)):
+        teacher = keras.models.load_model(teacher, safe_mode=True, compile=False)
+    predict = teacher.predict if hasattr(teacher, "predict") else None
+    soft = np.empty(y.shape, np.float16)
+    for start in range(0, len(x), 256):
+        chunk = x[start:start + 256].astype(np.float32) / 255.0
+        out = predict(chunk, batch_size=batch_size, verbose=0) if predict else teacher(chunk)
+        out = np.asarray(out[-1] if isinstance(out, (list, tuple)) else out, np.float32)
+        soft[start:start + 256] = ((1.0 - weight) * y[start:start + 256].astype(np.float32)
+                                   + weight * out.reshape(y[start:start + 256].shape))
+    return soft
 
 
 def patient_places(table):
@@ -489,8 +514,9 @@ def distribution_strategy() -> tf.distribute.Strategy:
 
 
 def build(name: str, cfg: dict, seed: int, data_dir: Path, splits: tuple = ("train", "val"),
-          strategy: tf.distribute.Strategy | None = None):
-    """(compiled model, *datasets of `splits`, training slice count) under the config's precision policy."""
+          strategy: tf.distribute.Strategy | None = None, teacher=None):
+    """(compiled model, *datasets of `splits`, training slice count) under the config's precision policy;
+    `teacher`: the model whose outputs join the training targets (train.distil)."""
     keras.utils.set_random_seed(seed)
     size, batch = cfg["image_size"], cfg["batch_size"]
     previous_policy = keras.mixed_precision.global_policy()
@@ -504,7 +530,7 @@ def build(name: str, cfg: dict, seed: int, data_dir: Path, splits: tuple = ("tra
                                                cfg.get("tumour_slices_only", False), seed, len(model.outputs),
                                                cfg.get("augment"), cfg.get("input_norm"),
                                                bool(cfg.get("slice_position")), int(cfg.get("neighbours") or 0),
-                                               splits)
+                                               splits, teacher, float(cfg.get("distil") or 0))
             compile_model(model, cfg, steps_per_epoch(datasets[0], n_train, batch))
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
@@ -512,11 +538,12 @@ def build(name: str, cfg: dict, seed: int, data_dir: Path, splits: tuple = ("tra
 
 
 def train(name: str, cfg: dict, seed: int = 42, data_dir: Path = DATA, model_path: Path = MODEL,
-          live_dir: Path | None = LIVE, strategy: tf.distribute.Strategy | None = None) -> dict:
+          live_dir: Path | None = LIVE, strategy: tf.distribute.Strategy | None = None, teacher=None) -> dict:
     """Fit `name` with the merged train/profile config `cfg`; save the best epoch to `model_path`
     and return the summary written to metrics/train.json, with `learning_rates`, each epoch's (None where the
-    schedule does not log them), for a refit to replay. `live_dir=None` turns DVCLive off."""
-    model, train_ds, val_ds, n_train = build(name, cfg, seed, data_dir, strategy=strategy)
+    schedule does not log them), for a refit to replay. `live_dir=None` turns DVCLive off. `teacher`: train.distil's
+    ensemble, whose outputs join the training targets."""
+    model, train_ds, val_ds, n_train = build(name, cfg, seed, data_dir, strategy=strategy, teacher=teacher)
     live = None
     if live_dir is not None:
         from dvclive import Live
@@ -587,6 +614,41 @@ def train_members(name: str, cfg: dict, seeds: list[int], data_dir: Path = DATA,
         if key.startswith("best_val_"):
             summary[key] = float(np.mean([s[key] for s in summaries]))
     summary["members"] = summaries
+    return summary
+
+
+def distil_weight(cfg: dict, members: list[int]) -> float:
+    """train.distil, checked: 0 for no distillation, else the teacher's share of the student's targets."""
+    weight = cfg.get("distil") or 0
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= 1:
+        raise BrainsegError(f"params.yaml: train.distil {weight!r} is not a number from 0 to 1 (the teacher's share "
+                            "of the student's targets); set it with `dvc exp run -S train.distil=0.5`, or 0 for none")
+    if weight and not members:
+        raise BrainsegError("params.yaml: train.distil needs a teacher, the seed ensemble of train.members; set "
+                            "`-S 'train.members=[42,7,1]'` too, or `-S train.distil=0`")
+    return float(weight)
+
+
+def train_student(name: str, cfg: dict, seeds: list[int], weight: float, data_dir: Path = DATA,
+                  model_path: Path = MODEL, live_dir: Path | None = LIVE,
+                  strategy: tf.distribute.Strategy | None = None) -> dict:
+    """Knowledge distillation (train.distil): the seed ensemble of `seeds` (train_members) is the teacher, and one
+    network, the student, is trained exactly as the run of the first member's seed but on soft_targets (`weight`
+    of the teacher's probability maps, the rest the masks), then saved to `model_path`: one network's inference for
+    the ensemble's knowledge. DVCLive logs the student. The summary is the student's, with the members' facts under
+    `members` and `train_seconds` summing the members' and the student's."""
+    Path(model_path).parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".teacher.", dir=Path(model_path).parent) as tmp:
+        teacher = Path(tmp) / "teacher.keras"
+        members = train_members(name, cfg, seeds, data_dir, teacher, None, strategy)
+        print(f"train.distil: the student, seed {seeds[0]}, on {weight:g} x the ensemble's probability maps + "
+              f"{1 - weight:g} x the masks", flush=True)
+        keras.backend.clear_session()
+        # passed as a path: loaded once the student is built, which is then built exactly as that seed's run
+        summary = train(name, cfg, seeds[0], data_dir, model_path, live_dir, strategy, teacher)
+    summary["student_train_seconds"] = summary["train_seconds"]
+    summary["train_seconds"] = round(summary["train_seconds"] + members["train_seconds"], 1)
+    summary.update(distil=weight, student_seed=seeds[0], members=members["members"])
     return summary
 
 

@@ -665,3 +665,84 @@ def test_members_with_refit_are_refused_and_null_trains_one_network():
     assert train_stage.member_seeds({"members": None}) == [] == train_stage.member_seeds({})
     with pytest.raises(BrainsegError, match="train.refit=false"):
         train_stage.member_seeds({"members": [42, 7], "refit": True})
+
+
+def test_soft_targets_mix_the_masks_with_the_teachers_outputs():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (300, 8, 8, 3), dtype=np.uint8)  # more than one 256-slice chunk
+    y = (rng.random((300, 8, 8, 1)) > 0.5).astype(np.float16)
+    mean = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Lambda(lambda t: keras.ops.mean(t, -1, True))])
+    seen = mean.predict(x.astype(np.float32) / 255.0, verbose=0)  # the teacher sees inputs scaled as training does
+    soft = train_stage.soft_targets(mean, x, y, 0.25)
+    assert soft.dtype == np.float16 and soft.shape == y.shape
+    np.testing.assert_allclose(soft, 0.75 * y.astype(np.float32) + 0.25 * seen, atol=1e-3)
+    # a teacher with several outputs (deep supervision) is taken at its last, the mask head
+    np.testing.assert_allclose(train_stage.soft_targets(lambda t: [0 * t[..., :1], 0 * t[..., :1] + 0.5], x, y, 1.0),
+                               0.5)
+    np.testing.assert_array_equal(train_stage.soft_targets(lambda t: t[..., :1], x, y, 0.0), y)
+
+
+def test_a_teacher_changes_the_training_targets_and_leaves_validations(prepared):
+    def constant(t):
+        return np.full(t.shape[:-1] + (1,), 0.5, np.float32)
+
+    (x, y), = make_datasets(prepared, SIZE, 16)[0].take(1)
+    (_, val_y), = make_datasets(prepared, SIZE, 16)[1].take(1)
+    taught, val, n = make_datasets(prepared, SIZE, 16, teacher=constant, distil=0.5)
+    (tx, ty), = taught.take(1)
+    (_, tval_y), = val.take(1)
+    np.testing.assert_array_equal(tx, x)
+    np.testing.assert_allclose(ty, 0.5 * np.asarray(y) + 0.25, atol=1e-3)
+    np.testing.assert_array_equal(tval_y, val_y)
+    assert n == 8
+
+
+def test_distil_trains_the_first_members_run_on_the_teachers_targets(cfg, prepared, tmp_path, monkeypatch):
+    params = load_params()
+    params.update(model="unet", profile="demo")
+    params["profiles"]["demo"].update(epochs=1, filters=4, image_size=SIZE, batch_size=4)
+    params["train"].update(members=[1, 2], distil=0.5)
+    for name, value in dict(DATA=prepared, MODEL=tmp_path / "model.keras", SELECTION=tmp_path / "selection.keras",
+                            LIVE=tmp_path / "live", METRICS=tmp_path / "train.json", SOURCE=tmp_path / "none.json",
+                            load_params=lambda: params).items():
+        monkeypatch.setattr(train_stage, name, value)
+    taught = []
+    soft_targets = train_stage.soft_targets
+    monkeypatch.setattr(train_stage, "soft_targets", lambda *a, **k: taught.append(a) or soft_targets(*a, **k))
+
+    train_stage.main()
+
+    metrics = json.loads((tmp_path / "train.json").read_text())
+    assert metrics["seed"] == [1, 2] and metrics["student_seed"] == 1 and metrics["distil"] == 0.5
+    assert [m["seed"] for m in metrics["members"]] == [1, 2]
+    assert metrics["train_seconds"] == pytest.approx(metrics["student_train_seconds"]
+                                                     + sum(m["train_seconds"] for m in metrics["members"]), abs=0.21)
+    assert (tmp_path / "model.keras").read_bytes() == (tmp_path / "selection.keras").read_bytes()
+    assert (tmp_path / "live/plots/metrics/eval/dice.tsv").is_file()  # the student's curves
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # neither teacher nor member left
+    student = keras.models.load_model(tmp_path / "model.keras", compile=False)
+    assert metrics["params"] == student.count_params() == metrics["members"][0]["params"]  # one network
+    (teacher, x, y, weight, _), = taught
+    assert teacher.name == "teacher.keras" and weight == 0.5 and len(x) == 8
+
+    # with the teacher's targets replaced by the masks, the student is, weight for weight, the first member's run
+    monkeypatch.setattr(train_stage, "soft_targets", lambda teacher, x, y, weight, batch_size=32: y)
+    train_stage.main()
+    keras.backend.clear_session()
+    train("unet", train_config(params), 1, prepared, tmp_path / "alone.keras", None)
+    alone = keras.models.load_model(tmp_path / "alone.keras", compile=False).get_weights()
+    masks_only = keras.models.load_model(tmp_path / "model.keras", compile=False).get_weights()
+    assert all(np.array_equal(a, b) for a, b in zip(alone, masks_only))
+    assert not all(np.array_equal(a, b) for a, b in zip(alone, student.get_weights()))
+
+
+@pytest.mark.parametrize("weight, fix", [(1.5, "from 0 to 1"), (-0.1, "from 0 to 1"), ("0.5", "from 0 to 1"),
+                                         (True, "from 0 to 1"), (0.5, "needs a teacher")])
+def test_distil_without_a_teacher_or_out_of_range_names_the_fix(weight, fix):
+    with pytest.raises(BrainsegError, match=f"train.distil .*{fix}.*train.(distil|members)"):
+        train_stage.distil_weight({"distil": weight}, [])
+
+
+def test_distil_zero_or_null_trains_no_student():
+    assert train_stage.distil_weight({"distil": 0}, [42, 7]) == 0 == train_stage.distil_weight({}, [])
+    assert train_stage.distil_weight({"distil": 1}, [42, 7]) == 1.0
