@@ -9,6 +9,7 @@ for seed.
     python -m benchmarks.seeds --exp 'ds-s*'                         # the recipe's spread over its seeds
     python -m benchmarks.seeds --exp 'p10-s*' --against 'ds-s*'      # a lever against it, seed for seed
     python -m benchmarks.seeds --exp 'm3-*'     # seed ensembles (runs of -S 'train.members=[42,7,1]' and others)
+    python -m benchmarks.seeds --exp 'd3-*'     # their students (the same with -S train.distil=0.5)
 
 Issue 6 asks that the same recipe with another seed stays within 0.02 of per-volume Dice on the held-out patients.
 `train.seed` moves the weights' initialisation and the order of the batches, not the split (the top-level `seed`
@@ -41,10 +42,10 @@ TOLERANCE = 0.02  # issue 6: another seed stays within this of per-volume Dice
 
 def run_seed(params: dict) -> int | str:
     """The seed a run trained with: `train.seed`, or the top-level seed where that is null; for a seed ensemble
-    (`train.members`) its members' seeds, as "42+7+1"."""
+    (`train.members`) its members' seeds, as "42+7+1", and for its student (`train.distil`) "42+7+1 distilled"."""
     train = params.get("train") or {}
     if train.get("members"):
-        return "+".join(str(seed) for seed in train["members"])
+        return "+".join(str(seed) for seed in train["members"]) + (" distilled" if train.get("distil") else "")
     return int(params["seed"] if train.get("seed") is None else train["seed"])
 
 
@@ -90,7 +91,10 @@ def spread_line(s: dict, tolerance: float = TOLERANCE, unit: str = "seed",
 
 
 def unit(rows: pd.DataFrame) -> str:
-    """What one run stands for: a seed, or a seed ensemble (train.members)."""
+    """What one run stands for: a seed, a seed ensemble (train.members) or its student (train.distil)."""
+    names = rows["seed"].map(str)
+    if names.str.endswith(" distilled").any():
+        return "distilled ensemble"
     return "ensemble" if rows["seed"].map(lambda seed: isinstance(seed, str)).any() else "seed"
 
 

@@ -43,6 +43,14 @@ def test_a_seed_ensemble_is_named_by_its_members_seeds_and_counted_as_an_ensembl
     assert seeds.unit(rows([0.8, 0.7])) == "seed"
 
 
+def test_a_distilled_ensemble_is_named_and_counted_as_one():
+    assert seeds.run_seed(ensemble([42, 7, 1], distil=0.5)) == "42+7+1 distilled"
+    assert seeds.run_seed(ensemble([42, 7, 1], distil=0)) == "42+7+1"
+    assert seeds.unit(pd.DataFrame({"seed": ["42+7+1 distilled", "3+5+11 distilled"]})) == "distilled ensemble"
+    with pytest.raises(SystemExit, match="differ in more than train.seed: train.distil"):
+        seeds.same_recipe({"a": ensemble([42, 7, 1], distil=0.5), "b": ensemble([3, 5, 11])})
+
+
 def test_seed_ensembles_of_one_recipe_may_differ_in_their_members_not_in_their_number():
     seeds.same_recipe({"a": ensemble([42, 7, 1]), "b": ensemble([3, 5, 11])})
     seeds.same_recipe({"a": params(1), "b": ensemble(None)})  # a run from before train.members: null
