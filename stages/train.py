@@ -170,7 +170,7 @@ def soft_targets(teacher, x: np.ndarray, y: np.ndarray, weight: float, batch_siz
     predict = teacher.predict if hasattr(teacher, "predict") else None
     soft = np.empty(y.shape, np.float16)
     for rows in (slice(start, start + 256) for start in range(0, len(x), 256)):  # a chunk at a time: memory
-        chunk = x[rows].astype(np.float32) / 255.0
+        chunk = to_model_input(x[rows], x.shape[1])  # already at model size: only scaled, as training does
         out = predict(chunk, batch_size=batch_size, verbose=0) if predict else teacher(chunk)
         out = np.asarray(out[-1] if isinstance(out, (list, tuple)) else out, np.float32)
         soft[rows] = (1.0 - weight) * y[rows].astype(np.float32) + weight * out.reshape(y[rows].shape)
