@@ -194,10 +194,38 @@ class ConcatConv2D(layers.Conv2D):
         return outputs
 
 
-# how conv_bn_relu and residual_block normalise, and what convolves a decoder stage's inputs (None: join them
-# with Concatenate first); plain_keras() swaps in stock Keras for benchmarks.training's baseline
+@keras.saving.register_keras_serializable(package="brainseg")
+class BilinearUpSampling2D(layers.UpSampling2D):
+    """keras.layers.UpSampling2D(interpolation="bilinear"), the same function, computed on TensorFlow in float32
+    and cast back to the compute dtype plainly.
+
+    Under mixed_bfloat16, Keras' layer goes through tf.image.resize, which saturates its float32 result back to
+    bfloat16 with clip_by_value: four elementwise ops and their gradients on the decoder's widest maps, about a
+    fifth of a training step on a CPU with AMX (a tf.profiler trace; `python -m benchmarks.training` measures
+    it). Bilinear interpolation mixes its inputs with weights that sum to 1, so it cannot leave their range
+    and the clip never changes a value. In float32 the two are the same ops. Other backends, data formats and
+    interpolations take Keras' own path.
+    """
+
+    def __init__(self, size=(2, 2), interpolation="bilinear", **kwargs):
+        super().__init__(size, interpolation=interpolation, **kwargs)
+
+    def call(self, inputs):
+        if (keras.backend.backend() != "tensorflow" or self.interpolation != "bilinear"
+                or self.data_format != "channels_last"):
+            return super().call(inputs)
+        import tensorflow as tf
+
+        size = tf.shape(inputs)[1:3] * tf.constant(self.size, tf.int32)
+        resized = tf.image.resize(tf.cast(inputs, tf.float32), size, method="bilinear")
+        return tf.cast(resized, self.compute_dtype)
+
+
+# how conv_bn_relu and residual_block normalise, what convolves a decoder stage's inputs (None: join them with
+# Concatenate first) and what upsamples its map; plain_keras() swaps in stock Keras for benchmarks.training's baseline
 BATCH_NORM = FusedBatchNormalization
 CONCAT_CONV = ConcatConv2D
+BILINEAR_UP = BilinearUpSampling2D
 # the moving statistics' momentum of those layers; build_model sets it (batch_norm_momentum) while it builds
 BN_MOMENTUM = 0.99
 
@@ -205,14 +233,14 @@ BN_MOMENTUM = 0.99
 @contextlib.contextmanager
 def plain_keras():
     """Within it, networks are built from stock Keras layers only, as plain Keras would build them:
-    keras.layers.BatchNormalization, and Concatenate followed by Conv2D in the decoders."""
-    global BATCH_NORM, CONCAT_CONV
-    saved = BATCH_NORM, CONCAT_CONV
-    BATCH_NORM, CONCAT_CONV = layers.BatchNormalization, None
+    keras.layers.BatchNormalization, Concatenate followed by Conv2D in the decoders, and UpSampling2D."""
+    global BATCH_NORM, CONCAT_CONV, BILINEAR_UP
+    saved = BATCH_NORM, CONCAT_CONV, BILINEAR_UP
+    BATCH_NORM, CONCAT_CONV, BILINEAR_UP = layers.BatchNormalization, None, layers.UpSampling2D
     try:
         yield
     finally:
-        BATCH_NORM, CONCAT_CONV = saved
+        BATCH_NORM, CONCAT_CONV, BILINEAR_UP = saved
 
 
 @contextlib.contextmanager
@@ -302,7 +330,7 @@ def decoder_stages(x, widths, block, *skip_lists):
     encoder (the block's first convolutions take the list: CONCAT_CONV). Returns every stage's output."""
     stages = []
     for width, skips in zip(widths, reversed(list(zip(*skip_lists)))):
-        x = layers.UpSampling2D(interpolation="bilinear")(x)
+        x = BILINEAR_UP(interpolation="bilinear")(x)
         x = [x, *skips] if CONCAT_CONV else layers.Concatenate()([x, *skips])
         x = block(x, width)
         stages.append(x)
@@ -329,7 +357,7 @@ def supervised_heads(stages, deep_supervision=False):
         factor = stages[-1].shape[1] // x.shape[1]
         name = f"aux_{factor}"
         x = layers.Conv2D(1, 1, activation="sigmoid", dtype="float32", name=f"{name}_head")(x)
-        heads.append(layers.UpSampling2D(factor, interpolation="bilinear", dtype="float32", name=name)(x))
+        heads.append(BILINEAR_UP(factor, interpolation="bilinear", dtype="float32", name=name)(x))
     return [*heads, mask_head(stages[-1])]
 
 

@@ -296,11 +296,68 @@ def test_concat_conv_joins_nothing_on_tensorflow_and_joins_elsewhere(monkeypatch
         ConcatConv2D(2, 3).build((1, 4, 4, 5))
 
 
+def upsampling_step(layer, x, policy):
+    """Output and input gradient of a loss through `layer` under a Keras dtype policy, in float32."""
+    import tensorflow as tf
+
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        layer = layer()
+        x = tf.constant(x)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(tf.cast(x, layer.compute_dtype))
+            loss = tf.reduce_sum(tf.cast(y, tf.float32) * tf.sin(tf.cast(y, tf.float32)))
+        assert y.dtype == layer.compute_dtype
+        return [np.asarray(tf.cast(v, tf.float32)) for v in (y, tape.gradient(loss, x))]
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+@pytest.mark.parametrize("size", [2, (2, 3), 4])
+def test_bilinear_upsampling_computes_what_keras_own_layer_does(policy, size):
+    """The same map and gradient as UpSampling2D(interpolation="bilinear"), in float32 and in bfloat16 (values
+    well outside [0, 1] too: nothing is clipped that Keras' layer would keep)."""
+    from stages.models import BilinearUpSampling2D
+    x = np.random.default_rng(0).normal(0.0, 50.0, (2, 5, 7, 3)).astype(np.float32)
+    ours = upsampling_step(lambda: BilinearUpSampling2D(size), x, policy)
+    keras_own = upsampling_step(lambda: keras.layers.UpSampling2D(size, interpolation="bilinear"), x, policy)
+    factors = (size, size) if isinstance(size, int) else size
+    assert ours[0].shape == (2, 5 * factors[0], 7 * factors[1], 3)
+    for a, b in zip(ours, keras_own):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_bilinear_upsampling_does_not_clip_its_bfloat16_result_on_tensorflow(monkeypatch):
+    """Keras' layer saturates tf.image.resize's float32 result back to bfloat16 (Minimum and Maximum, and their
+    gradients in training); this one casts plainly. Other backends take Keras' own path."""
+    import tensorflow as tf
+
+    from stages.models import BilinearUpSampling2D
+
+    def op_types(layer):
+        spec = tf.TensorSpec((2, 4, 4, 3), tf.bfloat16)
+        return {op.type for op in tf.function(layer).get_concrete_function(spec).graph.get_operations()}
+
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        ours, keras_own = BilinearUpSampling2D(), keras.layers.UpSampling2D(interpolation="bilinear")
+        assert "ResizeBilinear" in op_types(ours) and "ResizeBilinear" in op_types(keras_own)
+        assert {"Minimum", "Maximum"} <= op_types(keras_own)
+        assert not {"Minimum", "Maximum"} & op_types(ours)
+        monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
+        assert {"Minimum", "Maximum"} <= op_types(BilinearUpSampling2D())
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
 @pytest.mark.parametrize("name", ["unet", "resunet", "doubleunet"])
 def test_segmenters_are_the_same_network_as_plain_keras_builds_it(name):
     """plain_keras() builds from stock layers only (benchmarks.training's baseline); with the same seed the
     pipeline's layers hold the same weights and compute the same maps."""
-    from stages.models import BATCH_NORM, CONCAT_CONV, ConcatConv2D, FusedBatchNormalization, plain_keras
+    from stages.models import (BATCH_NORM, BILINEAR_UP, CONCAT_CONV, BilinearUpSampling2D, ConcatConv2D,
+                               FusedBatchNormalization, plain_keras)
 
     def built(plain):
         keras.utils.set_random_seed(0)
@@ -310,10 +367,13 @@ def test_segmenters_are_the_same_network_as_plain_keras_builds_it(name):
             return build_model(name, (32, 32, 3), filters=4)
 
     ours, plain = built(False), built(True)
-    assert (BATCH_NORM, CONCAT_CONV) == (FusedBatchNormalization, ConcatConv2D)  # the swap is undone
+    # the swap is undone
+    assert (BATCH_NORM, CONCAT_CONV, BILINEAR_UP) == (FusedBatchNormalization, ConcatConv2D, BilinearUpSampling2D)
     kinds = lambda model: {type(layer) for layer in all_layers(model)}  # noqa: E731
-    assert {ConcatConv2D, FusedBatchNormalization} <= kinds(ours)
-    assert not {ConcatConv2D, FusedBatchNormalization} & kinds(plain)
+    ours_only = {ConcatConv2D, FusedBatchNormalization, BilinearUpSampling2D}
+    assert ours_only <= kinds(ours)
+    assert not ours_only & kinds(plain)
+    assert keras.layers.UpSampling2D in kinds(plain)
     assert keras.layers.Concatenate in kinds(plain)
     assert keras.layers.Concatenate not in kinds(ours) or name == "doubleunet"  # its ASPP joins branches
     assert [w.shape for w in ours.weights] == [w.shape for w in plain.weights]
