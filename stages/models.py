@@ -200,9 +200,9 @@ class BilinearUpSampling2D(layers.UpSampling2D):
     and cast back to the compute dtype plainly.
 
     Under mixed_bfloat16, Keras' layer goes through tf.image.resize, which saturates its float32 result back to
-    bfloat16 with clip_by_value: four elementwise ops and their gradients on the decoder's widest maps, about a
-    fifth of a training step on a CPU with AMX (a tf.profiler trace; `python -m benchmarks.training` measures
-    it). Bilinear interpolation mixes its inputs with weights that sum to 1, so it cannot leave their range
+    bfloat16 with clip_by_value: elementwise ops and their gradients on the decoder's widest maps, an eighth of a
+    training step's op time on a CPU with AMX (a tf.profiler trace; `python -m benchmarks.training` measures
+    the gain). Bilinear interpolation mixes its inputs with weights that sum to 1, so it cannot leave their range
     and the clip never changes a value. In float32 the two are the same ops. Other backends, data formats and
     interpolations take Keras' own path.
     """

@@ -65,3 +65,12 @@ def test_the_plain_baseline_is_built_from_keras_own_layers_and_the_swap_is_undon
     assert joins == [{keras.layers.Concatenate}, {ConcatConv2D}]
     assert stages.models.BATCH_NORM is FusedBatchNormalization
     assert stages.models.CONCAT_CONV is stages.models.ConcatConv2D
+
+
+def test_a_mixed_precision_measurement_carries_its_own_precision_s_matmul_peak():
+    """The share of peak printed for mixed_bfloat16 is taken against a bfloat16 product's peak, not float32's."""
+    from benchmarks.training import child
+    result = child("recipe", 2, "demo", "mixed_bfloat16")
+    assert result["policy"] == "mixed_bfloat16" and result["compute_dtype"] == "bfloat16"
+    assert result["rate"] > 0 and result["peak"] > 0 and result["peak_compute"] > 0
+    assert keras.mixed_precision.global_policy().name == "float32"  # the measurement puts the policy back
