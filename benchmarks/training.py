@@ -172,8 +172,10 @@ def child(setting: str, steps: int, profile: str, policy: str | None, filters: i
     import keras
 
     compute = keras.mixed_precision.Policy(policy).compute_dtype
-    return {"rate": rate, "gflop": gflop, "peak": matmul_peak_gflops(tf), "compute_dtype": compute,
-            "peak_compute": matmul_peak_gflops(tf, dtype=compute), "policy": policy, "jit": jit,
+    peak = matmul_peak_gflops(tf)
+    return {"rate": rate, "gflop": gflop, "peak": peak, "compute_dtype": compute,
+            "peak_compute": peak if compute == "float32" else matmul_peak_gflops(tf, dtype=compute),
+            "policy": policy, "jit": jit,
             "onednn": bool(_pywrap_util_port.IsMklEnabled()),
             "gpu": bool(tf.config.list_logical_devices("GPU"))}
 

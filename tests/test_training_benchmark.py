@@ -67,10 +67,24 @@ def test_the_plain_baseline_is_built_from_keras_own_layers_and_the_swap_is_undon
     assert stages.models.CONCAT_CONV is stages.models.ConcatConv2D
 
 
-def test_a_mixed_precision_measurement_carries_its_own_precision_s_matmul_peak():
-    """The share of peak printed for mixed_bfloat16 is taken against a bfloat16 product's peak, not float32's."""
+def test_a_mixed_precision_measurement_carries_its_own_precision_s_matmul_peak(monkeypatch):
+    """The share of peak printed for mixed_bfloat16 is taken against a bfloat16 product's peak, not float32's;
+    a float32 measurement times its product once."""
+    import benchmarks.training
     from benchmarks.training import child
+    peaks = {"float32": 300.0, "bfloat16": 1200.0}
+    timed = []
+
+    def fake_peak(tf, n=2048, repeats=5, dtype="float32"):
+        timed.append(dtype)
+        return peaks[dtype]
+
+    monkeypatch.setattr(benchmarks.training, "matmul_peak_gflops", fake_peak)
     result = child("recipe", 2, "demo", "mixed_bfloat16")
-    assert result["policy"] == "mixed_bfloat16" and result["compute_dtype"] == "bfloat16"
-    assert result["rate"] > 0 and result["peak"] > 0 and result["peak_compute"] > 0
+    assert result["policy"] == "mixed_bfloat16" and result["compute_dtype"] == "bfloat16" and result["rate"] > 0
+    assert (result["peak"], result["peak_compute"]) == (300.0, 1200.0)
+    timed.clear()
+    result = child("recipe", 2, "demo", "float32")
+    assert (result["compute_dtype"], result["peak"], result["peak_compute"]) == ("float32", 300.0, 300.0)
+    assert timed == ["float32"]
     assert keras.mixed_precision.global_policy().name == "float32"  # the measurement puts the policy back
