@@ -1,9 +1,11 @@
 """DVC stage `train`: fit params.yaml's `model` on data/prepared and keep the best epoch.
 
-Outputs: models/selection.keras (the epoch with the lowest val loss), models/model.keras (the same model; with
+Outputs: models/selection.keras (the epoch validation chose: lowest val loss, or with train.monitor
+val_dice_volume the best per-volume Dice of the validation patients), models/model.keras (the same model; with
 train.refit, the recipe trained again on the training and validation patients for that many epochs), each replaced
 atomically, metrics/train.json (with a `refit` section after a refit), and DVCLive per-epoch curves of the first run
-in dvclive/train/plots/metrics/{train,eval}/<metric>.tsv. With train.members both models are the members' average
+in dvclive/train/plots/metrics/{train,eval}/<metric>.tsv, and each validation patient's Dice per epoch in
+dvclive/train/val_dice_volume.csv (segmenters). With train.members both models are the members' average
 (a seed ensemble) and metrics/train.json lists each member's facts under `members`; with train.distil as well, both
 are one network (the student) trained on a mix of the masks and the ensemble's probability maps.
 """
@@ -23,10 +25,12 @@ from typing import TYPE_CHECKING
 
 import keras
 import numpy as np
+import pandas as pd
 
+from stages import metrics as scores
 from stages import prepared
 from stages.balance import replay
-from stages.common import BrainsegError, load_params, run_main, train_config, write_json
+from stages.common import BrainsegError, load_params, run_main, train_config, write_csv, write_json
 from stages.losses import get_loss, segmentation_metrics
 from stages.models import CLASSIFIERS, average, build_model
 from stages.preprocess import (add_neighbours, add_position, mask_to_model_size, neighbour_places, resize_images,
@@ -406,11 +410,65 @@ class TrainTimer(keras.callbacks.Callback):
             self._start = None
 
 
-def callbacks(cfg: dict, checkpoint: Path, live=None) -> list:
-    """Plateau LR (first, so DVCLive logs the new rate), EMA swap, early stopping, best-epoch checkpoint, DVCLive.
+MONITORS = {"val_loss": "min", "val_dice_volume": "max"}  # train.monitor: the figure that picks the saved epoch
 
-    With `ema`, the averaged weights are swapped in for validation and at each epoch's end, before early
-    stopping and the checkpoint see the model, so the epoch chosen and the weights saved are the averaged ones.
+
+def monitor(cfg: dict, name: str = "unet") -> str:
+    """train.monitor, checked: the validation figure that chooses the epoch saved (val_loss by default)."""
+    chosen = cfg.get("monitor") or "val_loss"
+    if chosen not in MONITORS:
+        raise BrainsegError(f"params.yaml: train.monitor {chosen!r} is not one of {sorted(MONITORS)}; set it with "
+                            "`dvc exp run -S train.monitor=val_dice_volume`, or val_loss")
+    if chosen == "val_dice_volume" and name in CLASSIFIERS:
+        raise BrainsegError(f"params.yaml: train.monitor val_dice_volume scores segmentations, and {name} is a "
+                            "tumour classifier; set `-S train.monitor=val_loss`")
+    return chosen
+
+
+class VolumeDice(keras.callbacks.Callback):
+    """The headline figure each epoch: the mean per-volume Dice of the validation patients (each patient's slices
+    pooled; the prediction thresholded at 0.5, at model size, no post-processing), added to the epoch's logs as
+    `val_dice_volume`, so DVCLive plots it and train.monitor can pick the saved epoch by it. `per_patient` keeps
+    each patient's Dice per epoch. `x`: model inputs as validation feeds them; `masks`: the matching targets."""
+
+    def __init__(self, x: np.ndarray, masks: np.ndarray, patients, batch_size: int):
+        super().__init__()
+        self.x, self.truth = x, np.asarray(masks).reshape(len(masks), *np.shape(masks)[1:3]) >= 0.5
+        self.patients, self.batch_size = np.asarray(patients), batch_size
+        self.per_patient: list[pd.Series] = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        out = self.model.predict(self.x, batch_size=self.batch_size, verbose=0)
+        probs = np.asarray(out[-1] if isinstance(out, (list, tuple)) else out, np.float32)
+        pred = probs.reshape(self.truth.shape) > 0.5
+        dice = scores.dice_per_volume(scores.slice_counts(self.truth, pred, self.patients))
+        self.per_patient.append(dice)
+        if logs is not None:
+            logs["val_dice_volume"] = float(dice.mean())
+
+    def table(self) -> pd.DataFrame:
+        """epoch (from 1), patient, dice: one row per validation patient and epoch."""
+        return pd.DataFrame([(epoch, patient, float(value)) for epoch, dice in enumerate(self.per_patient, 1)
+                             for patient, value in dice.items()], columns=["epoch", "patient", "dice"])
+
+    @classmethod
+    def of(cls, val_ds, patients, batch_size: int) -> VolumeDice:
+        """The callback for a validation dataset (tf.data or SliceBatches, in table order) and its patients."""
+        xs, ys = [], []
+        for x, y in (val_ds.as_numpy_iterator() if hasattr(val_ds, "as_numpy_iterator") else val_ds):
+            xs.append(np.asarray(x))
+            ys.append(np.asarray(y[-1] if isinstance(y, (list, tuple)) else y))
+        return cls(np.concatenate(xs), np.concatenate(ys), patients, batch_size)
+
+
+def callbacks(cfg: dict, checkpoint: Path, live=None, volume_dice: VolumeDice | None = None) -> list:
+    """Plateau LR (first, so DVCLive logs the new rate), EMA swap, the validation per-volume Dice, early stopping,
+    best-epoch checkpoint, DVCLive.
+
+    With `ema`, the averaged weights are swapped in for validation and at each epoch's end, before the Dice,
+    early stopping and the checkpoint see the model, so the epoch chosen and the weights saved are the averaged
+    ones. The learning-rate plateau and early stopping always follow the validation loss, so train.monitor
+    changes only which epoch the checkpoint keeps, never the training itself.
     """
     result = []
     if cfg.get("lr_schedule") == "plateau":
@@ -418,9 +476,16 @@ def callbacks(cfg: dict, checkpoint: Path, live=None) -> list:
                                                         patience=max(1, cfg["patience"] // 2)))
     if cfg.get("ema"):
         result.append(keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
+    watch = monitor(cfg)
+    if volume_dice is not None:
+        result.append(volume_dice)
+    elif watch != "val_loss":
+        raise BrainsegError(f"train.monitor {watch} needs the validation Dice callback (a segmenter with validation "
+                            "patients)")
     result += [keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg["patience"],
                                              restore_best_weights=True, verbose=1),
-               keras.callbacks.ModelCheckpoint(str(checkpoint), monitor="val_loss", save_best_only=True)]
+               keras.callbacks.ModelCheckpoint(str(checkpoint), monitor=watch, mode=MONITORS[watch],
+                                               save_best_only=True)]
     if live is not None:
         result.append(live_callback(live))
     return result
@@ -542,7 +607,12 @@ def train(name: str, cfg: dict, seed: int = 42, data_dir: Path = DATA, model_pat
     and return the summary written to metrics/train.json, with `learning_rates`, each epoch's (None where the
     schedule does not log them), for a refit to replay. `live_dir=None` turns DVCLive off. `teacher`: train.distil's
     ensemble, whose outputs join the training targets."""
+    watch = monitor(cfg, name)
     model, train_ds, val_ds, n_train = build(name, cfg, seed, data_dir, strategy=strategy, teacher=teacher)
+    volume_dice = None
+    if name not in CLASSIFIERS:
+        patients = prepared.read_table(Path(data_dir), "val")[0]["patient"].to_numpy()
+        volume_dice = VolumeDice.of(val_ds, patients, cfg["batch_size"])
     live = None
     if live_dir is not None:
         from dvclive import Live
@@ -553,16 +623,22 @@ def train(name: str, cfg: dict, seed: int = 42, data_dir: Path = DATA, model_pat
     with checkpoint_path(model_path) as checkpoint:
         start = time.perf_counter()
         history = model.fit(train_ds, validation_data=val_ds, epochs=cfg["epochs"],
-                            callbacks=[*callbacks(cfg, checkpoint, live), timer, *limit], shuffle=False,
+                            callbacks=[*callbacks(cfg, checkpoint, live, volume_dice), timer, *limit], shuffle=False,
                             verbose=1 if sys.stdout.isatty() else 2).history
         seconds = time.perf_counter() - start
         if not checkpoint.is_file():
-            raise BrainsegError(f"{name} never reached a finite val_loss, so {model_path} was not written: "
+            raise BrainsegError(f"{name} never reached a finite {watch}, so {model_path} was not written: "
                                 "lower train.learning_rate in params.yaml and rerun `dvc repro train`")
         if served(model) is not model:  # deep supervision: the checkpoint keeps its mask head alone
             served(keras.models.load_model(checkpoint, safe_mode=True)).save(checkpoint)
     summary = summarize(name, cfg, model, history, n_train, seconds, timer.seconds,
-                        slices_per_epoch(train_ds, n_train))
+                        slices_per_epoch(train_ds, n_train), watch)
+    if live_dir is not None:
+        per_epoch = Path(live_dir) / "val_dice_volume.csv"
+        if volume_dice is not None:
+            write_csv(per_epoch, volume_dice.table())
+        else:
+            per_epoch.unlink(missing_ok=True)  # a classifier's run: no segmentation to score
     rates = history.get("learning_rate")
     summary["learning_rates"] = None if rates is None else [float(rate) for rate in rates]
     return summary
@@ -714,16 +790,17 @@ def slices_per_epoch(train_ds, n_train: int) -> int:
 
 
 def summarize(name, cfg, model, history, n_train, seconds, train_step_seconds,
-              per_epoch: int | None = None) -> dict:
-    """Run facts plus the validation loss and metrics at the best epoch (a model of several outputs, doubleunet
-    or deep supervision: its total loss and the prediction's metrics without their output's prefix, so every
-    segmenter reports best_val_dice). `per_epoch`: the slices trained on per epoch (slices_per_epoch), when not
-    all `n_train`."""
-    best = int(np.nanargmin(history["val_loss"]))
+              per_epoch: int | None = None, watch: str = "val_loss") -> dict:
+    """Run facts plus the validation loss and metrics at the best epoch by `watch` (train.monitor; a model of
+    several outputs, doubleunet or deep supervision: its total loss and the prediction's metrics without their
+    output's prefix, so every segmenter reports best_val_dice). `per_epoch`: the slices trained on per epoch
+    (slices_per_epoch), when not all `n_train`."""
+    values = np.asarray(history[watch], np.float64)
+    best = int(np.nanargmin(values) if MONITORS[watch] == "min" else np.nanargmax(values))
     epochs = len(history["val_loss"])
     summary = {"model": name, "profile": cfg["profile"], "params": served(model).count_params(),
                "image_size": cfg["image_size"], "batch_size": cfg["batch_size"], "filters": cfg["filters"],
-               "train_slices": n_train, "epochs": epochs, "best_epoch": best + 1,
+               "train_slices": n_train, "epochs": epochs, "best_epoch": best + 1, "monitor": watch,
                "train_seconds": round(seconds, 1),
                "train_slices_per_s": round((per_epoch or n_train) * epochs / max(train_step_seconds, 1e-9), 2)}
     for key, values in plain_names(model, history).items():

@@ -746,3 +746,65 @@ def test_distil_without_a_teacher_or_out_of_range_names_the_fix(weight, fix):
 def test_distil_zero_or_null_trains_no_student():
     assert train_stage.distil_weight({"distil": 0}, [42, 7]) == 0 == train_stage.distil_weight({}, [])
     assert train_stage.distil_weight({"distil": 1}, [42, 7]) == 1.0
+
+
+def test_volume_dice_pools_each_validation_patients_slices_and_logs_the_mean():
+    """Identity 'model': the inputs are the probabilities. Patient A's two slices pool to 2*3/(3+4) = 6/7 (one
+    true pixel missed on the first, two false ones on the second); B's empty slice predicted empty scores 1."""
+    truth = np.zeros((3, 4, 4, 1), np.float32)
+    truth[0, 0, :3] = truth[1, 1, :1] = 1.0
+    probs = truth.copy()
+    probs[0, 0, 2] = 0.4   # below the threshold: missed
+    probs[1, 2, :2] = 0.9  # false positives
+    callback = train_stage.VolumeDice(probs, truth, ["A", "A", "B"], batch_size=2)
+    callback.set_model(keras.Sequential([keras.Input((4, 4, 1)), keras.layers.Identity()]))
+    logs = {"val_loss": 0.3}
+    callback.on_epoch_end(0, logs)
+    a = 2 * 3 / (2 * 3 + 1 + 2)
+    assert logs == {"val_loss": 0.3, "val_dice_volume": pytest.approx((a + 1.0) / 2)}
+    assert callback.table().to_dict("records") == [{"epoch": 1, "patient": "A", "dice": pytest.approx(a)},
+                                                   {"epoch": 1, "patient": "B", "dice": 1.0}]
+
+
+def test_monitor_val_dice_volume_keeps_the_best_dice_epoch_and_trains_exactly_as_val_loss(prepared, cfg, tmp_path):
+    runs = {}
+    for watch in ("val_loss", "val_dice_volume"):
+        run = tmp_path / watch
+        summary = train("unet", {**cfg, "epochs": 4, "patience": 10, "learning_rate": 0.01, "monitor": watch}, 0,
+                        prepared, run / "model.keras", run / "live")
+        table = pd.read_csv(run / "live/val_dice_volume.csv", dtype={"patient": str})
+        logged = pd.read_csv(run / "live/plots/metrics/eval/dice_volume.tsv", sep="\t")["dice_volume"].to_numpy()
+        loss = pd.read_csv(run / "live/plots/metrics/eval/loss.tsv", sep="\t")["loss"].to_numpy()
+        runs[watch] = summary, table, logged, loss
+        assert summary["monitor"] == watch and len(table) == 4 * table["patient"].nunique()
+        np.testing.assert_allclose(table.groupby("epoch")["dice"].mean().to_numpy(), logged, rtol=1e-6)
+    (loss_run, _, dice_by_epoch, losses), (dice_run, _, dice_again, losses_again) = runs.values()
+    np.testing.assert_array_equal(losses, losses_again)  # the monitor never changes training
+    np.testing.assert_array_equal(dice_by_epoch, dice_again)
+    assert loss_run["best_epoch"] == int(np.argmin(losses)) + 1
+    assert dice_run["best_epoch"] == int(np.argmax(dice_by_epoch)) + 1
+    assert dice_run["best_val_dice_volume"] == pytest.approx(dice_by_epoch.max())
+    # the saved model is that epoch's: scoring it again gives the best Dice
+    _, val_ds, _ = make_datasets(prepared, SIZE, 4, outputs=1, input_norm=cfg.get("input_norm"))
+    patients = prepared_data.read_table(prepared, "val")[0]["patient"]
+    again = train_stage.VolumeDice.of(val_ds, patients, 4)
+    again.set_model(keras.models.load_model(tmp_path / "val_dice_volume/model.keras", safe_mode=True))
+    logs = {}
+    again.on_epoch_end(0, logs)
+    assert logs["val_dice_volume"] == pytest.approx(dice_by_epoch.max(), abs=1e-6)
+
+
+@pytest.mark.parametrize("name, watch, fix", [("unet", "val_dice", "train.monitor=val_dice_volume"),
+                                              ("cnn", "val_dice_volume", "train.monitor=val_loss")])
+def test_a_monitor_that_cannot_pick_the_epoch_names_the_fix(prepared, cfg, tmp_path, name, watch, fix):
+    with pytest.raises(BrainsegError, match=fix):
+        train(name, {**cfg, "monitor": watch}, 0, prepared, tmp_path / "model.keras", None)
+    assert not (tmp_path / "model.keras").exists()
+
+
+def test_a_classifiers_run_leaves_no_stale_per_patient_dice(prepared, cfg, tmp_path):
+    (tmp_path / "live").mkdir()
+    (tmp_path / "live/val_dice_volume.csv").write_text("epoch,patient,dice\n1,X,0.5\n")
+    summary = train("cnn", cfg, 0, prepared, tmp_path / "model.keras", tmp_path / "live")
+    assert summary["monitor"] == "val_loss" and "best_val_dice_volume" not in summary
+    assert not (tmp_path / "live/val_dice_volume.csv").exists()
