@@ -57,7 +57,10 @@ def train_saving_epochs(workdir: Path, seed: int) -> dict:
 
     made = train.callbacks
     # first, so it saves each epoch's own weights: early stopping puts the best epoch's back at the last epoch's end
-    train.callbacks = lambda cfg, checkpoint, live=None: [SaveEpoch(), *made(cfg, checkpoint, live)]
+    def saving(cfg, checkpoint, live=None, volume_dice=None):
+        return [SaveEpoch(), *made(cfg, checkpoint, live, volume_dice)]
+
+    train.callbacks = saving
     try:
         params = load_params()
         summary = train.train(params["model"], train_config(params), seed, train.DATA, workdir / "best.keras", None)

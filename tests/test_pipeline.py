@@ -66,7 +66,8 @@ def test_another_architecture_as_an_experiment_and_comparisons(repo):
     # each experiment carries its curves, ROC and confusion (git) and overlays (DVC cache), so they compare
     plots = json.loads(run(["dvc", "plots", "diff", "demo-unet", "demo-resunet", "--json"], repo, env))
     assert not plots.get("errors"), plots.get("errors")
-    named = ("Loss per epoch", "Dice per epoch", "ROC of tumour detection", "Confusion of tumour detection")
+    named = ("Loss per epoch", "Dice per epoch", "Per-volume Dice of the validation patients per epoch",
+             "ROC of tumour detection", "Confusion of tumour detection")
     for name in named:
         assert plots["data"][name], name
     overlays = {f"plots/overlays/{n}.png" for n in ("best", "median", "worst")}
