@@ -749,8 +749,8 @@ def test_distil_zero_or_null_trains_no_student():
 
 
 def test_volume_dice_pools_each_validation_patients_slices_and_logs_the_mean():
-    """Identity 'model': the inputs are the probabilities. Patient A's two slices pool to 2*3/(3+4) = 6/7 (one
-    true pixel missed on the first, two false ones on the second); B's empty slice predicted empty scores 1."""
+    """Identity 'model': the inputs are the probabilities. Patient A's two slices pool to 2*3/(2*3 + 1 + 2) = 2/3
+    (one true pixel missed on the first, two false ones on the second); B's empty slice predicted empty scores 1."""
     truth = np.zeros((3, 4, 4, 1), np.float32)
     truth[0, 0, :3] = truth[1, 1, :1] = 1.0
     probs = truth.copy()
@@ -782,6 +782,7 @@ def test_monitor_val_dice_volume_keeps_the_best_dice_epoch_and_trains_exactly_as
     np.testing.assert_array_equal(losses, losses_again)  # the monitor never changes training
     np.testing.assert_array_equal(dice_by_epoch, dice_again)
     assert loss_run["best_epoch"] == int(np.argmin(losses)) + 1
+    assert loss_run["best_epoch"] != dice_run["best_epoch"]  # else this run could not tell the monitors apart
     assert dice_run["best_epoch"] == int(np.argmax(dice_by_epoch)) + 1
     assert dice_run["best_val_dice_volume"] == pytest.approx(dice_by_epoch.max())
     # the saved model is that epoch's: scoring it again gives the best Dice
