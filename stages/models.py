@@ -384,20 +384,26 @@ def feature_extractor(base, names):
 
 # ---------------------------------------------------------------- segmenters
 
-def unet(inputs, filters, weights=None, deep_supervision=False):
+def bottleneck_dropout(x, rate):
+    """Whole feature maps of the bottleneck dropped while training: the original U-Net's dropout at the end of the
+    contracting path, as SpatialDropout2D because neighbouring pixels of one map are too alike for pixel dropout."""
+    return layers.SpatialDropout2D(rate, name="bottleneck_dropout")(x) if rate else x
+
+
+def unet(inputs, filters, weights=None, deep_supervision=False, dropout=0.0):
     """Ronneberger et al. 2015: four encoder stages (f, 2f, 4f, 8f), a 16f bottleneck, a mirrored decoder."""
     widths = [filters * 2**i for i in range(4)]
     x, skips = encoder(inputs, widths, conv_block)
-    x = conv_block(x, filters * 16)
+    x = bottleneck_dropout(conv_block(x, filters * 16), dropout)
     return supervised_heads(decoder_stages(x, widths[::-1], conv_block, skips), deep_supervision)
 
 
-def resunet(inputs, filters, weights=None, deep_supervision=False):
+def resunet(inputs, filters, weights=None, deep_supervision=False, dropout=0.0):
     """The seed article's ResUNet: a U-Net whose stages after the first are residual blocks."""
     widths = [filters * 2**i for i in range(4)]
     first = conv_block(inputs, widths[0])
     x, skips = encoder(layers.MaxPooling2D()(first), widths[1:], residual_block)
-    x = residual_block(x, filters * 16)
+    x = bottleneck_dropout(residual_block(x, filters * 16), dropout)
     return supervised_heads(decoder_stages(x, widths[::-1], residual_block, [first, *skips]), deep_supervision)
 
 
@@ -465,12 +471,13 @@ BUILDERS = {"unet": unet, "resunet": resunet, "efficientunet": efficientunet, "d
 POSITION_MODELS = ("unet", "resunet", "cnn")
 # deep supervision: heads on the decoder stages at 1/4 and 1/2 of the input size; each weighs half the next
 AUXILIARY_HEADS = 2
+# the U-Nets built here: deep supervision and bottleneck dropout are for these
 SUPERVISED_MODELS = ("unet", "resunet")
 
 
 def build_model(name: str, input_shape=(128, 128, 3), filters: int = 16, weights: str | None = None,
                 input_norm: str | None = None, slice_position: bool = False, neighbours: int = 0,
-                deep_supervision: bool = False, bn_momentum: float = 0.99) -> keras.Model:
+                deep_supervision: bool = False, bn_momentum: float = 0.99, dropout: float = 0.0) -> keras.Model:
     """A freshly initialised `name` model (model.name == name). `weights` ("imagenet" or None) only
     concerns the pretrained encoders of efficientunet, doubleunet and xception. `input_norm="slice"` puts
     BrainStandardise in front of the network, `"volume"` VolumeDecode (ImageNet encoders then no longer see the
@@ -480,7 +487,7 @@ def build_model(name: str, input_shape=(128, 128, 3), filters: int = 16, weights
     `deep_supervision` adds auxiliary outputs before the mask of unet and resunet (supervised_heads); the other
     models ignore it. `bn_momentum` is the moving statistics' momentum of the network's own batch normalisation
     (Keras' default 0.99; PyTorch's default, as Buda et al. trained, is 0.9 in Keras' terms); pretrained encoders
-    keep theirs."""
+    keep theirs. `dropout` > 0 drops that fraction of the bottleneck's feature maps while training (unet, resunet)."""
     if name not in BUILDERS:
         raise BrainsegError(f"params.yaml: model '{name}' is not one of {SEGMENTERS + CLASSIFIERS}; "
                             "set it with `dvc exp run -S model=unet`")
@@ -499,6 +506,11 @@ def build_model(name: str, input_shape=(128, 128, 3), filters: int = 16, weights
     if neighbours and name not in POSITION_MODELS:
         raise BrainsegError(f"params.yaml: train.neighbours works with {', '.join(POSITION_MODELS)}, not {name}; "
                             "set `-S train.neighbours=0`")
+    if not 0 <= dropout < 1:
+        raise BrainsegError(f"params.yaml: train.dropout {dropout} is not in [0, 1); 0 turns it off")
+    if dropout and name not in SUPERVISED_MODELS:
+        raise BrainsegError(f"params.yaml: train.dropout works with {', '.join(SUPERVISED_MODELS)}, not {name}; "
+                            "set `-S train.dropout=0`")
     if neighbours and input_norm == "slice":
         raise BrainsegError("params.yaml: train.neighbours needs train.input_norm volume or none (a neighbour's "
                             "plane has no slice statistics of its own to standardise with); set one of them")
@@ -520,6 +532,8 @@ def build_model(name: str, input_shape=(128, 128, 3), filters: int = 16, weights
         x = layers.Concatenate(name="with_position")([x, position])
     # the other models have no decoder stages of their own to supervise, so they train as they are
     extra = {"deep_supervision": True} if deep_supervision and name in SUPERVISED_MODELS else {}
+    if dropout:
+        extra["dropout"] = float(dropout)
     with batch_norm_momentum(bn_momentum):
         outputs = BUILDERS[name](x, filters=filters, weights=weights, **extra)
     return keras.Model(inputs, outputs, name=name)

@@ -411,3 +411,27 @@ def test_deep_supervision_leaves_models_without_a_plain_decoder_as_they_are(name
     keras.utils.set_random_seed(0)
     supervised = build_model(name, (64, 64, 3), 4, deep_supervision=True)
     assert supervised.output_names == plain.output_names and supervised.count_params() == plain.count_params()
+
+
+@pytest.mark.parametrize("name", ["unet", "resunet"])
+def test_bottleneck_dropout_drops_whole_maps_in_training_only_and_survives_saving(name, tmp_path):
+    model = build_model(name, (32, 32, 3), 4, dropout=0.5)
+    layer = model.get_layer("bottleneck_dropout")
+    assert isinstance(layer, keras.layers.SpatialDropout2D) and layer.rate == 0.5
+    maps = np.ones((1, 2, 2, 64), np.float32)
+    dropped = keras.ops.convert_to_numpy(layer(maps, training=True))
+    # every map is either dropped whole or kept whole (scaled by 1 / (1 - rate))
+    assert set(np.unique(dropped)) <= {0.0, 2.0} and (dropped == 0).any() and (dropped == 2).any()
+    assert np.all(dropped == dropped[:, :1, :1, :])
+    x = np.random.default_rng(0).random((2, 32, 32, 3)).astype(np.float32)
+    np.testing.assert_array_equal(model.predict(x, verbose=0), model.predict(x, verbose=0))
+    model.save(tmp_path / "m.keras")
+    assert keras.saving.load_model(tmp_path / "m.keras", safe_mode=True).get_layer("bottleneck_dropout").rate == 0.5
+    assert "bottleneck_dropout" not in [layer.name for layer in build_model(name, (32, 32, 3), 4).layers]
+
+
+def test_dropout_outside_its_range_or_models_names_the_setting():
+    with pytest.raises(BrainsegError, match="train.dropout"):
+        build_model("unet", (64, 64, 3), 4, dropout=1.0)
+    with pytest.raises(BrainsegError, match="train.dropout=0"):
+        build_model("cnn", (64, 64, 3), 4, dropout=0.3)
