@@ -325,12 +325,26 @@ def encoder(x, widths, block):
     return x, skips
 
 
-def decoder_stages(x, widths, block, *skip_lists):
+def attention_gate(skip, gate):
+    """Oktay et al. 2018's additive attention gate: each pixel of an encoder skip weighted by a sigmoid of it and of
+    the decoder's upsampled map at that place, so the decoder can mute skip features away from the tumour. Computed
+    at the skip's resolution (Oktay et al. at the coarser one, then upsampled): cheap at 8-64 channels."""
+    inter = max(skip.shape[-1] // 2, 1)
+    theta = layers.Conv2D(inter, 1, use_bias=False)(skip)
+    phi = layers.Conv2D(inter, 1)(gate)
+    weight = layers.Conv2D(1, 1, activation="sigmoid")(layers.Activation("relu")(layers.Add()([theta, phi])))
+    return layers.Multiply()([skip, weight])
+
+
+def decoder_stages(x, widths, block, *skip_lists, attention=False):
     """Per stage, deepest first: upsample x2, then `block` over that joined to the same-resolution skips of every
-    encoder (the block's first convolutions take the list: CONCAT_CONV). Returns every stage's output."""
+    encoder (the block's first convolutions take the list: CONCAT_CONV), each skip through an attention_gate first
+    when `attention`. Returns every stage's output."""
     stages = []
     for width, skips in zip(widths, reversed(list(zip(*skip_lists)))):
         x = BILINEAR_UP(interpolation="bilinear")(x)
+        if attention:
+            skips = [attention_gate(skip, x) for skip in skips]
         x = [x, *skips] if CONCAT_CONV else layers.Concatenate()([x, *skips])
         x = block(x, width)
         stages.append(x)
@@ -390,21 +404,23 @@ def bottleneck_dropout(x, rate):
     return layers.SpatialDropout2D(rate, name="bottleneck_dropout")(x) if rate else x
 
 
-def unet(inputs, filters, weights=None, deep_supervision=False, dropout=0.0):
-    """Ronneberger et al. 2015: four encoder stages (f, 2f, 4f, 8f), a 16f bottleneck, a mirrored decoder."""
+def unet(inputs, filters, weights=None, deep_supervision=False, dropout=0.0, attention=False):
+    """Ronneberger et al. 2015: four encoder stages (f, 2f, 4f, 8f), a 16f bottleneck, a mirrored decoder; with
+    `attention`, Oktay et al. 2018's Attention U-Net."""
     widths = [filters * 2**i for i in range(4)]
     x, skips = encoder(inputs, widths, conv_block)
     x = bottleneck_dropout(conv_block(x, filters * 16), dropout)
-    return supervised_heads(decoder_stages(x, widths[::-1], conv_block, skips), deep_supervision)
+    return supervised_heads(decoder_stages(x, widths[::-1], conv_block, skips, attention=attention), deep_supervision)
 
 
-def resunet(inputs, filters, weights=None, deep_supervision=False, dropout=0.0):
+def resunet(inputs, filters, weights=None, deep_supervision=False, dropout=0.0, attention=False):
     """The seed article's ResUNet: a U-Net whose stages after the first are residual blocks."""
     widths = [filters * 2**i for i in range(4)]
     first = conv_block(inputs, widths[0])
     x, skips = encoder(layers.MaxPooling2D()(first), widths[1:], residual_block)
     x = bottleneck_dropout(residual_block(x, filters * 16), dropout)
-    return supervised_heads(decoder_stages(x, widths[::-1], residual_block, [first, *skips]), deep_supervision)
+    return supervised_heads(decoder_stages(x, widths[::-1], residual_block, [first, *skips], attention=attention),
+                            deep_supervision)
 
 
 def efficientunet(inputs, filters, weights=None):
@@ -471,13 +487,14 @@ BUILDERS = {"unet": unet, "resunet": resunet, "efficientunet": efficientunet, "d
 POSITION_MODELS = ("unet", "resunet", "cnn")
 # deep supervision: heads on the decoder stages at 1/4 and 1/2 of the input size; each weighs half the next
 AUXILIARY_HEADS = 2
-# the U-Nets built here: deep supervision and bottleneck dropout are for these
+# the U-Nets built here: deep supervision, bottleneck dropout and attention gates are for these
 SUPERVISED_MODELS = ("unet", "resunet")
 
 
 def build_model(name: str, input_shape=(128, 128, 3), filters: int = 16, weights: str | None = None,
                 input_norm: str | None = None, slice_position: bool = False, neighbours: int = 0,
-                deep_supervision: bool = False, bn_momentum: float = 0.99, dropout: float = 0.0) -> keras.Model:
+                deep_supervision: bool = False, bn_momentum: float = 0.99, dropout: float = 0.0,
+                attention: bool = False) -> keras.Model:
     """A freshly initialised `name` model (model.name == name). `weights` ("imagenet" or None) only
     concerns the pretrained encoders of efficientunet, doubleunet and xception. `input_norm="slice"` puts
     BrainStandardise in front of the network, `"volume"` VolumeDecode (ImageNet encoders then no longer see the
@@ -487,7 +504,8 @@ def build_model(name: str, input_shape=(128, 128, 3), filters: int = 16, weights
     `deep_supervision` adds auxiliary outputs before the mask of unet and resunet (supervised_heads); the other
     models ignore it. `bn_momentum` is the moving statistics' momentum of the network's own batch normalisation
     (Keras' default 0.99; PyTorch's default, as Buda et al. trained, is 0.9 in Keras' terms); pretrained encoders
-    keep theirs. `dropout` > 0 drops that fraction of the bottleneck's feature maps while training (unet, resunet)."""
+    keep theirs. `dropout` > 0 drops that fraction of the bottleneck's feature maps while training, and `attention`
+    gates every skip joined by the decoder (attention_gate); both unet and resunet only."""
     if name not in BUILDERS:
         raise BrainsegError(f"params.yaml: model '{name}' is not one of {SEGMENTERS + CLASSIFIERS}; "
                             "set it with `dvc exp run -S model=unet`")
@@ -511,6 +529,9 @@ def build_model(name: str, input_shape=(128, 128, 3), filters: int = 16, weights
     if dropout and name not in SUPERVISED_MODELS:
         raise BrainsegError(f"params.yaml: train.dropout works with {', '.join(SUPERVISED_MODELS)}, not {name}; "
                             "set `-S train.dropout=0`")
+    if attention and name not in SUPERVISED_MODELS:
+        raise BrainsegError(f"params.yaml: train.attention works with {', '.join(SUPERVISED_MODELS)}, not {name}; "
+                            "set `-S train.attention=false`")
     if neighbours and input_norm == "slice":
         raise BrainsegError("params.yaml: train.neighbours needs train.input_norm volume or none (a neighbour's "
                             "plane has no slice statistics of its own to standardise with); set one of them")
@@ -534,6 +555,8 @@ def build_model(name: str, input_shape=(128, 128, 3), filters: int = 16, weights
     extra = {"deep_supervision": True} if deep_supervision and name in SUPERVISED_MODELS else {}
     if dropout:
         extra["dropout"] = float(dropout)
+    if attention:
+        extra["attention"] = True
     with batch_norm_momentum(bn_momentum):
         outputs = BUILDERS[name](x, filters=filters, weights=weights, **extra)
     return keras.Model(inputs, outputs, name=name)

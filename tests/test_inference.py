@@ -139,12 +139,13 @@ def test_segment_post_processes_with_params():
     assert not masks[:, 0, 0].any() and masks[:, 4:10, 5:9].all() and masks.sum() == 2 * 24
 
 
-@pytest.mark.parametrize("name", ["unet", "doubleunet", "cnn"])
-def test_litert_engine_matches_keras(name):
+@pytest.mark.parametrize("name, options", [("unet", {}), ("doubleunet", {}), ("cnn", {}),
+                                           ("unet", {"attention": True, "dropout": 0.3, "deep_supervision": True})])
+def test_litert_engine_matches_keras(name, options):
     from stages.models import build_model
 
     keras.utils.set_random_seed(1)
-    model = build_model(name, (32, 32, 3), 4)
+    model = build_model(name, (32, 32, 3), 4, **options)
     x = images(5, size=48)
     keras_probs = inference.predict_probs(model, x, batch_size=2, engine="keras", tta_flip=True)
     lite_probs = inference.predict_probs(model, x, batch_size=2, engine="litert", tta_flip=True)

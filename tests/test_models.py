@@ -435,3 +435,33 @@ def test_dropout_outside_its_range_or_models_names_the_setting():
         build_model("unet", (64, 64, 3), 4, dropout=1.0)
     with pytest.raises(BrainsegError, match="train.dropout=0"):
         build_model("cnn", (64, 64, 3), 4, dropout=0.3)
+
+
+@pytest.mark.parametrize("name, gates", [("unet", 4), ("resunet", 4)])
+def test_attention_gates_every_skip_and_survives_saving(name, gates, tmp_path):
+    model = build_model(name, (32, 32, 3), 4, attention=True, deep_supervision=True)
+    multiplies = [layer for layer in model.layers if isinstance(layer, keras.layers.Multiply)]
+    assert len(multiplies) == gates
+    assert model.count_params() > build_model(name, (32, 32, 3), 4, deep_supervision=True).count_params()
+    x = np.random.default_rng(0).random((2, 32, 32, 3)).astype(np.float32)
+    model.save(tmp_path / "m.keras")
+    again = keras.saving.load_model(tmp_path / "m.keras", safe_mode=True)
+    np.testing.assert_allclose(again.predict(x, verbose=0)[-1], model.predict(x, verbose=0)[-1], atol=1e-6)
+
+
+@pytest.mark.parametrize("bias, kept", [(-30.0, 0.0), (30.0, 1.0)])
+def test_attention_gate_weights_the_skip_by_its_sigmoid(bias, kept):
+    from stages.models import attention_gate
+    skip, gate = keras.Input((8, 8, 4)), keras.Input((8, 8, 6))
+    model = keras.Model([skip, gate], attention_gate(skip, gate))
+    weight_conv = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)][-1]
+    kernel, _ = weight_conv.get_weights()
+    weight_conv.set_weights([np.zeros_like(kernel), np.full((1,), bias, np.float32)])
+    rng = np.random.default_rng(1)
+    s, g = rng.random((1, 8, 8, 4)).astype(np.float32), rng.random((1, 8, 8, 6)).astype(np.float32)
+    np.testing.assert_allclose(model.predict([s, g], verbose=0), kept * s, atol=1e-6)
+
+
+def test_attention_on_another_model_names_the_setting():
+    with pytest.raises(BrainsegError, match="train.attention=false"):
+        build_model("cnn", (64, 64, 3), 4, attention=True)
