@@ -487,7 +487,7 @@ BUILDERS = {"unet": unet, "resunet": resunet, "efficientunet": efficientunet, "d
 POSITION_MODELS = ("unet", "resunet", "cnn")
 # deep supervision: heads on the decoder stages at 1/4 and 1/2 of the input size; each weighs half the next
 AUXILIARY_HEADS = 2
-# the U-Nets built here: deep supervision, bottleneck dropout and attention gates are for these
+# deep supervision, bottleneck dropout and attention gates: for the U-Nets without a pretrained encoder
 SUPERVISED_MODELS = ("unet", "resunet")
 
 
