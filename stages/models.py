@@ -518,20 +518,15 @@ def build_model(name: str, input_shape=(128, 128, 3), filters: int = 16, weights
         raise BrainsegError(f"params.yaml: train.bn_momentum {bn_momentum} is not in [0, 1); Keras' default is 0.99")
     if input_norm not in (None, "none", "slice", "volume"):
         raise BrainsegError(f"params.yaml: train.input_norm '{input_norm}' is not none, slice or volume")
-    if slice_position and name not in POSITION_MODELS:
-        raise BrainsegError(f"params.yaml: train.slice_position works with {', '.join(POSITION_MODELS)}, not "
-                            f"{name}; set `-S train.slice_position=false`")
-    if neighbours and name not in POSITION_MODELS:
-        raise BrainsegError(f"params.yaml: train.neighbours works with {', '.join(POSITION_MODELS)}, not {name}; "
-                            "set `-S train.neighbours=0`")
     if not 0 <= dropout < 1:
         raise BrainsegError(f"params.yaml: train.dropout {dropout} is not in [0, 1); 0 turns it off")
-    if dropout and name not in SUPERVISED_MODELS:
-        raise BrainsegError(f"params.yaml: train.dropout works with {', '.join(SUPERVISED_MODELS)}, not {name}; "
-                            "set `-S train.dropout=0`")
-    if attention and name not in SUPERVISED_MODELS:
-        raise BrainsegError(f"params.yaml: train.attention works with {', '.join(SUPERVISED_MODELS)}, not {name}; "
-                            "set `-S train.attention=false`")
+    for option, value, models, off in (("slice_position", slice_position, POSITION_MODELS, "false"),
+                                       ("neighbours", neighbours, POSITION_MODELS, "0"),
+                                       ("dropout", dropout, SUPERVISED_MODELS, "0"),
+                                       ("attention", attention, SUPERVISED_MODELS, "false")):
+        if value and name not in models:
+            raise BrainsegError(f"params.yaml: train.{option} works with {', '.join(models)}, not {name}; "
+                                f"set `-S train.{option}={off}`")
     if neighbours and input_norm == "slice":
         raise BrainsegError("params.yaml: train.neighbours needs train.input_norm volume or none (a neighbour's "
                             "plane has no slice statistics of its own to standardise with); set one of them")
