@@ -1,10 +1,10 @@
 """Stage `balance`: grow the training split to a tumour/no-tumour balance with seeded augmentation.
 
 As in the seed article (3929 slices -> 5312, 2656 with tumour, 2656 without) but on the training split
-only: every augmented slice is a flipped / rotated / blurred copy of a training slice and keeps its source
-patient, so nothing derived from a validation or test patient ever reaches training. Validation and test
-keep their original slices. Output: data/prepared/{train,val,test}.csv, which refer to the index stage's
-data/slices by row instead of copying them, and the copies' pixels, train_copies_{images,masks}.npy
+only: every augmented slice is a flipped / rotated / blurred (with `elastic`, also deformed) copy of a training
+slice and keeps its source patient, so nothing derived from a validation or test patient ever reaches training.
+Validation and test keep their original slices. Output: data/prepared/{train,val,test}.csv, which refer to the
+index stage's data/slices by row instead of copying them, and the copies' pixels, train_copies_{images,masks}.npy
 and slices.json, the digest of the index those rows refer to (see stages.prepared, which reads them).
 With train.refit, also refit.csv (and refit_copies_*.npy): the validation patients balanced as the training split
 was, which the refit trains on beside the training split once validation has chosen the epochs (stages.train).
@@ -59,43 +59,66 @@ def pick_sources(candidates: np.ndarray, count: int, rng: np.random.Generator,
     return np.concatenate([rng.permutation(candidates) for _ in range(rounds)])[:count]
 
 
+def displacement(shape: tuple[int, int], sd: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The original U-Net's elastic deformation (Ronneberger et al. 2015): displacements drawn on a coarse 3x3 grid
+    from a Gaussian of `sd` pixels, interpolated bicubically to every pixel; as OpenCV remap's (map_x, map_y).
+    The grid is drawn from `seed` alone, so a recorded copy can be replayed."""
+    h, w = shape
+    grid = np.random.default_rng(seed).normal(0.0, sd, (2, 3, 3)).astype(np.float32)
+    dx, dy = (cv2.resize(g, (w, h), interpolation=cv2.INTER_CUBIC) for g in grid)
+    x, y = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
+    return x + dx, y + dy
+
+
 def transform(image: np.ndarray, flip: bool, angle: float, sigma: float = 0.0,
-              interpolation: int = cv2.INTER_LINEAR) -> np.ndarray:
-    """A copy's geometry and blur, in order: mirror left-right, rotate `angle` degrees about the centre, blur with
-    `sigma` (0: none)."""
+              interpolation: int = cv2.INTER_LINEAR, warp: tuple[float, int] | None = None) -> np.ndarray:
+    """A copy's geometry and blur, in order: mirror left-right, rotate `angle` degrees about the centre, deform
+    elastically by `warp` = (sd, seed) of displacement (None: none), blur with `sigma` (0: none)."""
     if flip:
         image = image[:, ::-1]
+    h, w = image.shape[:2]
     if angle:
-        h, w = image.shape[:2]
         rot = cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1.0)
         image = cv2.warpAffine(np.ascontiguousarray(image), rot, (w, h), flags=interpolation)
+    if warp:
+        image = cv2.remap(np.ascontiguousarray(image), *displacement((h, w), *warp), interpolation,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=0).reshape(image.shape)
     return cv2.GaussianBlur(np.ascontiguousarray(image), (0, 0), sigma) if sigma else image
 
 
 def augment(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, cfg: dict):
-    """Same flip and rotation for image and mask (mask by nearest neighbour, so it stays binary); blur image only."""
+    """Same flip, rotation and elastic deformation for image and mask (mask by nearest neighbour, so it stays
+    binary); blur image only."""
     flip = rng.random() < 0.5
     angle = float(rng.uniform(-cfg["max_rotation"], cfg["max_rotation"]))
     sigma = float(rng.uniform(0.3, cfg["blur_max_sigma"])) if rng.random() < cfg["blur_probability"] else 0.0
-    how = "+".join((["flip"] if flip else []) + [f"rot{angle:+.1f}"] + ([f"blur{sigma:.2f}"] if sigma else []))
-    return (transform(image, flip, angle, sigma), transform(mask, flip, angle, interpolation=cv2.INTER_NEAREST),
-            how)
+    sd = float(cfg.get("elastic") or 0)
+    # drawn after the other steps, and only when on, so copies without it are the bytes they always were
+    warp = (round(sd, 2), int(rng.integers(2**31))) if sd else None
+    how = "+".join((["flip"] if flip else []) + [f"rot{angle:+.1f}"]
+                   + ([f"warp{warp[0]:g}:{warp[1]}"] if warp else []) + ([f"blur{sigma:.2f}"] if sigma else []))
+    return (transform(image, flip, angle, sigma, warp=warp),
+            transform(mask, flip, angle, interpolation=cv2.INTER_NEAREST, warp=warp), how)
 
 
-RECORDED = re.compile(r"flip|rot[+-][0-9.]+|blur[0-9.]+")  # the steps of augment()'s record of a copy
+# the steps of augment()'s record of a copy
+RECORDED = re.compile(r"flip|rot[+-][0-9.]+|warp[0-9.]+:[0-9]+|blur[0-9.]+")
 
 
 def replay(image: np.ndarray, how: str) -> np.ndarray:
-    """Apply an augmentation that augment() recorded as `how` (e.g. "flip+rot-12.3+blur0.54"; "" for an original)
-    to another image of the same size, such as the FLAIR of a copy's neighbouring slices; the angle was recorded
-    to 0.1 degree and the blur to 0.01 pixel, so the replay is within that of the copy."""
+    """Apply an augmentation that augment() recorded as `how` (e.g. "flip+rot-12.3+warp5:1234+blur0.54"; "" for an
+    original) to another image of the same size, such as the FLAIR of a copy's neighbouring slices; the angle was
+    recorded to 0.1 degree and the blur to 0.01 pixel, so the replay is within that of the copy (the deformation's
+    seed exactly)."""
     steps = RECORDED.findall(how or "")
     if "+".join(steps) != (how or ""):
         raise BrainsegError(f"augmentation '{how}' is not one balance records. Fix: run `dvc repro balance --force` "
                             "with this version")
     angle = next((float(step[3:]) for step in steps if step.startswith("rot")), 0.0)
     sigma = next((float(step[4:]) for step in steps if step.startswith("blur")), 0.0)
-    return np.ascontiguousarray(transform(np.asarray(image), "flip" in steps, angle, sigma))
+    warp = next(((float(step[4:].split(":")[0]), int(step.split(":")[1])) for step in steps
+                 if step.startswith("warp")), None)
+    return np.ascontiguousarray(transform(np.asarray(image), "flip" in steps, angle, sigma, warp=warp))
 
 
 def augmentation_sources(meta: pd.DataFrame, cfg: dict, seed: int) -> np.ndarray:
@@ -108,6 +131,9 @@ def augmentation_sources(meta: pd.DataFrame, cfg: dict, seed: int) -> np.ndarray
     exponent = float(cfg.get("area_weight") or 0)
     if exponent < 0:
         raise BrainsegError(f"params.yaml: balance.area_weight {exponent} is negative; use 0 (off) or e.g. 0.5")
+    if float(cfg.get("elastic") or 0) < 0:
+        raise BrainsegError(f"params.yaml: balance.elastic {cfg['elastic']} is negative; use 0 (off) or pixels, "
+                            "such as 5")
     rows = np.flatnonzero(tumour)
     weights = meta["area"].to_numpy(np.float64)[rows] ** -exponent if exponent else None
     return np.concatenate([pick_sources(rows, add_t, rng, weights),

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stages.balance import augment, balance_train, plan_balance
+from stages.balance import augment, augmentation_sources, balance_train, plan_balance
 from stages.common import BrainsegError
 
 CFG = {"total": "auto", "tumour_fraction": 0.5, "max_rotation": 25, "blur_probability": 0.3, "blur_max_sigma": 1.0}
@@ -68,6 +68,37 @@ def test_image_and_mask_get_the_same_geometry():
         bright = out_image[..., 0] > 127
         assert set(np.unique(out_mask)) <= {0, 1}
         assert (bright & (out_mask == 1)).sum() / max(1, (bright | (out_mask == 1)).sum()) > 0.8, how
+
+
+def test_elastic_deformation_moves_image_and_mask_together_and_is_off_by_default():
+    """balance.elastic: the original U-Net's smooth deformation (3x3 grid of displacements), the same for image and
+    mask; off (0 or absent) the copies and their records are what they were before the option existed."""
+    from stages.balance import displacement
+
+    image = np.zeros((96, 96, 3), np.uint8)
+    mask = np.zeros((96, 96), np.uint8)
+    image[30:60, 35:65] = 255
+    mask[30:60, 35:65] = 1
+    cfg = {**CFG, "blur_probability": 0, "max_rotation": 0}
+    plain = augment(image, mask, np.random.default_rng(4), cfg)
+    assert "warp" not in plain[2]
+    off = augment(image, mask, np.random.default_rng(4), {**cfg, "elastic": 0})
+    assert off[2] == plain[2] and np.array_equal(off[0], plain[0]) and np.array_equal(off[1], plain[1])
+    moved = 0
+    for seed in range(5):
+        out_image, out_mask, how = augment(image, mask, np.random.default_rng(seed), {**cfg, "elastic": 4})
+        assert re.fullmatch(r"(flip\+)?rot[+-]0\.0\+warp4:[0-9]+", how), how
+        assert set(np.unique(out_mask)) <= {0, 1}
+        bright = out_image[..., 0] > 127
+        assert (bright & (out_mask == 1)).sum() / max(1, (bright | (out_mask == 1)).sum()) > 0.9, how
+        unwarped = plain[1] if ("flip" in how) == ("flip" in plain[2]) else plain[1][:, ::-1]
+        moved += int((out_mask != unwarped).sum())
+    assert moved > 0  # the square's edges moved
+    map_x, map_y = displacement((256, 256), 5.0, seed=1)
+    shift = np.hypot(map_x - np.arange(256), map_y - np.arange(256)[:, None])
+    assert 0.5 < shift.mean() < 15 and np.abs(np.diff(map_x, axis=1) - 1).max() < 0.2  # smooth: no folds
+    with pytest.raises(BrainsegError, match="balance.elastic -1 is negative"):
+        augmentation_sources(synthetic_index(40, 10)[0], {**CFG, "elastic": -1}, seed=0)
 
 
 def index_stage_outputs(data, meta, images, masks):
@@ -145,8 +176,6 @@ def test_prepared_data_from_another_index_or_layout_is_refused(tmp_path):
 
 
 def test_area_weight_copies_small_tumours_more_often():
-    from stages.balance import augmentation_sources
-
     areas = np.array([50] * 10 + [5000] * 10 + [0] * 20)
     meta = pd.DataFrame({"tumour": (areas > 0).astype(int), "area": areas})
     cfg = {"total": 200, "tumour_fraction": 0.5}
@@ -172,13 +201,14 @@ def test_replay_gives_another_image_the_augmentation_a_copy_recorded():
     cfg = {"max_rotation": 25, "blur_probability": 0.5, "blur_max_sigma": 1.0}
     seen = set()
     for k in range(12):
-        copy, _, how = augment(image, np.zeros((64, 64), np.uint8), np.random.default_rng([0, k]), cfg)
-        seen |= {step[:4] for step in re.findall(r"flip|rot.|blur", how)}
+        copy, _, how = augment(image, np.zeros((64, 64), np.uint8), np.random.default_rng([0, k]),
+                               {**cfg, "elastic": 3 * (k % 2)})
+        seen |= {step[:4] for step in re.findall(r"flip|rot.|warp|blur", how)}
         # the angle was recorded to 0.1 degree, so the replay matches to interpolation rounding
         assert np.abs(replay(image, how).astype(int) - copy).mean() < 0.5
         planes = replay(image[..., 1:], how)  # any number of channels: the neighbours' FLAIR planes
         assert planes.shape == (64, 64, 2) and np.abs(planes.astype(int) - copy[..., 1:]).mean() < 0.5
-    assert {"flip", "rot+", "rot-", "blur"} <= seen
+    assert {"flip", "rot+", "rot-", "warp", "blur"} <= seen
     assert np.array_equal(replay(image, ""), image)  # an original slice
     with pytest.raises(BrainsegError, match="'flip\\+zoom1.2' is not one balance records"):
         replay(image, "flip+zoom1.2")
