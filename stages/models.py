@@ -226,8 +226,10 @@ class BilinearUpSampling2D(layers.UpSampling2D):
 BATCH_NORM = FusedBatchNormalization
 CONCAT_CONV = ConcatConv2D
 BILINEAR_UP = BilinearUpSampling2D
-# the moving statistics' momentum of those layers; build_model sets it (batch_norm_momentum) while it builds
+# how normalise() normalises: BATCH_NORM with this momentum of its moving statistics, or, with INSTANCE, each
+# slice's maps by their own statistics; build_model sets both (normalisation) while it builds
 BN_MOMENTUM = 0.99
+INSTANCE = False
 
 
 @contextlib.contextmanager
@@ -244,14 +246,16 @@ def plain_keras():
 
 
 @contextlib.contextmanager
-def batch_norm_momentum(momentum: float):
-    """Within it, batch_norm() layers keep their moving statistics with this momentum."""
-    global BN_MOMENTUM
-    saved, BN_MOMENTUM = BN_MOMENTUM, float(momentum)
+def normalisation(momentum: float, instance: bool = False):
+    """Within it, normalise() layers keep their moving statistics with this momentum, or, with `instance`, are
+    instance normalisation."""
+    global BN_MOMENTUM, INSTANCE
+    saved = BN_MOMENTUM, INSTANCE
+    BN_MOMENTUM, INSTANCE = float(momentum), bool(instance)
     try:
         yield
     finally:
-        BN_MOMENTUM = saved
+        BN_MOMENTUM, INSTANCE = saved
 
 
 # ---------------------------------------------------------------- shared blocks
@@ -262,13 +266,17 @@ def conv2d(x, filters, kernel_size, **kwargs):
     return conv(filters, kernel_size, **kwargs)(x)
 
 
-def batch_norm(x):
+def normalise(x):
+    if INSTANCE:
+        # nnU-Net's instance normalisation (Ulyanov et al. 2016): each map of each slice by its own mean and variance,
+        # so training and inference normalise alike and no statistic depends on the batch's mix of slices
+        return layers.GroupNormalization(groups=-1)(x)
     return BATCH_NORM(momentum=BN_MOMENTUM)(x)
 
 
 def conv_bn_relu(x, filters, kernel_size=3, dilation_rate=1):
     x = conv2d(x, filters, kernel_size, padding="same", dilation_rate=dilation_rate, use_bias=False)
-    x = batch_norm(x)
+    x = normalise(x)
     return layers.Activation("relu")(x)
 
 
@@ -281,10 +289,10 @@ def conv_block(x, filters):
 def residual_block(x, filters):
     """The seed ResUNet's block: 1x1 -> 3x3 convolutions plus a 1x1-projected shortcut."""
     shortcut = conv2d(x, filters, 1, use_bias=False)
-    shortcut = batch_norm(shortcut)
+    shortcut = normalise(shortcut)
     x = conv_bn_relu(x, filters, kernel_size=1)
     x = layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
-    x = batch_norm(x)
+    x = normalise(x)
     x = layers.Add()([x, shortcut])
     return layers.Activation("relu")(x)
 
@@ -494,7 +502,7 @@ SUPERVISED_MODELS = ("unet", "resunet")
 def build_model(name: str, input_shape=(128, 128, 3), filters: int = 16, weights: str | None = None,
                 input_norm: str | None = None, slice_position: bool = False, neighbours: int = 0,
                 deep_supervision: bool = False, bn_momentum: float = 0.99, dropout: float = 0.0,
-                attention: bool = False) -> keras.Model:
+                attention: bool = False, norm: str = "batch") -> keras.Model:
     """A freshly initialised `name` model (model.name == name). `weights` ("imagenet" or None) only
     concerns the pretrained encoders of efficientunet, doubleunet and xception. `input_norm="slice"` puts
     BrainStandardise in front of the network, `"volume"` VolumeDecode (ImageNet encoders then no longer see the
@@ -504,8 +512,9 @@ def build_model(name: str, input_shape=(128, 128, 3), filters: int = 16, weights
     `deep_supervision` adds auxiliary outputs before the mask of unet and resunet (supervised_heads); the other
     models ignore it. `bn_momentum` is the moving statistics' momentum of the network's own batch normalisation
     (Keras' default 0.99; PyTorch's default, as Buda et al. trained, is 0.9 in Keras' terms); pretrained encoders
-    keep theirs. `dropout` > 0 drops that fraction of the bottleneck's feature maps while training, and `attention`
-    gates every skip joined by the decoder (attention_gate); both unet and resunet only."""
+    keep theirs. `dropout` > 0 drops that fraction of the bottleneck's feature maps while training, `attention`
+    gates every skip joined by the decoder (attention_gate), and `norm="instance"` puts instance normalisation in
+    place of every batch normalisation (normalise; `bn_momentum` is then unused): all three unet and resunet only."""
     if name not in BUILDERS:
         raise BrainsegError(f"params.yaml: model '{name}' is not one of {SEGMENTERS + CLASSIFIERS}; "
                             "set it with `dvc exp run -S model=unet`")
@@ -518,12 +527,15 @@ def build_model(name: str, input_shape=(128, 128, 3), filters: int = 16, weights
         raise BrainsegError(f"params.yaml: train.bn_momentum {bn_momentum} is not in [0, 1); Keras' default is 0.99")
     if input_norm not in (None, "none", "slice", "volume"):
         raise BrainsegError(f"params.yaml: train.input_norm '{input_norm}' is not none, slice or volume")
+    if norm not in ("batch", "instance"):
+        raise BrainsegError(f"params.yaml: train.norm '{norm}' is not batch or instance")
     if not 0 <= dropout < 1:
         raise BrainsegError(f"params.yaml: train.dropout {dropout} is not in [0, 1); 0 turns it off")
     for option, value, models, off in (("slice_position", slice_position, POSITION_MODELS, "false"),
                                        ("neighbours", neighbours, POSITION_MODELS, "0"),
                                        ("dropout", dropout, SUPERVISED_MODELS, "0"),
-                                       ("attention", attention, SUPERVISED_MODELS, "false")):
+                                       ("attention", attention, SUPERVISED_MODELS, "false"),
+                                       ("norm", norm == "instance", SUPERVISED_MODELS, "batch")):
         if value and name not in models:
             raise BrainsegError(f"params.yaml: train.{option} works with {', '.join(models)}, not {name}; "
                                 f"set `-S train.{option}={off}`")
@@ -552,7 +564,7 @@ def build_model(name: str, input_shape=(128, 128, 3), filters: int = 16, weights
         extra["dropout"] = float(dropout)
     if attention:
         extra["attention"] = True
-    with batch_norm_momentum(bn_momentum):
+    with normalisation(bn_momentum, instance=norm == "instance"):
         outputs = BUILDERS[name](x, filters=filters, weights=weights, **extra)
     return keras.Model(inputs, outputs, name=name)
 

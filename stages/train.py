@@ -590,7 +590,8 @@ def build(name: str, cfg: dict, seed: int, data_dir: Path, splits: tuple = ("tra
             model = build_model(name, (size, size, 3), cfg["filters"], cfg.get("weights"), cfg.get("input_norm"),
                                 bool(cfg.get("slice_position")), int(cfg.get("neighbours") or 0),
                                 bool(cfg.get("deep_supervision")), float(cfg.get("bn_momentum", 0.99)),
-                                dropout=float(cfg.get("dropout") or 0), attention=bool(cfg.get("attention")))
+                                dropout=float(cfg.get("dropout") or 0), attention=bool(cfg.get("attention")),
+                                norm=cfg.get("norm") or "batch")
             *datasets, n_train = make_datasets(Path(data_dir), size, batch, name in CLASSIFIERS,
                                                cfg.get("tumour_slices_only", False), seed, len(model.outputs),
                                                cfg.get("augment"), cfg.get("input_norm"),

@@ -140,7 +140,8 @@ def test_segment_post_processes_with_params():
 
 
 @pytest.mark.parametrize("name, options", [("unet", {}), ("doubleunet", {}), ("cnn", {}),
-                                           ("unet", {"attention": True, "dropout": 0.3, "deep_supervision": True})])
+                                           ("unet", {"attention": True, "dropout": 0.3, "deep_supervision": True}),
+                                           ("resunet", {"norm": "instance"})])
 def test_litert_engine_matches_keras(name, options):
     from stages.models import build_model
 

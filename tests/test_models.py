@@ -229,6 +229,35 @@ def test_bn_momentum_outside_zero_one_names_the_setting(momentum):
         build_model("unet", (64, 64, 3), 4, bn_momentum=momentum)
 
 
+@pytest.mark.parametrize("name", ["unet", "resunet"])
+def test_instance_norm_replaces_every_batch_norm_and_normalises_each_slice_alone(name, tmp_path):
+    model = build_model(name, (32, 32, 3), 4, norm="instance", deep_supervision=True)
+    norms = [layer for layer in model.layers if isinstance(layer, keras.layers.GroupNormalization)]
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in model.layers)
+    assert len(norms) == len([layer for layer in build_model(name, (32, 32, 3), 4).layers
+                              if isinstance(layer, keras.layers.BatchNormalization)])
+    # instance normalisation: one group per channel
+    assert all(layer.groups == layer.input.shape[-1] for layer in norms)
+    x = np.random.default_rng(0).random((4, 32, 32, 3)).astype("float32")
+    # in training, batch normalisation mixes the batch's slices; instance normalisation treats each on its own
+    alone = keras.ops.convert_to_numpy(model(x[:1], training=True)[-1])
+    together = keras.ops.convert_to_numpy(model(x, training=True)[-1])[:1]
+    assert np.allclose(alone, together, atol=1e-5) and alone.std() > 1e-4
+    batch = build_model(name, (32, 32, 3), 4)
+    assert not np.allclose(keras.ops.convert_to_numpy(batch(x[:1], training=True)),
+                           keras.ops.convert_to_numpy(batch(x, training=True))[:1], atol=1e-3)
+    model.save(tmp_path / "m.keras")
+    reloaded = keras.saving.load_model(tmp_path / "m.keras", safe_mode=True)
+    assert np.allclose(keras.ops.convert_to_numpy(reloaded(x)[-1]), keras.ops.convert_to_numpy(model(x)[-1]))
+
+
+@pytest.mark.parametrize("name, norm, match", [("unet", "layer", "train.norm 'layer'"),
+                                               ("doubleunet", "instance", "train.norm=batch")])
+def test_norm_names_the_setting_when_unknown_or_on_another_model(name, norm, match):
+    with pytest.raises(BrainsegError, match=match):
+        build_model(name, (64, 64, 3), 4, norm=norm)
+
+
 def concat_conv_step(inputs, kernel, bias, joined):
     """Output of a 3x3 convolution with bias and ReLU over the channel join of `inputs`, and the gradients of a
     loss with respect to every input, the kernel and the bias: by ConcatConv2D, or by Concatenate then Conv2D."""

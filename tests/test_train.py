@@ -490,12 +490,14 @@ def test_train_with_slice_position_saves_a_four_channel_model(prepared, cfg, tmp
     assert model.input_shape[-1] == 4 and slice_positioned(model)
 
 
-def test_train_dropout_and_attention_reach_the_saved_model(prepared, cfg, tmp_path):
+def test_train_dropout_attention_and_instance_norm_reach_the_saved_model(prepared, cfg, tmp_path):
     model_path = tmp_path / "model.keras"
-    train("unet", {**cfg, "dropout": 0.3, "attention": True}, 0, prepared, model_path, None)
+    train("unet", {**cfg, "dropout": 0.3, "attention": True, "norm": "instance"}, 0, prepared, model_path, None)
     model = keras.models.load_model(model_path, safe_mode=True)
     assert model.get_layer("bottleneck_dropout").rate == 0.3
     assert sum(isinstance(layer, keras.layers.Multiply) for layer in model.layers) == 4
+    assert sum(isinstance(layer, keras.layers.GroupNormalization) for layer in model.layers) == 18
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in model.layers)
 
 
 def test_neighbour_channels_come_from_the_patients_original_slices_and_copies_get_their_augmentation(prepared):
