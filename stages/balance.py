@@ -1,7 +1,7 @@
 """Stage `balance`: grow the training split to a tumour/no-tumour balance with seeded augmentation.
 
 As in the seed article (3929 slices -> 5312, 2656 with tumour, 2656 without) but on the training split
-only: every augmented slice is a flipped / rotated / blurred (with `elastic`, also deformed) copy of a training
+only, and by default to twice its slices (`total: 2x`; the seed's growth is `total: auto`): every augmented slice is a flipped / rotated / blurred (with `elastic`, also deformed) copy of a training
 slice and keeps its source patient, so nothing derived from a validation or test patient ever reaches training.
 Validation and test keep their original slices. Output: data/prepared/{train,val,test}.csv, which refer to the
 index stage's data/slices by row instead of copying them, and the copies' pixels, train_copies_{images,masks}.npy
@@ -30,14 +30,32 @@ SEED_GROWTH = 5312 / 3929  # the seed article's balanced total over the full set
 META = ["patient", "case", "slice", "image", "augmentation", "tumour", "area"]
 
 
+def growth(total) -> float | None:
+    """The multiple of the slices that balance.total asks for: the seed's x5312/3929 for 'auto', g for 'gx' (such as
+    '2x'); None for an exact count."""
+    if total == "auto":
+        return SEED_GROWTH
+    if isinstance(total, str) and total.endswith("x"):
+        try:
+            return float(total[:-1])
+        except ValueError:
+            pass
+    elif isinstance(total, int) and not isinstance(total, bool):
+        return None
+    raise BrainsegError(f"params.yaml: balance.total '{total}' is not auto, a multiple of the training slices such "
+                        "as 2x, or a number of slices such as 3000")
+
+
 def plan_balance(n_tumour: int, n_empty: int, total="auto", tumour_fraction: float = 0.5) -> tuple[int, int]:
     """How many augmented (tumour, empty) slices to add. Originals are never dropped.
 
     total 'auto' applies the seed's growth x5312/3929 to n_tumour + n_empty, so 3929 slices with 1373
-    tumours become 5312 = 2656 + 2656 (1283 tumour and 100 empty copies added).
+    tumours become 5312 = 2656 + 2656 (1283 tumour and 100 empty copies added); 'gx' grows them g-fold; an integer
+    is the exact total.
     """
     n = n_tumour + n_empty
-    target = round(n * SEED_GROWTH) if total == "auto" else int(total)
+    factor = growth(total)
+    target = int(total) if factor is None else round(n * factor)
     if target < n:
         raise BrainsegError(f"params.yaml: balance.total {total} is below the {n} training slices; "
                             "originals are never dropped: use auto or a larger total")
@@ -196,8 +214,9 @@ def write_split(folder: Path, name: str, meta: pd.DataFrame, images, masks, rows
 
 def refit_config(cfg: dict, train_slices: int, val_slices: int) -> dict:
     """Balance settings for the validation patients' share of a refit: the growth the training split got (the
-    seed's x5312/3929 under `auto`, else balance.total over the training slices) applied to their slices."""
-    if cfg["total"] == "auto":
+    seed's x5312/3929 under `auto`, g under `gx`, else balance.total over the training slices) applied to their
+    slices."""
+    if growth(cfg["total"]) is not None:
         return cfg
     return {**cfg, "total": round(val_slices * int(cfg["total"]) / max(train_slices, 1))}
 

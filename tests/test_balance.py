@@ -19,6 +19,17 @@ def test_seed_article_arithmetic():
         plan_balance(10, 10, total=15)
 
 
+def test_total_as_a_multiple_grows_the_slices_that_many_fold():
+    assert plan_balance(496, 1511 - 496, total="2x") == (1015, 496)   # the dev archive's training split: 3022
+    assert plan_balance(10, 30, total="1.5x", tumour_fraction=0.3) == (8, 12)
+    assert plan_balance(10, 30, total="1x") == (10, 0)                # originals kept: 50 slices, not 40
+    with pytest.raises(BrainsegError, match="never dropped"):
+        plan_balance(10, 10, total="0.5x")
+    for bad in ("twice", "x", "2.5", 2.5, True):
+        with pytest.raises(BrainsegError, match=f"balance.total '{bad}' is not auto, a multiple"):
+            plan_balance(10, 10, total=bad)
+
+
 def synthetic_index(n=3929, tumours=1373, size=16):
     """An index of n tiny slices, `tumours` of them with a centred tumour blob, 20 slices per patient."""
     rng = np.random.default_rng(0)
@@ -257,4 +268,5 @@ def test_refit_config_grows_the_validation_slices_as_an_exact_total_grew_trainin
     from stages.balance import refit_config
 
     assert refit_config(CFG, 240, 80) is CFG  # auto: the seed's growth applies to any count
+    assert refit_config({**CFG, "total": "2x"}, 240, 80)["total"] == "2x"  # and so does a multiple
     assert refit_config({**CFG, "total": 300}, 240, 80)["total"] == 100
