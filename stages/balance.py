@@ -1,9 +1,9 @@
 """Stage `balance`: grow the training split to a tumour/no-tumour balance with seeded augmentation.
 
 As in the seed article (3929 slices -> 5312, 2656 with tumour, 2656 without) but on the training split
-only, and by default to twice its slices (`total: 2x`; the seed's growth is `total: auto`): every augmented slice
-is a flipped / rotated / blurred (with `elastic`, also deformed) copy of a training slice and keeps its source
-patient, so nothing derived from a validation or test patient ever reaches training.
+only (`total: auto`; `gx` grows it g-fold, an integer to that many slices): every augmented slice is a flipped /
+rotated / blurred (with `elastic`, also deformed) copy of a training slice and keeps its source patient, so nothing
+derived from a validation or test patient ever reaches training.
 Validation and test keep their original slices. Output: data/prepared/{train,val,test}.csv, which refer to the
 index stage's data/slices by row instead of copying them, and the copies' pixels, train_copies_{images,masks}.npy
 and slices.json, the digest of the index those rows refer to (see stages.prepared, which reads them).
