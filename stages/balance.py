@@ -12,6 +12,7 @@ was, which the refit trains on beside the training split once validation has cho
 """
 from __future__ import annotations
 
+import math
 import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -38,9 +39,11 @@ def growth(total) -> float | None:
         return SEED_GROWTH
     if isinstance(total, str) and total.endswith("x"):
         try:
-            return float(total[:-1])
+            factor = float(total[:-1])
         except ValueError:
-            pass
+            factor = math.nan
+        if math.isfinite(factor):
+            return factor
     elif isinstance(total, int) and not isinstance(total, bool):
         return None
     raise BrainsegError(f"params.yaml: balance.total '{total}' is not auto, a multiple of the training slices such "

@@ -25,7 +25,7 @@ def test_total_as_a_multiple_grows_the_slices_that_many_fold():
     assert plan_balance(10, 30, total="1x") == (10, 0)                # originals kept: 50 slices, not 40
     with pytest.raises(BrainsegError, match="never dropped"):
         plan_balance(10, 10, total="0.5x")
-    for bad in ("twice", "x", "2.5", 2.5, True):
+    for bad in ("twice", "x", "infx", "2.5", 2.5, True):
         with pytest.raises(BrainsegError, match=f"balance.total '{bad}' is not auto, a multiple"):
             plan_balance(10, 10, total=bad)
 
