@@ -12,7 +12,6 @@ was, which the refit trains on beside the training split once validation has cho
 """
 from __future__ import annotations
 
-import math
 import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -37,15 +36,10 @@ def growth(total) -> float | None:
     '2x'); None for an exact count."""
     if total == "auto":
         return SEED_GROWTH
-    if isinstance(total, str) and total.endswith("x"):
-        try:
-            factor = float(total[:-1])
-        except ValueError:
-            factor = math.nan
-        if math.isfinite(factor):
-            return factor
-    elif isinstance(total, int) and not isinstance(total, bool):
+    if isinstance(total, int) and not isinstance(total, bool):
         return None
+    if isinstance(total, str) and re.fullmatch(r"[0-9]+(\.[0-9]+)?x", total):
+        return float(total[:-1])
     raise BrainsegError(f"params.yaml: balance.total '{total}' is not auto, a multiple of the training slices such "
                         "as 2x, or a number of slices such as 3000")
 
