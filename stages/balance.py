@@ -91,7 +91,8 @@ def transform(image: np.ndarray, flip: bool, angle: float, sigma: float = 0.0,
     """A copy's geometry and blur, in order: mirror left-right, rotate `angle` degrees about the centre, deform
     elastically by `warp` = (sd, seed) of displacement (None: none), blur with `sigma` (0: none)."""
     if flip:
-        image = image[:, ::-1]
+        # cv2.flip: the same bytes as a copy of image[:, ::-1], about 30x faster than numpy's negative-stride copy
+        image = cv2.flip(np.ascontiguousarray(image), 1).reshape(image.shape)
     h, w = image.shape[:2]
     if angle:
         rot = cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1.0)
@@ -159,12 +160,14 @@ def augmentation_sources(meta: pd.DataFrame, cfg: dict, seed: int) -> np.ndarray
 def augmented_copies(meta: pd.DataFrame, source, sources: np.ndarray, cfg: dict, seed: int):
     """Yield (image, mask, meta row) for each augmented copy of the rows `sources` of meta, in order;
     source(i) -> (image, mask) of row i."""
+    records = meta.to_dict("records")
+
     def copy(k_src):
         k, src = k_src
         # one generator per copy, keyed by its position: a copy never depends on how many came before,
         # so two threads (OpenCV releases the GIL) make the same bytes as one
         image, mask, how = augment(*source(src), np.random.default_rng([seed, k]), cfg)
-        return image, mask, {**meta.iloc[src].to_dict(), "augmentation": how, "area": int(mask.sum())}
+        return image, mask, {**records[src], "augmentation": how, "area": int(mask.sum())}
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         yield from tqdm(pool.map(copy, enumerate(sources)), total=len(sources), desc="augment", unit="slice")

@@ -69,6 +69,16 @@ def test_seeded_byte_identical():
     assert a[0].equals(b[0]) and np.array_equal(a[1], b[1]) and np.array_equal(a[2], b[2])
 
 
+def test_flip_is_an_exact_mirror_for_every_layout():
+    from stages.balance import transform
+    rng = np.random.default_rng(0)
+    # slices, masks with and without a channel axis, one plane, and a view that is not contiguous
+    for image in (rng.integers(0, 256, (32, 48, 3), np.uint8), rng.integers(0, 2, (32, 48), np.uint8),
+                  rng.integers(0, 2, (32, 48, 1), np.uint8), rng.integers(0, 256, (32, 48, 4), np.uint8)[..., 1:]):
+        out = transform(image, flip=True, angle=0.0)
+        assert out.shape == image.shape and np.array_equal(out, image[:, ::-1])
+
+
 def test_image_and_mask_get_the_same_geometry():
     image = np.zeros((64, 64, 3), np.uint8)
     mask = np.zeros((64, 64), np.uint8)
