@@ -3,6 +3,7 @@ against the time to just decode every TIFF once (read from the zip, pixels only,
 also times extracting the zip's files, which the download stage did before it kept zips whole.
 
     python -m benchmarks.data_stages [--archive ../shared/data/lgg-mri-segmentation-dev.zip]
+    python -m benchmarks.data_stages -S balance.total=2x   # a setting changed as `dvc exp run -S` would
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import cv2
 import numpy as np
 import yaml
 
+from benchmarks.gpu_recipe import override
 from stages import balance, download, index, split
 from stages.common import ROOT
 
@@ -45,9 +47,14 @@ def decode_all(archive: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--archive", default=str(ROOT.parent / "shared/data/lgg-mri-segmentation-dev.zip"))
-    archive = Path(parser.parse_args().archive).resolve()
+    parser.add_argument("-S", dest="set", action="append", default=[], metavar="KEY=VALUE",
+                        help="change a setting of params.yaml for this run, as `dvc exp run -S` does")
+    args = parser.parse_args()
+    archive = Path(args.archive).resolve()
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["data"].update(source="archive", archive=str(archive))
+    for assignment in args.set:
+        override(params, assignment)
     with tempfile.TemporaryDirectory() as tmp:
         os.chdir(tmp)
         Path("params.yaml").write_text(yaml.safe_dump(params))
@@ -56,7 +63,8 @@ def main() -> None:
         decode = min(timed(lambda: decode_all(archive)) for _ in range(2))
         extract = timed(lambda: download.extract_zip(archive, Path("extracted")))
     total = sum(times.values())
-    print(f"\nmachine: {os.cpu_count()} cores; archive: {archive.name}")
+    print(f"\nmachine: {os.cpu_count()} cores; archive: {archive.name}; balance.total: {params['balance']['total']}"
+          + "".join(f"; -S {a}" for a in args.set))
     for name, seconds in times.items():
         print(f"  {name:9s} {seconds:6.1f} s")
     print(f"data stages total    {total:6.1f} s   (target < 30 s)")

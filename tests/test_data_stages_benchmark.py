@@ -1,0 +1,33 @@
+import ast
+import sys
+
+import pytest
+
+from benchmarks import data_stages
+from tests.test_download import kaggle_zip
+
+
+def run(monkeypatch, capsys, *argv):
+    monkeypatch.setattr(sys, "argv", ["data_stages", *argv])
+    data_stages.main()
+    return capsys.readouterr().out
+
+
+def test_prints_each_stage_and_the_ratio_to_a_decode_with_a_setting_changed(project, synthetic_root, monkeypatch,
+                                                                            capsys):
+    archive = kaggle_zip(project / "archive.zip", synthetic_root)
+    out = run(monkeypatch, capsys, "--archive", str(archive), "-S", "balance.total=2x")
+    assert "balance.total: 2x; -S balance.total=2x" in out
+    # the training split grown two-fold, as the stage summary printed it
+    grown = [line for line in out.splitlines() if line.startswith("{'train': {'slices'")]
+    assert grown and "'augmented'" in grown[0]
+    train = ast.literal_eval(grown[0])["train"]
+    assert train["slices"] == 2 * (train["slices"] - train["augmented"])
+    for name in ("download", "index", "split", "balance", "data stages total", "decode every TIFF", "ratio"):
+        assert name in out
+
+
+def test_an_unknown_setting_is_named(project, synthetic_root, monkeypatch, capsys):
+    archive = kaggle_zip(project / "archive.zip", synthetic_root)
+    with pytest.raises(SystemExit, match="balance.totl"):
+        run(monkeypatch, capsys, "--archive", str(archive), "-S", "balance.totl=2x")
