@@ -119,6 +119,7 @@ def tumour_slice(dev_zip, dest):
 
 
 def test_upload_in_a_real_browser_shows_overlay_and_verdict(dev_zip, tmp_path, server, chrome):
+    from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
@@ -135,9 +136,19 @@ def test_upload_in_a_real_browser_shows_overlay_and_verdict(dev_zip, tmp_path, s
         (By.XPATH, "//*[@data-testid='stAlert'][contains(., 'Tumour present') or contains(., 'No tumour found')]")))
     wait.until(ec.visibility_of_element_located(
         (By.XPATH, "//*[contains(text(), 'Predicted tumour (red outline)')]")))
-    images = [img for img in chrome.find_elements(By.CSS_SELECTOR, "[data-testid='stImage'] img")
-              if chrome.execute_script("return arguments[0].complete && arguments[0].naturalWidth", img)]
-    assert len(images) == 2, "input and overlay images rendered"
+
+    def rendered(driver):
+        return [img for img in driver.find_elements(By.CSS_SELECTOR, "[data-testid='stImage'] img")
+                if driver.execute_script("return arguments[0].complete && arguments[0].naturalWidth", img)]
+
+    # the caption can be shown before the browser has decoded both pictures (seen on a loaded machine), so wait
+    # for them, up to the same limit, instead of counting at once
+    try:
+        WebDriverWait(chrome, PAGE_TIMEOUT, ignored_exceptions=(StaleElementReferenceException,)).until(
+            lambda driver: len(rendered(driver)) >= 2)
+    except TimeoutException:
+        pass  # the assertion below says what was there
+    assert len(rendered(chrome)) == 2, "input and overlay images rendered"
     assert chrome.find_element(By.XPATH, f"//*[contains(text(), '{slice_path.name}')]")
     assert "Traceback" not in chrome.page_source
     ARTIFACTS.mkdir(exist_ok=True)
