@@ -255,9 +255,20 @@ def write_refit(folder: Path, index: pd.DataFrame, split: pd.Series, images, mas
                        refit_config(cfg, len(split_rows(index, split, "train")), len(rows)), seed + 1)
 
 
+def copies_seed(params: dict) -> int:
+    """The seed that draws the augmented copies: balance.seed, or the top-level seed (which also cuts the split)
+    where that is null, so the copies can be drawn again on the same split."""
+    seed = params["seed"] if params["balance"].get("seed") is None else params["balance"]["seed"]
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise BrainsegError(f"params.yaml: balance.seed {seed!r} is not a whole number >= 0; use null (the top-level "
+                            "seed) or e.g. 7")
+    return seed
+
+
 def main() -> None:
     params = load_params()
     cfg = params["balance"]
+    seed = copies_seed(params)
     index, split, images, masks = load_inputs()
     summary = {}
     with atomic_path(PREPARED, is_dir=True) as tmp:
@@ -265,10 +276,10 @@ def main() -> None:
             rows = split_rows(index, split, name)
             meta = index.iloc[rows][META].reset_index(drop=True)
             meta = write_split(tmp, name, meta, images, masks, rows,
-                               cfg if name == "train" else None, params["seed"])
+                               cfg if name == "train" else None, seed)
             summary[name] = split_summary(meta)
         if params["train"].get("refit"):
-            summary["refit"] = split_summary(write_refit(tmp, index, split, images, masks, cfg, params["seed"]))
+            summary["refit"] = split_summary(write_refit(tmp, index, split, images, masks, cfg, seed))
         prepared.write_record(tmp, INDEX.parent, len(images))
     write_json(Path("metrics") / "balance.json", summary)
     print(summary)

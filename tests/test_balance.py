@@ -280,3 +280,31 @@ def test_refit_config_grows_the_validation_slices_as_an_exact_total_grew_trainin
     assert refit_config(CFG, 240, 80) is CFG  # auto: the seed's growth applies to any count
     assert refit_config({**CFG, "total": "2x"}, 240, 80)["total"] == "2x"  # and so does a multiple
     assert refit_config({**CFG, "total": 300}, 240, 80)["total"] == 100
+
+
+def test_balance_seed_draws_other_copies_on_the_same_split_and_null_is_the_top_level_seed(tmp_path, monkeypatch):
+    from stages import balance, prepared
+
+    meta, images, masks = synthetic_index(400, 120)
+    data = tmp_path / "data"
+    index_stage_outputs(data, meta, images, masks)
+    patients = sorted(meta["patient"].unique())
+    pd.DataFrame({"patient": patients, "split": ["train"] * 12 + ["val"] * 4 + ["test"] * 4}).to_csv(
+        data / "split.csv", index=False)
+    monkeypatch.chdir(tmp_path)
+
+    def copies(seed, balance_seed):
+        monkeypatch.setattr(balance, "load_params", lambda: {"seed": seed, "train": {},
+                                                             "balance": {**CFG, "seed": balance_seed}})
+        balance.main()
+        return prepared.read_table(data, "train")[0]
+
+    top = copies(3, None)
+    assert copies(9, 3).equals(top)  # the copies follow balance.seed alone; the split is data/split.csv's
+    other = copies(3, 4)
+    assert len(other) == len(top) and other["tumour"].sum() == top["tumour"].sum()
+    assert not other["augmentation"].equals(top["augmentation"])
+    for bad in (-1, 1.5, "seven", True):
+        with pytest.raises(BrainsegError, match=f"balance.seed {bad!r} is not a whole number"):
+            copies(3, bad)
+    assert prepared.read_table(data, "train")[0].equals(other)  # a refused seed left the last good outputs
