@@ -10,16 +10,18 @@ for seed.
     python -m benchmarks.seeds --exp 'p10-s*' --against 'ds-s*'      # a lever against it, seed for seed
     python -m benchmarks.seeds --exp 'm3-*'     # seed ensembles (runs of -S 'train.members=[42,7,1]' and others)
     python -m benchmarks.seeds --exp 'd3-*'     # their students (the same with -S train.distil=0.5)
+    python -m benchmarks.seeds --exp 'cs-c*'    # runs of -S balance.seed=N: the spread over draws of the copies
 
 Issue 6 asks that the same recipe with another seed stays within 0.02 of per-volume Dice on the held-out patients.
 `train.seed` moves the weights' initialisation and the order of the batches, not the split (the top-level `seed`
-cuts it), so every run scores the same validation and test patients and the runs pair by seed. For each run: the
-validation patients' mean per-volume Dice threshold only and with the post-processing they chose, then the test
-patients' mean, median and worst patient. For the recipe: the test means' mean, sd and range, and how many of the
-pairs of seeds lie within 0.02. With --against, each seed's difference: a lever is judged on validation (with the
-post-processing chosen there) and the test difference is printed for the record, never to choose. Figures come from
-the files each experiment committed (`metrics/eval.json`, `metrics/train.json`, `metrics/per_patient.csv`,
-`params.yaml`).
+cuts it), so every run scores the same validation and test patients and the runs pair by seed. `balance.seed` draws
+the augmented copies anew on the same split (null: the top-level seed's copies); runs pair by both seeds and may
+differ in either. For each run: the validation patients' mean per-volume Dice threshold only and with the
+post-processing they chose, then the test patients' mean, median and worst patient. For the recipe: the test means'
+mean, sd and range, and how many of the pairs of seeds lie within 0.02. With --against, each seed's difference: a
+lever is judged on validation (with the post-processing chosen there) and the test difference is printed for the
+record, never to choose. Figures come from the files each experiment committed (`metrics/eval.json`,
+`metrics/train.json`, `metrics/per_patient.csv`, `params.yaml`).
 """
 from __future__ import annotations
 
@@ -36,8 +38,10 @@ import yaml
 
 from benchmarks.architectures import experiments, git_show
 from benchmarks.crossval import markdown
+from stages.balance import copies_seed
 
 TOLERANCE = 0.02  # issue 6: another seed stays within this of per-volume Dice
+SEEDS = ["seed", "copies"]  # a run's training seed and the seed that drew its augmented copies
 
 
 def run_seed(params: dict) -> int | str:
@@ -49,6 +53,10 @@ def run_seed(params: dict) -> int | str:
     return int(params["seed"] if train.get("seed") is None else train["seed"])
 
 
+def seed_pairs(rows: pd.DataFrame) -> list[tuple]:
+    return sorted(zip(rows["seed"], rows["copies"]), key=str)
+
+
 def run_row(name: str, params: dict, evaluation: dict, train: dict, per_patient: pd.DataFrame) -> dict:
     """One run's figures: validation threshold only and chosen, test mean, median and worst patient."""
     validation = evaluation.get("validation")
@@ -58,7 +66,7 @@ def run_row(name: str, params: dict, evaluation: dict, train: dict, per_patient:
     compare = validation["postprocess_compare"]
     chosen = evaluation["postprocess"]["chosen_on_validation"]
     worst = per_patient.loc[per_patient["dice"].idxmin()]
-    return {"run": name, "seed": run_seed(params),
+    return {"run": name, "seed": run_seed(params), "copies": copies_seed(params),
             "epochs (best)": f"{train.get('epochs', '-')} ({train.get('best_epoch', '-')})",
             "validation, threshold only": compare["threshold"]["dice_volume_mean"],
             "validation, chosen": compare[chosen]["dice_volume_mean"], "chosen": chosen,
@@ -100,11 +108,11 @@ def unit(rows: pd.DataFrame) -> str:
 
 def paired(rows: pd.DataFrame, baseline: pd.DataFrame) -> pd.DataFrame:
     """The lever's runs against the baseline's, seed for seed: differences of validation and test."""
-    both = rows.merge(baseline, on="seed", suffixes=("", " base"))
+    both = rows.merge(baseline, on=SEEDS, suffixes=("", " base"))
     if both.empty:
-        raise SystemExit(f"no seed in common: the runs have seeds {sorted(rows.seed)}, --against "
-                         f"{sorted(baseline.seed)}")
-    return pd.DataFrame([{"seed": r["seed"], "run": f"{r['run']} vs {r['run base']}",
+        raise SystemExit(f"no seed in common: the runs have seeds {seed_pairs(rows)}, --against "
+                         f"{seed_pairs(baseline)} (training seed, copies' seed)")
+    return pd.DataFrame([{"seed": r["seed"], "copies": r["copies"], "run": f"{r['run']} vs {r['run base']}",
                           "validation, threshold only": r["validation, threshold only"]
                           - r["validation, threshold only base"],
                           "validation, chosen": r["validation, chosen"] - r["validation, chosen base"],
@@ -139,15 +147,15 @@ def flat(tree: dict, prefix: str = "") -> dict:
 
 
 def same_recipe(params: dict[str, dict]) -> None:
-    """The runs of one recipe may differ in their training seed only (for seed ensembles, in their members' seeds,
-    not in how many there are): a spread over runs that differ in more is not a seed's spread."""
+    """The runs of one recipe may differ in their training seed and their copies' seed only (for seed ensembles, in
+    their members' seeds, not in how many there are): a spread over runs that differ in more is not a seed's spread."""
     flats = {name: flat(p) for name, p in params.items()}
     for f in flats.values():
         f["train.members"] = len(f.get("train.members") or [])
-    keys = set().union(*flats.values()) - {"train.seed"}
+    keys = set().union(*flats.values()) - {"train.seed", "balance.seed"}
     differ = sorted(k for k in keys if len({json.dumps(f.get(k)) for f in flats.values()}) > 1)
     if differ:
-        raise SystemExit(f"the runs {sorted(params)} differ in more than train.seed: {', '.join(differ)}; "
+        raise SystemExit(f"the runs {sorted(params)} differ in more than their seeds: {', '.join(differ)}; "
                          "name one recipe's runs with --exp and another's with --against")
 
 
@@ -174,10 +182,11 @@ def load(repo: Path, runs: dict[str, str]) -> tuple[pd.DataFrame, dict[str, dict
                             pd.read_csv(io.StringIO(files["metrics/per_patient.csv"]))))
     same_recipe(params)
     table = pd.DataFrame(rows)
-    twice = table.seed[table.seed.duplicated()].tolist()
+    twice = seed_pairs(table[table.duplicated(SEEDS)])
     if twice:
-        raise SystemExit(f"seeds {twice} are named by more than one run: name one run a seed")
-    return table.sort_values("seed", ignore_index=True), params
+        raise SystemExit(f"seeds {twice} (training seed, copies' seed) are named by more than one run: name one run "
+                         "a seed")
+    return table.sort_values(SEEDS, ignore_index=True), params
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -200,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
         print(spread_line(spread(base["test mean"]), unit=unit(base)))
         print("\nthe runs against the baseline, seed for seed:")
         differences = paired(rows, base)
-        signed = {c: differences[c].map("{:+.3f}".format) for c in differences.columns[2:]}
+        signed = {c: differences[c].map("{:+.3f}".format) for c in differences.columns[3:]}
         print(markdown(differences.assign(**signed)))
         print(verdict(differences))
 

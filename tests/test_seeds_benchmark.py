@@ -47,16 +47,16 @@ def test_a_distilled_ensemble_is_named_and_counted_as_one():
     assert seeds.run_seed(ensemble([42, 7, 1], distil=0.5)) == "42+7+1 distilled"
     assert seeds.run_seed(ensemble([42, 7, 1], distil=0)) == "42+7+1"
     assert seeds.unit(pd.DataFrame({"seed": ["42+7+1 distilled", "3+5+11 distilled"]})) == "distilled ensemble"
-    with pytest.raises(SystemExit, match="differ in more than train.seed: train.distil"):
+    with pytest.raises(SystemExit, match="differ in more than their seeds: train.distil"):
         seeds.same_recipe({"a": ensemble([42, 7, 1], distil=0.5), "b": ensemble([3, 5, 11])})
 
 
 def test_seed_ensembles_of_one_recipe_may_differ_in_their_members_not_in_their_number():
     seeds.same_recipe({"a": ensemble([42, 7, 1]), "b": ensemble([3, 5, 11])})
     seeds.same_recipe({"a": params(1), "b": ensemble(None)})  # a run from before train.members: null
-    with pytest.raises(SystemExit, match="differ in more than train.seed: train.members"):
+    with pytest.raises(SystemExit, match="differ in more than their seeds: train.members"):
         seeds.same_recipe({"a": ensemble([42, 7, 1]), "b": ensemble([3, 5])})
-    with pytest.raises(SystemExit, match="differ in more than train.seed: train.members"):
+    with pytest.raises(SystemExit, match="differ in more than their seeds: train.members"):
         seeds.same_recipe({"a": ensemble([42, 7, 1]), "b": params(3)})
 
 
@@ -67,7 +67,8 @@ def test_a_run_without_validation_scores_is_refused_by_name():
 
 def rows(tests, thresholds=None, chosen=None, start=0):
     n = len(tests)
-    return pd.DataFrame({"run": [f"r{i}" for i in range(n)], "seed": list(range(start, start + n)), "test mean": tests,
+    return pd.DataFrame({"run": [f"r{i}" for i in range(n)], "seed": list(range(start, start + n)), "copies": 42,
+                         "test mean": tests,
                          "validation, threshold only": thresholds or [0.8] * n,
                          "validation, chosen": chosen or [0.8] * n})
 
@@ -107,9 +108,9 @@ def test_the_runs_of_one_recipe_differ_in_their_training_seed_only():
     seeds.same_recipe({"a": params(1), "b": params(2)})
     other = params(2)
     other["train"]["patience"] = 10
-    with pytest.raises(SystemExit, match="differ in more than train.seed: train.patience"):
+    with pytest.raises(SystemExit, match="differ in more than their seeds: train.patience"):
         seeds.same_recipe({"a": {**params(1), "train": {"seed": 1, "patience": 5}}, "b": other})
-    with pytest.raises(SystemExit, match="differ in more than train.seed: train.patience"):
+    with pytest.raises(SystemExit, match="differ in more than their seeds: train.patience"):
         seeds.same_recipe({"a": params(1), "b": other})  # a key only one run has
 
 
@@ -141,7 +142,7 @@ def test_load_sorts_by_seed_and_refuses_a_seed_twice_or_a_missing_file(monkeypat
     table, found = seeds.load(tmp_path, {"x-s42": "a", "x-s7": "b"})
     assert table.seed.tolist() == [7, 42] and table["test mean"].tolist() == [0.76, 0.78]
     assert set(found) == {"x-s42", "x-s7"}
-    with pytest.raises(SystemExit, match="seeds \\[7\\]"):
+    with pytest.raises(SystemExit, match="seeds \\[\\(7, 42\\)\\]"):
         seeds.load(tmp_path, {"x-s7": "b", "y-s7": "c"})
     with pytest.raises(SystemExit, match="x-s1: its commit has no metrics/eval.json"):
         seeds.load(tmp_path, {"x-s1": "d"})
@@ -156,5 +157,29 @@ def test_main_prints_the_spread_and_the_paired_verdict(monkeypatch, tmp_path, ca
     out = capsys.readouterr().out
     assert "over 2 seeds: mean 0.750, sd 0.071, range 0.100; 0 of 1 pair of seeds within 0.02: not met" in out
     assert "over 2 seeds: mean 0.770, sd 0.014, range 0.020; 1 of 1 pair of seeds within 0.02: met" in out
-    assert "| 42 | p10-s42 vs ds-s42 | +0.000 | +0.000 | +0.020 |" in out
-    assert "| 7 | p10-s7 vs ds-s7 | +0.000 | +0.000 | -0.060 |" in out and "Test, for the record only: -0.020" in out
+    assert "| 42 | 42 | p10-s42 vs ds-s42 | +0.000 | +0.000 | +0.020 |" in out
+    assert "| 7 | 42 | p10-s7 vs ds-s7 | +0.000 | +0.000 | -0.060 |" in out
+    assert "Test, for the record only: -0.020" in out
+
+
+def copies(train_seed, balance_seed, test=0.78):
+    """A run's files with balance.seed set (None: the top-level seed's copies)."""
+    run = files(train_seed, test)
+    p = yaml.safe_load(run["params.yaml"])
+    p["balance"] = {"total": "auto", "seed": balance_seed}
+    return {**run, "params.yaml": yaml.safe_dump(p)}
+
+
+def test_runs_differing_in_their_copies_seed_are_one_recipe_and_pair_by_both_seeds(monkeypatch, tmp_path):
+    fake_repo(monkeypatch, {"a": copies(42, None), "b": copies(42, 7, 0.74), "c": copies(42, 42, 0.76),
+                            "d": copies(7, 7, 0.70)})
+    table, _ = seeds.load(tmp_path, {"cs-c42": "a", "cs-c7": "b", "ts-s7": "d"})
+    assert list(zip(table.seed, table.copies)) == [(7, 7), (42, 7), (42, 42)]  # null is the top-level seed, 42
+    with pytest.raises(SystemExit, match="\\(42, 42\\)"):
+        seeds.load(tmp_path, {"cs-c42": "a", "x": "c"})  # balance.seed 42 draws the same copies as null
+    lever, _ = seeds.load(tmp_path, {"x": "c", "y": "b"})
+    base, _ = seeds.load(tmp_path, {"cs-c42": "a", "ts-s7": "d"})
+    d = seeds.paired(lever, base)
+    assert d["run"].tolist() == ["x vs cs-c42"] and d["test mean"].round(3).tolist() == [-0.02]
+    with pytest.raises(SystemExit, match="no seed in common.*\\(42, 7\\)"):
+        seeds.paired(lever.iloc[:1], base)  # y: seed 42 with copies 7
