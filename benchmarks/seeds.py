@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
         print(spread_line(spread(base["test mean"]), unit=unit(base)))
         print("\nthe runs against the baseline, seed for seed:")
         differences = paired(rows, base)
-        signed = {c: differences[c].map("{:+.3f}".format) for c in differences.columns[3:]}
+        signed = {c: differences[c].map("{:+.3f}".format) for c in differences.columns if c not in (*SEEDS, "run")}
         print(markdown(differences.assign(**signed)))
         print(verdict(differences))
 

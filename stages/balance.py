@@ -259,7 +259,8 @@ def copies_seed(params: dict) -> int:
     """The seed that draws the augmented copies: balance.seed, or the top-level seed (which also cuts the split)
     where that is null, so the copies can be drawn again on the same split."""
     seed = (params.get("balance") or {}).get("seed")
-    seed = params["seed"] if seed is None else seed
+    if seed is None:
+        return params["seed"]
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise BrainsegError(f"params.yaml: balance.seed {seed!r} is not a whole number >= 0; use null (the top-level "
                             "seed) or e.g. 7")
