@@ -1,7 +1,8 @@
 """Seed ensembles: several trained models of one recipe, their probability maps averaged, scored as evaluate does.
 
 Each argument is a run folder (a `dvc exp` workspace or a `benchmarks.gpu_recipe` workdir) with
-models/model.keras and data/prepared. All must share one split (the same data/split.csv). The ensemble is one
+models/model.keras and data/prepared. All must share one split (the same data/split.csv); they may differ in
+train.seed and in balance.seed (each member trained on its own draw of balance's copies). The ensemble is one
 Keras model that averages the members' outputs, so evaluate's own code scores it: validation patients first,
 post-processing chosen on them, then one look at the test patients. Prints each member's figures (from its
 metrics/eval.json) beside the ensemble's.
@@ -44,7 +45,7 @@ def check_same_split(runs: list[Path]) -> None:
     if len(set(splits.values())) != 1:
         raise BrainsegError(f"{', '.join(map(str, runs))}: their data/split.csv differ; an ensemble must be "
                             "scored on patients none of its members trained on. Fix: runs of one split "
-                            "(same seed and split parameters, only train.seed changed)")
+                            "(same seed and split parameters; only train.seed or balance.seed changed)")
 
 
 def split_test_patients(run: Path) -> list[str]:
