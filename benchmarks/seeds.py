@@ -38,7 +38,7 @@ import yaml
 
 from benchmarks.architectures import experiments, git_show
 from benchmarks.crossval import markdown
-from stages.balance import copies_seed
+from stages.balance import MEMBERS, copies_seed, member_copies
 
 TOLERANCE = 0.02  # issue 6: another seed stays within this of per-volume Dice
 SEEDS = ["seed", "copies"]  # a run's training seed and the seed that drew its augmented copies
@@ -51,6 +51,13 @@ def run_seed(params: dict) -> int | str:
     if train.get("members"):
         return "+".join(str(seed) for seed in train["members"]) + (" distilled" if train.get("distil") else "")
     return int(params["seed"] if train.get("seed") is None else train["seed"])
+
+
+def run_copies(params: dict) -> int | str:
+    """The seed that drew a run's augmented copies; for a seed ensemble whose members drew their own
+    (balance.seed: members), its members' seeds, as "42+7+1"."""
+    members = member_copies(params)
+    return "+".join(str(seed) for seed in members) if members else copies_seed(params)
 
 
 def seed_pairs(rows: pd.DataFrame) -> list[tuple]:
@@ -66,7 +73,7 @@ def run_row(name: str, params: dict, evaluation: dict, train: dict, per_patient:
     compare = validation["postprocess_compare"]
     chosen = evaluation["postprocess"]["chosen_on_validation"]
     worst = per_patient.loc[per_patient["dice"].idxmin()]
-    return {"run": name, "seed": run_seed(params), "copies": copies_seed(params),
+    return {"run": name, "seed": run_seed(params), "copies": run_copies(params),
             "epochs (best)": f"{train.get('epochs', '-')} ({train.get('best_epoch', '-')})",
             "validation, threshold only": compare["threshold"]["dice_volume_mean"],
             "validation, chosen": compare[chosen]["dice_volume_mean"], "chosen": chosen,
@@ -108,7 +115,9 @@ def unit(rows: pd.DataFrame) -> str:
 
 def paired(rows: pd.DataFrame, baseline: pd.DataFrame) -> pd.DataFrame:
     """The lever's runs against the baseline's, seed for seed: differences of validation and test."""
-    both = rows.merge(baseline, on=SEEDS, suffixes=("", " base"))
+    # keyed as text: an ensemble's seeds ("42+7+1") and a single run's (42) never match, and never clash in dtype
+    both = rows.assign(**{k: rows[k].map(str) for k in SEEDS}).merge(
+        baseline.assign(**{k: baseline[k].map(str) for k in SEEDS}), on=SEEDS, suffixes=("", " base"))
     if both.empty:
         raise SystemExit(f"no seed in common: the runs have seeds {seed_pairs(rows)}, --against "
                          f"{seed_pairs(baseline)} (training seed, copies' seed)")
@@ -152,7 +161,9 @@ def same_recipe(params: dict[str, dict]) -> None:
     flats = {name: flat(p) for name, p in params.items()}
     for f in flats.values():
         f["train.members"] = len(f.get("train.members") or [])
-    keys = set().union(*flats.values()) - {"train.seed", "balance.seed"}
+        # one seed or another is a seed's difference; a draw per member (or not) is another recipe
+        f["balance.seed"] = f.get("balance.seed") == MEMBERS
+    keys = set().union(*flats.values()) - {"train.seed"}
     differ = sorted(k for k in keys if len({json.dumps(f.get(k)) for f in flats.values()}) > 1)
     if differ:
         raise SystemExit(f"the runs {sorted(params)} differ in more than their seeds: {', '.join(differ)}; "

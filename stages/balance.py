@@ -9,6 +9,8 @@ index stage's data/slices by row instead of copying them, and the copies' pixels
 and slices.json, the digest of the index those rows refer to (see stages.prepared, which reads them).
 With train.refit, also refit.csv (and refit_copies_*.npy): the validation patients balanced as the training split
 was, which the refit trains on beside the training split once validation has chosen the epochs (stages.train).
+With balance.seed `members` and a seed ensemble (train.members), every member gets its own draw of copies, made with
+its seed: train.csv holds the first member's, train_seed<S>.csv (and its copies) each other member's.
 """
 from __future__ import annotations
 
@@ -22,11 +24,13 @@ import pandas as pd
 from tqdm import tqdm
 
 from stages import prepared
-from stages.common import BrainsegError, NpyWriter, atomic_path, load_params, run_main, write_json
+from stages.common import (BrainsegError, NpyWriter, atomic_path, load_params, member_seeds, run_main,
+                           write_json)
 from stages.index import INDEX, SLICES
 from stages.split import SPLIT
 
 PREPARED = Path("data") / "prepared"
+MEMBERS = "members"  # balance.seed: one draw of copies per member of train.members
 SEED_GROWTH = 5312 / 3929  # the seed article's balanced total over the full set's slice count
 META = ["patient", "case", "slice", "image", "augmentation", "tumour", "area"]
 
@@ -256,33 +260,52 @@ def write_refit(folder: Path, index: pd.DataFrame, split: pd.Series, images, mas
 
 
 def copies_seed(params: dict) -> int:
-    """The seed that draws the augmented copies: balance.seed, or the top-level seed (which also cuts the split)
-    where that is null, so the copies can be drawn again on the same split."""
+    """The seed that draws the augmented copies of train.csv: balance.seed, or the top-level seed (which also cuts
+    the split) where that is null, so the copies can be drawn again on the same split; with balance.seed `members`,
+    the first member's."""
     seed = (params.get("balance") or {}).get("seed")
     if seed is None:
         return params["seed"]
+    if seed == MEMBERS:
+        return member_copies(params)[0]
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise BrainsegError(f"params.yaml: balance.seed {seed!r} is not a whole number >= 0; use null (the top-level "
-                            "seed) or e.g. 7")
+                            "seed), members (one draw per member of train.members) or e.g. 7")
     return seed
+
+
+def member_copies(params: dict) -> list[int]:
+    """With balance.seed `members`: train.members' seeds, one draw of copies each, as a run with
+    `-S balance.seed=S` would draw them, so each member trains as the run of its seed with both seeds drawn;
+    else [] (every member trains on train.csv's one draw)."""
+    if (params.get("balance") or {}).get("seed") != MEMBERS:
+        return []
+    members = member_seeds(params.get("train") or {})
+    if not members:
+        raise BrainsegError("params.yaml: balance.seed is members, one draw of copies per member of a seed ensemble, "
+                            "but train.members is null. Fix: set `-S 'train.members=[42,7,1]'` too, or "
+                            "`-S balance.seed=null`")
+    return members
 
 
 def main() -> None:
     params = load_params()
     cfg = params["balance"]
-    seed = copies_seed(params)
+    seed, members = copies_seed(params), member_copies(params)
     index, split, images, masks = load_inputs()
     summary = {}
     with atomic_path(PREPARED, is_dir=True) as tmp:
         for name in ("train", "val", "test"):
             rows = split_rows(index, split, name)
             meta = index.iloc[rows][META].reset_index(drop=True)
-            meta = write_split(tmp, name, meta, images, masks, rows,
-                               cfg if name == "train" else None, seed)
-            summary[name] = split_summary(meta)
+            summary[name] = split_summary(write_split(tmp, name, meta, images, masks, rows,
+                                                      cfg if name == "train" else None, seed))
+            for member in members[1:] if name == "train" else ():
+                summary[prepared.member_split(member, members)] = split_summary(
+                    write_split(tmp, prepared.member_split(member, members), meta, images, masks, rows, cfg, member))
         if params["train"].get("refit"):
             summary["refit"] = split_summary(write_refit(tmp, index, split, images, masks, cfg, seed))
-        prepared.write_record(tmp, INDEX.parent, len(images))
+        prepared.write_record(tmp, INDEX.parent, len(images), members)
     write_json(Path("metrics") / "balance.json", summary)
     print(summary)
 

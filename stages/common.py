@@ -42,6 +42,23 @@ def train_config(params: dict) -> dict:
     return {**params["train"], **params["profiles"][profile], "profile": profile}
 
 
+def member_seeds(cfg: dict) -> list[int]:
+    """train.members (of params.yaml's train section) as a list of seeds, checked; [] for one network (null). Here
+    because balance reads it too: with balance.seed `members` it draws each member its own copies."""
+    members = cfg.get("members")
+    if members is None or members == []:
+        return []
+    if (not isinstance(members, list) or len(members) < 2 or len(set(members)) != len(members)
+            or not all(isinstance(seed, int) and not isinstance(seed, bool) for seed in members)):
+        raise BrainsegError(f"params.yaml: train.members {members!r} is not a list of two or more distinct integer "
+                            "seeds; set it with `dvc exp run -S 'train.members=[42,7,1]'`, or null for one network")
+    if cfg.get("refit"):
+        raise BrainsegError("params.yaml: train.members and train.refit are both on; a refit trains one network "
+                            "again on the validation patients, so set `-S train.refit=false` for a seed ensemble "
+                            "or `-S train.members=null` for a refit")
+    return members
+
+
 @contextlib.contextmanager
 def atomic_path(dest: Path | str, is_dir: bool = False):
     """Yield a temporary sibling of `dest`; rename it onto `dest` only if the block succeeds.

@@ -27,9 +27,33 @@ def index_digest(data: Path) -> str:
         raise BrainsegError(f"{Path(data) / 'index.csv'}: missing. Fix: run `dvc repro index`") from None
 
 
-def write_record(folder: Path, data: Path, slices: int) -> None:
-    """`folder`/slices.json: the digest of `data`/index.csv and its slice count, which the splits' rows refer to."""
-    (Path(folder) / RECORD).write_text(json.dumps({"index_sha256": index_digest(data), "slices": slices}) + "\n")
+def write_record(folder: Path, data: Path, slices: int, members: list[int] | None = None) -> None:
+    """`folder`/slices.json: the digest of `data`/index.csv and its slice count, which the splits' rows refer to, and
+    the seed ensemble's `members` where each drew its own copies (balance.seed: members)."""
+    record = {"index_sha256": index_digest(data), "slices": slices}
+    if members:
+        record["member_copies"] = list(members)
+    (Path(folder) / RECORD).write_text(json.dumps(record) + "\n")
+
+
+def member_table(data: Path, seed: int) -> str:
+    """The training table a member of train.members trains on: the one balance drew for its seed where it drew one
+    per member (balance.seed: members; the first member's is train), else train, which every member shares."""
+    path = Path(data) / "prepared" / RECORD
+    if not path.is_file():
+        raise BrainsegError(f"{path}: missing. Fix: run `dvc repro balance` to prepare the data")
+    members = json.loads(path.read_text()).get("member_copies")
+    if not members:
+        return "train"
+    if seed not in members:
+        raise BrainsegError(f"{path.parent}: balance drew copies for the members {members}, not for seed {seed}. "
+                            "Fix: run `dvc repro balance` with this params.yaml's train.members")
+    return member_split(seed, members)
+
+
+def member_split(seed: int, members: list[int]) -> str:
+    """The name of a member's training table where each member has its own copies: the first member's is train."""
+    return "train" if seed == members[0] else f"train_seed{seed}"
 
 
 def read_table(data: Path, split: str) -> tuple[pd.DataFrame, int]:

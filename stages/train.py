@@ -30,7 +30,7 @@ import pandas as pd
 from stages import metrics as scores
 from stages import prepared
 from stages.balance import replay
-from stages.common import BrainsegError, load_params, run_main, train_config, write_csv, write_json
+from stages.common import BrainsegError, load_params, member_seeds, run_main, train_config, write_csv, write_json
 from stages.losses import get_loss, segmentation_metrics
 from stages.models import CLASSIFIERS, average, build_model
 from stages.preprocess import (add_neighbours, add_position, mask_to_model_size, neighbour_places, resize_images,
@@ -604,13 +604,14 @@ def build(name: str, cfg: dict, seed: int, data_dir: Path, splits: tuple = ("tra
 
 
 def train(name: str, cfg: dict, seed: int = 42, data_dir: Path = DATA, model_path: Path = MODEL,
-          live_dir: Path | None = LIVE, strategy: tf.distribute.Strategy | None = None, teacher=None) -> dict:
-    """Fit `name` with the merged train/profile config `cfg`; save the best epoch to `model_path`
-    and return the summary written to metrics/train.json, with `learning_rates`, each epoch's (None where the
-    schedule does not log them), for a refit to replay. `live_dir=None` turns DVCLive off. `teacher`: train.distil's
-    ensemble, whose outputs join the training targets."""
+          live_dir: Path | None = LIVE, strategy: tf.distribute.Strategy | None = None, teacher=None,
+          train_split: str = "train") -> dict:
+    """Fit `name` with the merged train/profile config `cfg` on the prepared table `train_split`; save the best epoch
+    to `model_path` and return the summary written to metrics/train.json, with `learning_rates`, each epoch's (None
+    where the schedule does not log them), for a refit to replay. `live_dir=None` turns DVCLive off. `teacher`:
+    train.distil's ensemble, whose outputs join the training targets."""
     watch = monitor(cfg, name)
-    model, train_ds, val_ds, n_train = build(name, cfg, seed, data_dir, strategy=strategy, teacher=teacher)
+    model, train_ds, val_ds, n_train = build(name, cfg, seed, data_dir, (train_split, "val"), strategy, teacher)
     volume_dice = None
     if name not in CLASSIFIERS:
         patients = prepared.read_table(Path(data_dir), "val")[0]["patient"].to_numpy()
@@ -646,26 +647,11 @@ def train(name: str, cfg: dict, seed: int = 42, data_dir: Path = DATA, model_pat
     return summary
 
 
-def member_seeds(cfg: dict) -> list[int]:
-    """train.members as a list of seeds, checked; [] for one network (null)."""
-    members = cfg.get("members")
-    if members is None or members == []:
-        return []
-    if (not isinstance(members, list) or len(members) < 2 or len(set(members)) != len(members)
-            or not all(isinstance(seed, int) and not isinstance(seed, bool) for seed in members)):
-        raise BrainsegError(f"params.yaml: train.members {members!r} is not a list of two or more distinct integer "
-                            "seeds; set it with `dvc exp run -S 'train.members=[42,7,1]'`, or null for one network")
-    if cfg.get("refit"):
-        raise BrainsegError("params.yaml: train.members and train.refit are both on; a refit trains one network "
-                            "again on the validation patients, so set `-S train.refit=false` for a seed ensemble "
-                            "or `-S train.members=null` for a refit")
-    return members
-
-
 def train_members(name: str, cfg: dict, seeds: list[int], data_dir: Path = DATA, model_path: Path = MODEL,
                   live_dir: Path | None = LIVE, strategy: tf.distribute.Strategy | None = None) -> dict:
     """A seed ensemble (train.members): the recipe trained once per seed, each member in a fresh Keras session
-    exactly as a run with train.seed set to that seed, and the average of their probability maps
+    exactly as a run with train.seed set to that seed (on its own draw of copies where balance drew one per member,
+    as a run with balance.seed set to it too: prepared.member_table), and the average of their probability maps
     (stages.models.average) saved to `model_path`. DVCLive logs the first member's curves. The summary holds each
     member's under `members`; at the top the training time summed, and the mean over the members of the
     throughput and of the best epoch's validation figures (the ensemble's own are evaluate's)."""
@@ -675,7 +661,7 @@ def train_members(name: str, cfg: dict, seeds: list[int], data_dir: Path = DATA,
             print(f"train.members: member {i + 1} of {len(seeds)}, seed {seed}", flush=True)
             keras.backend.clear_session()  # as a run of its own: Keras' global state starts empty
             summary = train(name, cfg, seed, data_dir, checkpoint.with_name(f"member_{seed}.keras"),
-                            live_dir if i == 0 else None, strategy)
+                            live_dir if i == 0 else None, strategy, train_split=prepared.member_table(data_dir, seed))
             summary.pop("learning_rates")
             summaries.append({"seed": seed, **summary})
         ensemble = average([keras.models.load_model(checkpoint.with_name(f"member_{seed}.keras"), safe_mode=True,

@@ -308,3 +308,44 @@ def test_balance_seed_draws_other_copies_on_the_same_split_and_null_is_the_top_l
         with pytest.raises(BrainsegError, match=f"balance.seed {bad!r} is not a whole number"):
             copies(3, bad)
     assert prepared.read_table(data, "train")[0].equals(other)  # a refused seed left the last good outputs
+
+
+def test_balance_seed_members_draws_each_member_the_copies_a_run_of_its_seed_draws(tmp_path, monkeypatch):
+    import json
+
+    from stages import balance, prepared
+
+    meta, images, masks = synthetic_index(400, 120)
+    data = tmp_path / "data"
+    index_stage_outputs(data, meta, images, masks)
+    patients = sorted(meta["patient"].unique())
+    pd.DataFrame({"patient": patients, "split": ["train"] * 12 + ["val"] * 4 + ["test"] * 4}).to_csv(
+        data / "split.csv", index=False)
+    monkeypatch.chdir(tmp_path)
+
+    def run(balance_seed, members=None):
+        monkeypatch.setattr(balance, "load_params", lambda: {"seed": 3, "train": {"members": members},
+                                                             "balance": {**CFG, "seed": balance_seed}})
+        balance.main()
+        folder = data / "prepared"
+        return {p.name: p.read_bytes() for p in folder.iterdir() if p.name != prepared.RECORD}
+
+    alone = {seed: run(seed) for seed in (5, 9)}
+    ensemble = run("members", [5, 9])
+    # the first member's draw is train.csv, the second's train_seed9.csv: each byte for byte its seed's run's
+    for name in ("train.csv", "train_copies_images.npy", "train_copies_masks.npy", "val.csv", "test.csv"):
+        assert ensemble[name] == alone[5][name], name
+    for kind in (".csv", "_copies_images.npy", "_copies_masks.npy"):
+        assert ensemble[f"train_seed9{kind}"] == alone[9][f"train{kind}"], kind
+        assert alone[9][f"train{kind}"] != alone[5][f"train{kind}"]
+    assert (prepared.member_table(data, 5), prepared.member_table(data, 9)) == ("train", "train_seed9")
+    summary = json.loads((tmp_path / "metrics/balance.json").read_text())
+    assert summary["train_seed9"] == summary["train"]  # the same class counts, other copies
+    with pytest.raises(BrainsegError, match="members \\[5, 9\\], not for seed 7.*dvc repro balance"):
+        prepared.member_table(data, 7)
+
+    with pytest.raises(BrainsegError, match="balance.seed is members.*train.members is null.*train.members=\\[42"):
+        run("members")
+    assert (data / "prepared/train_seed9.csv").read_bytes() == ensemble["train_seed9.csv"]  # the last good outputs
+    run(None)  # one shared draw again: every member trains on train.csv, and the members' tables are gone
+    assert prepared.member_table(data, 9) == "train" and not (data / "prepared/train_seed9.csv").exists()

@@ -664,6 +664,36 @@ def test_members_train_as_runs_of_their_seeds_and_the_served_model_averages_them
     np.testing.assert_allclose(inference._runner(ensemble, "litert")(x), mean, atol=1e-4)
 
 
+def test_members_train_on_their_own_copies_where_balance_drew_them_per_member(cfg, prepared, tmp_path, monkeypatch):
+    # balance.seed members: the second member's copies are other slices' (train_seed2), as a run of seed 2 draws them
+    table = pd.read_csv(prepared / "prepared/train.csv")
+    table.loc[table["copy"] >= 0, "row"] = [4, 6]
+    table.to_csv(prepared / "prepared/train_seed2.csv", index=False)
+    images, masks = (np.load(prepared / f"slices/{kind}.npy") for kind in ("images", "masks"))
+    for kind, array in (("images", images), ("masks", masks)):
+        np.save(prepared / f"prepared/train_seed2_copies_{kind}.npy", array[[4, 6]])
+    prepared_data.write_record(prepared / "prepared", prepared, len(images), [1, 2])
+    params = load_params()
+    params.update(model="unet", profile="demo")
+    params["profiles"]["demo"].update(epochs=1, filters=4, image_size=SIZE, batch_size=4)
+    params["train"]["members"] = [1, 2]
+    for name, value in dict(DATA=prepared, MODEL=tmp_path / "model.keras", SELECTION=tmp_path / "selection.keras",
+                            LIVE=tmp_path / "live", METRICS=tmp_path / "train.json", SOURCE=tmp_path / "none.json",
+                            load_params=lambda: params).items():
+        monkeypatch.setattr(train_stage, name, value)
+
+    train_stage.main()
+
+    member = keras.models.load_model(tmp_path / "model.keras", compile=False).get_layer("member_1").get_weights()
+    runs = {}
+    for split in ("train_seed2", "train"):
+        keras.backend.clear_session()
+        train("unet", train_config(params), 2, prepared, tmp_path / f"{split}.keras", None, train_split=split)
+        runs[split] = keras.models.load_model(tmp_path / f"{split}.keras", compile=False).get_weights()
+    assert all(np.array_equal(a, b) for a, b in zip(member, runs["train_seed2"]))
+    assert not all(np.array_equal(a, b) for a, b in zip(member, runs["train"]))
+
+
 @pytest.mark.parametrize("members, fix", [([7], "two or more"), ([7, 7], "distinct"), ("7,1", "list"),
                                           ([7, 1.5], "integer"), ([7, True], "integer")])
 def test_members_that_are_not_distinct_seeds_name_the_fix(members, fix):
