@@ -4,7 +4,8 @@ data/prepared/{split}.csv lists a split's slices; its pixels are not copied agai
 data/slices/{images,masks}.npy (the index stage's decoded slices) and, for an augmented copy, its source's row,
 while `copy` (-1 for an original) is the copy's row in {split}_copies_{images,masks}.npy, the only pixels
 balance writes. slices.json records which data/index.csv the rows refer to, so a prepared folder is never read
-against other slices.
+against other slices, and, where balance drew each member of a seed ensemble its own copies, the members: the first
+member's are train's, each other's train_seed<S>'s (member_table).
 """
 from __future__ import annotations
 

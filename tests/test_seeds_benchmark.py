@@ -60,6 +60,17 @@ def test_seed_ensembles_of_one_recipe_may_differ_in_their_members_not_in_their_n
         seeds.same_recipe({"a": ensemble([42, 7, 1]), "b": params(3)})
 
 
+def test_an_ensemble_whose_members_drew_their_own_copies_is_another_recipe_named_by_their_seeds():
+    own = {**ensemble([42, 7, 1]), "balance": {"seed": "members"}}
+    assert seeds.run_copies(own) == "42+7+1" and seeds.run_copies(ensemble([42, 7, 1])) == 42
+    seeds.same_recipe({"a": own, "b": {**ensemble([3, 5, 11]), "balance": {"seed": "members"}}})
+    with pytest.raises(SystemExit, match="differ in more than their seeds: balance.seed"):
+        seeds.same_recipe({"a": own, "b": ensemble([3, 5, 11])})
+    mine = pd.DataFrame([{**rows([0.8]).iloc[0], "seed": "42+7+1", "copies": "42+7+1"}])
+    with pytest.raises(SystemExit, match="no seed in common"):  # text against numbers: no match, no dtype clash
+        seeds.paired(mine, rows([0.8]))
+
+
 def test_a_run_without_validation_scores_is_refused_by_name():
     with pytest.raises(SystemExit, match="unet-cpu.*no validation"):
         seeds.run_row("unet-cpu", params(42), {"dice_volume_mean": 0.6}, {}, PATIENTS)
