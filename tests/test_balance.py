@@ -282,9 +282,9 @@ def test_refit_config_grows_the_validation_slices_as_an_exact_total_grew_trainin
     assert refit_config({**CFG, "total": 300}, 240, 80)["total"] == 100
 
 
-def test_balance_seed_draws_other_copies_on_the_same_split_and_null_is_the_top_level_seed(tmp_path, monkeypatch):
-    from stages import balance, prepared
-
+def split_project(tmp_path, monkeypatch):
+    """A project in tmp_path, the working directory, as balance finds it after index and split: 400 slices of 20
+    patients, 12 of them training patients. Returns its data folder."""
     meta, images, masks = synthetic_index(400, 120)
     data = tmp_path / "data"
     index_stage_outputs(data, meta, images, masks)
@@ -292,6 +292,13 @@ def test_balance_seed_draws_other_copies_on_the_same_split_and_null_is_the_top_l
     pd.DataFrame({"patient": patients, "split": ["train"] * 12 + ["val"] * 4 + ["test"] * 4}).to_csv(
         data / "split.csv", index=False)
     monkeypatch.chdir(tmp_path)
+    return data
+
+
+def test_balance_seed_draws_other_copies_on_the_same_split_and_null_is_the_top_level_seed(tmp_path, monkeypatch):
+    from stages import balance, prepared
+
+    data = split_project(tmp_path, monkeypatch)
 
     def copies(seed, balance_seed):
         monkeypatch.setattr(balance, "load_params", lambda: {"seed": seed, "train": {},
@@ -315,13 +322,7 @@ def test_balance_seed_members_draws_each_member_the_copies_a_run_of_its_seed_dra
 
     from stages import balance, prepared
 
-    meta, images, masks = synthetic_index(400, 120)
-    data = tmp_path / "data"
-    index_stage_outputs(data, meta, images, masks)
-    patients = sorted(meta["patient"].unique())
-    pd.DataFrame({"patient": patients, "split": ["train"] * 12 + ["val"] * 4 + ["test"] * 4}).to_csv(
-        data / "split.csv", index=False)
-    monkeypatch.chdir(tmp_path)
+    data = split_project(tmp_path, monkeypatch)
 
     def run(balance_seed, members=None):
         monkeypatch.setattr(balance, "load_params", lambda: {"seed": 3, "train": {"members": members},

@@ -625,18 +625,25 @@ def test_adamw_decays_the_kernels_only(cfg):
                                    err_msg=path)
 
 
-def test_members_train_as_runs_of_their_seeds_and_the_served_model_averages_them(cfg, prepared, tmp_path,
-                                                                                  monkeypatch):
-    from stages import inference
-
+def ensemble_stage(monkeypatch, prepared, tmp_path, **train) -> dict:
+    """params.yaml under the demo profile, shrunk to one epoch of a 4-filter model, with `train` set (a seed
+    ensemble's keys), which stages.train's main() then reads, writing its outputs under tmp_path."""
     params = load_params()
     params.update(model="unet", profile="demo")
     params["profiles"]["demo"].update(epochs=1, filters=4, image_size=SIZE, batch_size=4)
-    params["train"]["members"] = [1, 2]
+    params["train"].update(train)
     for name, value in dict(DATA=prepared, MODEL=tmp_path / "model.keras", SELECTION=tmp_path / "selection.keras",
                             LIVE=tmp_path / "live", METRICS=tmp_path / "train.json", SOURCE=tmp_path / "none.json",
                             load_params=lambda: params).items():
         monkeypatch.setattr(train_stage, name, value)
+    return params
+
+
+def test_members_train_as_runs_of_their_seeds_and_the_served_model_averages_them(cfg, prepared, tmp_path,
+                                                                                  monkeypatch):
+    from stages import inference
+
+    params = ensemble_stage(monkeypatch, prepared, tmp_path, members=[1, 2])
 
     train_stage.main()
 
@@ -673,14 +680,7 @@ def test_members_train_on_their_own_copies_where_balance_drew_them_per_member(cf
     for kind, array in (("images", images), ("masks", masks)):
         np.save(prepared / f"prepared/train_seed2_copies_{kind}.npy", array[[4, 6]])
     prepared_data.write_record(prepared / "prepared", prepared, len(images), [1, 2])
-    params = load_params()
-    params.update(model="unet", profile="demo")
-    params["profiles"]["demo"].update(epochs=1, filters=4, image_size=SIZE, batch_size=4)
-    params["train"]["members"] = [1, 2]
-    for name, value in dict(DATA=prepared, MODEL=tmp_path / "model.keras", SELECTION=tmp_path / "selection.keras",
-                            LIVE=tmp_path / "live", METRICS=tmp_path / "train.json", SOURCE=tmp_path / "none.json",
-                            load_params=lambda: params).items():
-        monkeypatch.setattr(train_stage, name, value)
+    params = ensemble_stage(monkeypatch, prepared, tmp_path, members=[1, 2])
 
     train_stage.main()
 
@@ -738,14 +738,7 @@ def test_a_teacher_changes_the_training_targets_and_leaves_validations(prepared)
 
 
 def test_distil_trains_the_first_members_run_on_the_teachers_targets(cfg, prepared, tmp_path, monkeypatch):
-    params = load_params()
-    params.update(model="unet", profile="demo")
-    params["profiles"]["demo"].update(epochs=1, filters=4, image_size=SIZE, batch_size=4)
-    params["train"].update(members=[1, 2], distil=0.5)
-    for name, value in dict(DATA=prepared, MODEL=tmp_path / "model.keras", SELECTION=tmp_path / "selection.keras",
-                            LIVE=tmp_path / "live", METRICS=tmp_path / "train.json", SOURCE=tmp_path / "none.json",
-                            load_params=lambda: params).items():
-        monkeypatch.setattr(train_stage, name, value)
+    params = ensemble_stage(monkeypatch, prepared, tmp_path, members=[1, 2], distil=0.5)
     taught = []
     soft_targets = train_stage.soft_targets
     monkeypatch.setattr(train_stage, "soft_targets", lambda *a, **k: taught.append(a) or soft_targets(*a, **k))
