@@ -301,8 +301,8 @@ def main() -> None:
             summary[name] = split_summary(write_split(tmp, name, meta, images, masks, rows,
                                                       cfg if name == "train" else None, seed))
             for member in members[1:] if name == "train" else ():
-                summary[prepared.member_split(member, members)] = split_summary(
-                    write_split(tmp, prepared.member_split(member, members), meta, images, masks, rows, cfg, member))
+                table = prepared.member_split(member, members)
+                summary[table] = split_summary(write_split(tmp, table, meta, images, masks, rows, cfg, member))
         if params["train"].get("refit"):
             summary["refit"] = split_summary(write_refit(tmp, index, split, images, masks, cfg, seed))
         prepared.write_record(tmp, INDEX.parent, len(images), members)

@@ -40,16 +40,22 @@ def write_record(folder: Path, data: Path, slices: int, members: list[int] | Non
 def member_table(data: Path, seed: int) -> str:
     """The training table a member of train.members trains on: the one balance drew for its seed where it drew one
     per member (balance.seed: members; the first member's is train), else train, which every member shares."""
-    path = Path(data) / "prepared" / RECORD
-    if not path.is_file():
-        raise BrainsegError(f"{path}: missing. Fix: run `dvc repro balance` to prepare the data")
-    members = json.loads(path.read_text()).get("member_copies")
+    folder = Path(data) / "prepared"
+    members = read_record(folder).get("member_copies")
     if not members:
         return "train"
     if seed not in members:
-        raise BrainsegError(f"{path.parent}: balance drew copies for the members {members}, not for seed {seed}. "
+        raise BrainsegError(f"{folder}: balance drew copies for the members {members}, not for seed {seed}. "
                             "Fix: run `dvc repro balance` with this params.yaml's train.members")
     return member_split(seed, members)
+
+
+def read_record(folder: Path) -> dict:
+    """`folder`/slices.json as balance wrote it (write_record)."""
+    path = Path(folder) / RECORD
+    if not path.is_file():
+        raise BrainsegError(f"{path}: missing. Fix: run `dvc repro balance` to prepare the data")
+    return json.loads(path.read_text())
 
 
 def member_split(seed: int, members: list[int]) -> str:
@@ -61,11 +67,10 @@ def read_table(data: Path, split: str) -> tuple[pd.DataFrame, int]:
     """(data/prepared/{split}.csv, the slice count its rows refer to), checked against data/index.csv."""
     data = Path(data)
     folder = data / "prepared"
-    table_path, record_path = folder / f"{split}.csv", folder / RECORD
-    for path in (table_path, record_path):
-        if not path.is_file():
-            raise BrainsegError(f"{path}: missing. Fix: run `dvc repro balance` to prepare the data")
-    record = json.loads(record_path.read_text())
+    table_path = folder / f"{split}.csv"
+    if not table_path.is_file():
+        raise BrainsegError(f"{table_path}: missing. Fix: run `dvc repro balance` to prepare the data")
+    record = read_record(folder)
     if record.get("index_sha256") != index_digest(data):
         raise BrainsegError(f"{folder} was prepared from another {data / 'index.csv'} than the one there now. "
                             "Fix: run `dvc repro balance`")
