@@ -48,7 +48,8 @@ case "${1:-demo}" in
     setup
     browser
     shift || true
-    python -m pytest -q "$@"
+    # one worker per core; worksteal hands a finished worker the tail of another's queue
+    python -m pytest -q -n "${BRAINSEG_TEST_WORKERS:-auto}" --dist worksteal "$@"
     ;;
   app)
     setup

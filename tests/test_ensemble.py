@@ -1,4 +1,5 @@
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -39,15 +40,25 @@ def test_an_average_of_volume_normalised_members_gets_each_patient_standardised(
                                (pa + pb) / 2, atol=1e-6)
 
 
+SYNTHETIC = ["data.source=synthetic", "data.synthetic.patients=6", "data.synthetic.slices=8", "profile=demo"]
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def prepared_run(tmp_path_factory):
+    """A run folder holding the data stages' outputs for SYNTHETIC, made once: the stages are deterministic, so a
+    copy is what running them again in another folder gives."""
+    run = tmp_path_factory.mktemp("prepared") / "run"
+    gpu_recipe.run_stages(run, SYNTHETIC, names=["download", "index", "split", "balance"])
+    return run
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, prepared_run):
     """Two run folders of one synthetic split, each with its own (untrained) model."""
     root = tmp_path_factory.mktemp("runs")
-    overrides = ["data.source=synthetic", "data.synthetic.patients=6", "data.synthetic.slices=8", "profile=demo"]
     result = []
     for seed in (1, 2):
-        run = root / f"r{seed}"
-        gpu_recipe.run_stages(run, overrides, names=["download", "index", "split", "balance"])
+        run = shutil.copytree(prepared_run, root / f"r{seed}", symlinks=True)
         (run / "models").mkdir()
         _unet(seed).save(run / "models/model.keras")
         result.append(run)
@@ -160,18 +171,16 @@ def test_runs_are_cut_in_order_into_ensembles_with_no_member_shared():
 
 
 @pytest.fixture(scope="module")
-def evaluated_runs(tmp_path_factory):
+def evaluated_runs(tmp_path_factory, prepared_run):
     """Four run folders of one synthetic split, each with its own (untrained) model, evaluated by the stage."""
     import yaml
 
     from stages import evaluate
 
     root = tmp_path_factory.mktemp("seeds")
-    overrides = ["data.source=synthetic", "data.synthetic.patients=6", "data.synthetic.slices=8", "profile=demo"]
     result = []
     for seed in (1, 2, 3, 4):
-        run = root / f"r{seed}"
-        gpu_recipe.run_stages(run, overrides, names=["download", "index", "split", "balance"])
+        run = shutil.copytree(prepared_run, root / f"r{seed}", symlinks=True)
         (run / "models").mkdir()
         _unet(seed, "volume").save(run / "models/model.keras")
         evaluate.run_stage(yaml.safe_load((run / "params.yaml").read_text()), run)
@@ -205,7 +214,6 @@ def test_two_member_ensembles_are_scored_and_their_spread_printed_beside_the_run
 
 def test_groups_refuse_runs_without_a_choice_on_validation(evaluated_runs, tmp_path):
     import json
-    import shutil
 
     old = tmp_path / "old"
     shutil.copytree(evaluated_runs[1], old, symlinks=True)

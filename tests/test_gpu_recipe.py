@@ -51,7 +51,7 @@ def test_runs_side_by_side_share_the_gpu_memory_and_one_compilation_cache(tmp_pa
 SMALL = ["profile=demo", "data.source=synthetic", "data.synthetic.patients=8", "data.synthetic.slices=8"]
 
 
-def test_the_folds_of_a_split_run_side_by_side_then_pool_and_ensemble(tmp_path, capsys):
+def test_the_folds_of_a_split_run_side_by_side_then_pool_and_ensemble(tmp_path, capsys, monkeypatch):
     seconds = gpu_recipe.run_folds(tmp_path, SMALL, k=2, parallel=2)
     assert sorted(seconds) == [0, 1] and all("evaluate" in s for s in seconds.values())
     for fold in (0, 1):
@@ -66,12 +66,16 @@ def test_the_folds_of_a_split_run_side_by_side_then_pool_and_ensemble(tmp_path, 
                     for f in (0, 1))
     assert summary["fold_ensemble"]["validation"]["patients"] == validated
     assert 0.0 <= summary["fold_ensemble"]["test"]["dice_volume_mean"] <= 1.0
-    # a later call with --resume keeps what an earlier one finished and runs the rest
+    # a later call with --resume keeps what an earlier one finished and runs the rest (its stages recorded here,
+    # not run again: the first call ran them)
     (tmp_path / "fold1/metrics/eval.json").unlink()
     kept = (tmp_path / "fold0/run.log").stat().st_mtime_ns
+    ran = []
+    monkeypatch.setattr(gpu_recipe, "run_stages", lambda run, assignments, log=None, env=None: ran.append(
+        (run.name, assignments)) or {"evaluate": 0.0})
     again = gpu_recipe.run_folds(tmp_path, SMALL, k=2, parallel=2, resume=True)
-    assert again[0] == {} and "evaluate" in again[1]
-    assert (tmp_path / "fold0/run.log").stat().st_mtime_ns == kept and (tmp_path / "fold1/metrics/eval.json").exists()
+    assert again == {0: {}, 1: {"evaluate": 0.0}} and ran == [("fold1", SMALL + ["split.folds=2", "split.fold=1"])]
+    assert (tmp_path / "fold0/run.log").stat().st_mtime_ns == kept
 
 
 def test_resume_keeps_only_a_fold_evaluated_with_the_same_params(tmp_path):
