@@ -48,8 +48,10 @@ case "${1:-demo}" in
     setup
     browser
     shift || true
-    # one worker per core; worksteal hands a finished worker the tail of another's queue
-    python -m pytest -q -n "${BRAINSEG_TEST_WORKERS:-auto}" --dist worksteal "$@"
+    # one worker per core, at most 4 (each holds its own TensorFlow); worksteal hands a worker that finishes
+    # the tail of another's queue. BRAINSEG_TEST_WORKERS=0 runs the tests in this process.
+    cores=$(nproc)
+    python -m pytest -q -n "${BRAINSEG_TEST_WORKERS:-$(( cores < 4 ? cores : 4 ))}" --dist worksteal "$@"
     ;;
   app)
     setup
