@@ -48,10 +48,11 @@ case "${1:-demo}" in
     setup
     browser
     shift || true
-    # one worker per core, at most 4 (each holds its own TensorFlow); worksteal hands a worker that finishes
-    # the tail of another's queue. BRAINSEG_TEST_WORKERS=0 runs the tests in this process.
-    cores=$(nproc)
-    python -m pytest -q -n "${BRAINSEG_TEST_WORKERS:-$(( cores < 4 ? cores : 4 ))}" --dist worksteal "$@"
+    # pytest-xdist: one worker per core, at most 4 (each holds its own TensorFlow), or BRAINSEG_TEST_WORKERS
+    # (0: the tests in this process); worksteal hands a worker that finishes the tail of another's queue
+    workers=(-n auto --maxprocesses 4)
+    [ -n "${BRAINSEG_TEST_WORKERS:-}" ] && workers=(-n "$BRAINSEG_TEST_WORKERS")
+    python -m pytest -q "${workers[@]}" --dist worksteal "$@"
     ;;
   app)
     setup
