@@ -750,11 +750,10 @@ def test_distil_trains_the_first_members_run_on_the_teachers_targets(cfg, prepar
     assert teacher.name == "teacher.keras" and weight == 0.5 and len(x) == 8
 
     # with the teacher's targets replaced by the masks, the student is, weight for weight, the first member's run
-    # (the members not trained again: any saved model serves as the teacher whose outputs are then unused)
-    shutil.copy(tmp_path / "model.keras", tmp_path / "student.keras")
-
+    # (the members not trained again: the first pass's student, kept in place until the second is saved, serves as
+    # the teacher whose outputs are then unused)
     def members_trained_before(name, cfg, seeds, data_dir, teacher, *rest):
-        shutil.copy(tmp_path / "student.keras", teacher)
+        shutil.copy(tmp_path / "model.keras", teacher)
         return {"train_seconds": 0.0, "members": []}
 
     monkeypatch.setattr(train_stage, "train_members", members_trained_before)
