@@ -33,7 +33,7 @@ from stages.balance import replay
 from stages.common import BrainsegError, load_params, member_seeds, run_main, train_config, write_csv, write_json
 from stages.losses import get_loss, segmentation_metrics
 from stages.models import CLASSIFIERS, average, build_model
-from stages.preprocess import (add_neighbours, add_position, mask_to_model_size, neighbour_places, resize_images,
+from stages.preprocess import (FLAIR, add_neighbours, add_position, mask_to_model_size, neighbour_places, resize_images,
                                slice_positions, standardise_volume, to_model_input, volume_stats)
 
 if TYPE_CHECKING:  # TensorFlow is imported where used: JAX / PyTorch machines may not have it
@@ -262,7 +262,7 @@ class SliceBatches(keras.utils.PyDataset):
 
 def augmenter(cfg: dict, seed: int) -> Augment | None:
     """train.augment's online transforms (None when it asks for none): Keras' random flip / rotation / zoom
-    layers, and RandomGamma.
+    layers, RandomGamma and RandomMissingSequences.
 
     Balance's copies are drawn once; these are drawn per slice each epoch, so no two epochs see the same
     training set. Corners that rotation or zoom-out uncover are filled with 0, the scanner's background.
@@ -276,14 +276,19 @@ def augmenter(cfg: dict, seed: int) -> Augment | None:
                                                       **common))
         if cfg.get("zoom"):
             layers.append(keras.layers.RandomZoom(cfg["zoom"], fill_mode="constant", seed=seed + 2, **common))
-        gamma = RandomGamma(cfg["gamma"], seed=seed + 3, **common) if cfg.get("gamma") else None
+        # gamma before the copies, so a copied sequence equals its FLAIR exactly, as in the data set
+        intensity = [RandomGamma(cfg["gamma"], seed=seed + 3, **common)] if cfg.get("gamma") else []
+        if cfg.get("missing"):
+            intensity.append(RandomMissingSequences(cfg["missing"], seed=seed + 4, **common))
     except (TypeError, ValueError) as error:
         raise BrainsegError(f"params.yaml: train.augment {cfg} cannot be used ({error}). Fix: flip true or false, "
-                            "rotation in degrees (0-360), zoom a fraction below 1, gamma a number above 0, e.g. "
-                            "`dvc exp run -S train.augment.rotation=15 -S train.augment.zoom=0.1`") from error
-    if not layers and gamma is None:
+                            "rotation in degrees (0-360), zoom a fraction below 1, gamma a number above 0, missing "
+                            "a probability (0-1), e.g. `dvc exp run -S train.augment.rotation=15 "
+                            "-S train.augment.zoom=0.1`") from error
+    if not layers and not intensity:
         return None
-    return Augment(keras.Sequential(layers, name="augment") if layers else None, gamma)
+    return Augment(keras.Sequential(layers, name="augment") if layers else None,
+                   keras.Sequential(intensity, name="intensity") if intensity else None)
 
 
 class Augment:
@@ -335,6 +340,34 @@ class RandomGamma(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "gamma": self.gamma, "seed": self.seed}
+
+
+class RandomMissingSequences(keras.layers.Layer):
+    """The data set's stand-in for a sequence a patient was not scanned with, drawn per training slice: with
+    probability `rate` the slice's post-contrast channel becomes a copy of its FLAIR, and in half of those its
+    pre-contrast channel too. Kaggle's slices hold such copies for the patients who lack the sequences (7 of
+    the dev archive's 61: post-contrast alone for 3, both for 4), so few that the network rarely learns to read
+    FLAIR alone. Channels after the third (slice position, neighbours) stay."""
+
+    def __init__(self, rate: float, seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        if not 0 < rate <= 1:
+            raise ValueError(f"missing must be a probability in (0, 1], got {rate}")
+        self.rate, self.seed = float(rate), seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, images, training=True):
+        if not training:
+            return images
+        ops = keras.ops
+        draw = keras.random.uniform((ops.shape(images)[0], 1, 1, 1), seed=self.seed_generator)
+        flair = images[..., FLAIR:FLAIR + 1]
+        pre = ops.where(draw < self.rate / 2, flair, images[..., :1])
+        post = ops.where(draw < self.rate, flair, images[..., 2:3])
+        return ops.concatenate([pre, flair, post, images[..., 3:]], axis=-1)
+
+    def get_config(self):
+        return {**super().get_config(), "rate": self.rate, "seed": self.seed}
 
 
 def same_transform(transform: Augment, classifier: bool):

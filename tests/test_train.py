@@ -241,6 +241,29 @@ def test_gamma_augmentation_changes_each_channels_contrast_keeping_its_range_ord
         make_datasets(prepared, 32, 16, augment={"gamma": -1})
 
 
+def test_missing_sequence_augmentation_copies_flair_over_post_contrast_and_half_as_often_pre_contrast(prepared):
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0.05, 1.0, (4000, 2, 2, 4)).astype("float32")  # a fourth channel (slice position) stays
+    out = np.asarray(train_stage.RandomMissingSequences(0.4, seed=1)(x))
+    post = (out[..., 2] == out[..., 1]).all(axis=(1, 2))
+    pre = (out[..., 0] == out[..., 1]).all(axis=(1, 2))
+    assert np.array_equal(out[..., 1:2], x[..., 1:2]) and np.array_equal(out[..., 3], x[..., 3])
+    assert np.array_equal(out[~post], x[~post]) and not (pre & ~post).any()  # pre-contrast only with post
+    assert np.array_equal(out[post][..., 2], x[post][..., 1]) and np.array_equal(out[pre][..., 0], x[pre][..., 1])
+    assert 0.37 < post.mean() < 0.43 and 0.17 < pre.mean() < 0.23
+    assert np.array_equal(np.asarray(train_stage.RandomMissingSequences(0.4, seed=1)(x, training=False)), x)
+
+    train_ds = make_datasets(prepared, 32, 16, augment={"missing": 1.0, "gamma": 0.5})[0]
+    images, masks, _ = prepared_data.load_split(prepared, "train")
+    batch, targets = (np.asarray(t) for t in next(iter(train_ds)))
+    assert np.array_equal(batch[..., 2], batch[..., 1])  # after gamma: the copy is exact, as in the data set
+    assert not np.array_equal(batch[..., 0], batch[..., 1])  # a draw whose pre-contrast stayed
+    model_masks = mask_to_model_size(masks, 32)
+    assert all((targets == mask).all(axis=(1, 2, 3)).any() for mask in model_masks)  # the masks are left as they were
+    with pytest.raises(BrainsegError, match=r"train.augment .*missing a probability"):
+        make_datasets(prepared, 32, 16, augment={"missing": 1.5})
+
+
 def test_a_split_left_without_slices_names_the_fix(tmp_path):
     data = write_prepared(tmp_path, counts=(("train", 8), ("val", 0)))
     with pytest.raises(BrainsegError, match="no val slices to train on.*dvc repro"):
