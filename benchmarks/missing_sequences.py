@@ -122,6 +122,7 @@ def summary(scores: pd.DataFrame) -> pd.DataFrame:
     """Per run and way: mean per-volume Dice threshold only and chosen, and the loss against the slices as
     given."""
     means = scores.pivot_table(index=["run", "way"], columns="setting", values="dice", aggfunc="mean")
+    means = means[[s for s in ("threshold", "chosen") if s in means]]
     given = means.xs("as given", level="way")
     loss = means - given.reindex(means.index, level="run")
     table = means.join(loss.add_suffix(" vs as given")).reset_index()
@@ -132,6 +133,7 @@ def summary(scores: pd.DataFrame) -> pd.DataFrame:
 def overall(scores: pd.DataFrame) -> pd.DataFrame:
     """Each way over all the runs: mean of the run means, and the runs' range."""
     per_run = scores.pivot_table(index=["way", "run"], columns="setting", values="dice", aggfunc="mean")
+    per_run = per_run[[s for s in ("threshold", "chosen") if s in per_run]]
     table = per_run.groupby(level="way").agg(["mean", "min", "max"])
     table.columns = [f"{setting} {stat}" for setting, stat in table.columns]
     return table.reindex(list(WAYS)).reset_index()

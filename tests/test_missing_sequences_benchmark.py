@@ -55,6 +55,8 @@ def test_tables_give_each_ways_loss_against_the_slices_as_given():
             for way, loss in zip(missing_sequences.WAYS, (0.0, 0.1, 0.3)) for s in ("threshold", "chosen")]
     table = missing_sequences.summary(pd.DataFrame(rows))
     assert table["way"].tolist() == list(missing_sequences.WAYS) * 2
+    assert table.columns.tolist() == ["run", "way", "threshold", "chosen", "threshold vs as given",
+                                      "chosen vs as given"]
     first = table[table["run"] == "a"].set_index("way")
     assert first["threshold"].tolist() == pytest.approx([0.8, 0.7, 0.5])
     assert first["chosen vs as given"].tolist() == pytest.approx([0.0, -0.1, -0.3])
