@@ -4,8 +4,9 @@
     python -m benchmarks.missing_sequences --repo ../clone --exp ts-s42 --split test --data ../shared/data/...zip
 
 Kaggle's slices of a patient scanned without post-contrast (or without pre- and post-contrast) hold copies of the
-FLAIR in those channels (7 of the dev archive's 61 patients). Each experiment's saved model (from the DVC cache,
-by dvc.lock's hash) segments its validation patients (`--split test`: its test patients, a measurement only) three
+FLAIR in those channels (7 of the dev archive's 61 patients). Each experiment's model (from the DVC cache, by
+dvc.lock's hash: with train.refit, the one that chose the epoch for validation, the served one for test) segments
+its validation patients (`--split test`: its test patients, a measurement only) three
 ways: as given, with the post-contrast channel replaced by the FLAIR, and with both pre- and post-contrast
 replaced, as the data set would give them had those sequences been missing. Printed: the mean per-volume Dice of
 each way, threshold only and with the post-processing the run's evaluation chose on validation (eval.json), each
@@ -26,7 +27,7 @@ import yaml
 
 from benchmarks.architectures import git_show
 from benchmarks.crossval import experiments, markdown, run_files
-from benchmarks.errors import cached_model, data_path, patient_volumes, validation_model_hash
+from benchmarks.errors import cached_model, data_path, model_hash, patient_volumes, validation_model_hash
 from benchmarks.position_cut import volume_dice
 from benchmarks.seeds import run_copies, run_seed, select
 
@@ -99,7 +100,9 @@ def score_runs(repo: Path, patterns: list[str], split: str, data: Path | None) -
         for name, rev in runs.items():
             params, validation, evaluation = run_files(repo, name, rev)
             lock = yaml.safe_load(git_show(repo, rev, "dvc.lock"))
-            model = inference.load_model(cached_model(repo, validation_model_hash(lock), Path(tmp)))
+            # with train.refit the test patients are scored by the refit model, as evaluate scores them
+            md5 = validation_model_hash(lock) if split == "val" else model_hash(lock)
+            model = inference.load_model(cached_model(repo, md5, Path(tmp)))
             path = data_path(params, data, name)
             if path not in sources:
                 raw = rawdata.open_raw(path)
