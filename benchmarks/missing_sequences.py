@@ -46,10 +46,10 @@ def with_flair_copies(images: np.ndarray, channels) -> np.ndarray:
 
 def lacking(images: np.ndarray) -> tuple[int, ...]:
     """The channels of a patient's slices that already copy its FLAIR on every slice with a head."""
-    head = images.reshape(len(images), -1, 3).max(axis=(1, 2)) > 0
-    if not head.any():
+    heads = images[images.reshape(len(images), -1, 3).max(axis=(1, 2)) > 0]
+    if not len(heads):
         return ()
-    return tuple(c for c in (0, 2) if np.array_equal(images[head][..., c], images[head][..., 1]))
+    return tuple(c for c in (0, 2) if np.array_equal(heads[..., c], heads[..., 1]))
 
 
 def score_patient(model, images: np.ndarray, masks: np.ndarray, settings: dict[str, dict]) -> dict:
@@ -72,12 +72,11 @@ def score_patient(model, images: np.ndarray, masks: np.ndarray, settings: dict[s
 def run_settings(params: dict, evaluation: dict) -> dict[str, dict]:
     """Threshold only, and the post-processing the run's evaluation chose on validation (its eval.json)."""
     from stages.evaluate import compare_settings
+    from stages.postprocess import recorded_settings
 
     evaluate = params.get("evaluate", {})
-    chosen = {**evaluate, **{k: v for k, v in evaluation.get("postprocess", {}).items()
-                             if k in ("threshold", "min_component", "min_position", "largest_3d", "tta_flip",
-                                      "tta_affine")}}
-    return {"threshold": compare_settings(evaluate)["threshold"], "chosen": chosen}
+    return {"threshold": compare_settings(evaluate)["threshold"],
+            "chosen": recorded_settings(evaluate, evaluation["postprocess"])}
 
 
 def split_patients(repo: Path, rev: str, name: str, split: str, validation: pd.DataFrame) -> list[str]:

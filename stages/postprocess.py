@@ -109,6 +109,13 @@ def postprocess(probs: np.ndarray, params: dict, patients=None) -> np.ndarray:
     return masks
 
 
+def recorded_settings(params: dict, recorded: dict) -> dict:
+    """`params` with the post-processing steps an evaluation recorded (eval.json's `postprocess`)."""
+    # an evaluation made before tta_affine existed did not choose it
+    applied = {"tta_affine": False, **recorded}
+    return {**params, **{k: applied[k] for k in POSTPROCESS_STEPS}}
+
+
 def serving_settings(params: dict, eval_json: Path | str = Path("metrics/eval.json")) -> dict:
     """The `evaluate` params to predict with: with `choose_on_validation`, the post-processing the last
     evaluation chose on the validation patients (recorded in metrics/eval.json), so the predict CLI and
@@ -116,8 +123,6 @@ def serving_settings(params: dict, eval_json: Path | str = Path("metrics/eval.js
     if not params.get("choose_on_validation"):
         return params
     try:
-        # an evaluation made before tta_affine existed did not choose it
-        applied = {"tta_affine": False, **json.loads(Path(eval_json).read_text())["postprocess"]}
-        return {**params, **{k: applied[k] for k in POSTPROCESS_STEPS}}
+        return recorded_settings(params, json.loads(Path(eval_json).read_text())["postprocess"])
     except (OSError, ValueError, KeyError, TypeError):  # no evaluation yet (or a classifier's): as set
         return params
