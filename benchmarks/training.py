@@ -10,7 +10,8 @@ Prints, in one run on this machine:
   hardware offers (mixed_float16 on a GPU, mixed_bfloat16 on a CPU) as a share of that precision's own matmul
   peak (bfloat16 products run on AMX tiles where the CPU has them, several times the float32 peak),
 - inference slices/s through stages.inference.predict_probs (what evaluation, the CLI and the app use), with
-  the engine params.yaml's evaluate.engine picks here (LiteRT on a CPU) against Keras' own predict.
+  the engine params.yaml's evaluate.engine picks here (LiteRT with int8 weights on a CPU) against Keras' own
+  predict and the float32 LiteRT graph.
 
     python -m benchmarks.training [--steps 20] [--profile cpu] [--filters N] [--repeats 2]
 
@@ -238,6 +239,7 @@ def main() -> None:
                                      input_norm=cfg.get("input_norm")),
                          params["evaluate"].get("engine", "auto"))
     infer_keras, first_keras = inference_rate(name, cfg, "keras")
+    infer_float, first_float = inference_rate(name, cfg, "litert") if engine != "litert" else (None, None)
     infer, first = inference_rate(name, cfg, engine)
     achieved = lambda rate: 3 * gflop * rate  # training ~ 3 forward passes of FLOPs  # noqa: E731
     print(f"\nmachine: {os.cpu_count()} cores, {cpu_summary()}; model {name}, {cfg['image_size']} px, "
@@ -260,6 +262,9 @@ def main() -> None:
               f"{rate / base:.2f}x plain float32)")
     print(f"inference, Keras predict (256->{cfg['image_size']} px)  {infer_keras:8.1f} slices/s  "
           f"(first call {first_keras:.1f} s)")
+    if infer_float is not None:
+        print(f"inference, LiteRT float32 (256->{cfg['image_size']} px)  {infer_float:8.1f} slices/s  "
+              f"({infer_float / infer_keras:.2f}x Keras; first call {first_float:.1f} s)")
     print(f"inference, pipeline engine {engine} (256->{cfg['image_size']} px)  {infer:8.1f} slices/s  "
           f"({infer / infer_keras:.2f}x Keras; target >= 150; first call {first:.1f} s)")
 

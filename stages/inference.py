@@ -6,12 +6,18 @@
 Images are uint8 (N,H,W,3) slices at any size; they are resized to the model's input size by
 stages.preprocess and the probabilities come back at the images' own size.
 
-Engine: on a CPU the network runs as a LiteRT (TFLite) float32 graph with the XNNPACK kernels, which run
-this small U-Net ~2.5x faster than Keras' own predict on 2 cores (benchmarks/training.py prints both); with
-a GPU, or a model whose layers compute in a mixed precision, Keras runs it. The conversion is made once per
-model object, at its first prediction, from its weights at that moment, and kept in a cache folder keyed by the
-architecture, the weights and the converter's version ($BRAINSEG_CACHE, else ~/.cache/brainseg), so the
-predict CLI's next run starts in a fraction of a second instead of the ~5 s a conversion takes.
+Engine: on a CPU the network runs as a LiteRT (TFLite) graph with the XNNPACK kernels, which run this small
+U-Net ~2.5x faster than Keras' own predict on 2 cores in float32 (benchmarks/training.py prints both), and
+faster again as `litert_int8`: weights and activations in int8, the activations' ranges fixed on the built-in
+synthetic volumes (calibration_inputs), so any machine makes the same graph from the .keras file alone, with no
+training data; benchmarks/quantisation.py measures what it does to speed and Dice, against float32 and against
+ranges fixed on training slices. `auto` takes it for the architectures validation has measured it on (INT8_MEASURED)
+and the float32 graph for the others. With a GPU, or a model whose layers compute in a mixed precision, Keras runs
+it. The conversion is made once per model
+object and engine, at its first prediction, from its weights at that moment, and kept in a cache folder keyed by
+the architecture, the weights, the quantisation and the converter's version ($BRAINSEG_CACHE, else
+~/.cache/brainseg), so the predict CLI's next run starts in a fraction of a second instead of the ~5 s a
+conversion takes.
 """
 from __future__ import annotations
 
@@ -81,13 +87,18 @@ def input_size(model: keras.Model) -> int | None:
     return model.inputs[0].shape[1]
 
 
-ENGINES = ("auto", "keras", "litert")
-_LITERT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+LITERT_ENGINES = ("litert", "litert_int8")
+ENGINES = ("auto", "keras", *LITERT_ENGINES)
+# the architectures whose int8 graph validation scored as their float32 one (README, quality levers); auto gives
+# the others the float32 graph
+INT8_MEASURED = ("unet",)
+_LITERT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {engine: runner, or None: cannot}
 
 
 def pick_engine(model: keras.Model, engine: str = "auto") -> str:
-    """'litert' or 'keras': auto takes LiteRT on a CPU-only machine for a float32 model (and Keras on a backend
-    other than TensorFlow, whose converter LiteRT needs)."""
+    """'litert_int8', 'litert' or 'keras': auto takes LiteRT on a CPU-only machine for a float32 model, in int8
+    for the architectures of INT8_MEASURED (and Keras on a backend other than TensorFlow, whose converter LiteRT
+    needs)."""
     if engine not in ENGINES:
         raise BrainsegError(f"inference engine '{engine}' is not one of {', '.join(ENGINES)}")
     if engine != "auto":
@@ -97,12 +108,15 @@ def pick_engine(model: keras.Model, engine: str = "auto") -> str:
     import tensorflow as tf
 
     float32 = all(layer.dtype_policy.compute_dtype == "float32" for layer in all_layers(model))
-    return "litert" if float32 and not tf.config.list_logical_devices("GPU") else "keras"
+    if not float32 or tf.config.list_logical_devices("GPU"):
+        return "keras"
+    return "litert_int8" if model.name in INT8_MEASURED else "litert"
 
 
 def engine_in_use(model: keras.Model, engine: str = "auto") -> str:
     """The engine predictions of `model` ran on (after one): 'keras' where auto fell back from LiteRT."""
-    return "litert" if pick_engine(model, engine) == "litert" and _LITERT.get(model) is not None else "keras"
+    picked = pick_engine(model, engine)
+    return picked if picked in LITERT_ENGINES and _LITERT.get(model, {}).get(picked) is not None else "keras"
 
 
 def cache_dir() -> Path:
@@ -112,44 +126,88 @@ def cache_dir() -> Path:
     return Path(root) / "litert"
 
 
-def _graph_key(model: keras.Model) -> str:
-    """A digest of what the converted graph depends on: versions, architecture and every weight's bytes."""
+def _graph_key(model: keras.Model, int8: bool = False) -> str:
+    """A digest of what the converted graph depends on: versions, quantisation, architecture and every weight's
+    bytes."""
     import tensorflow as tf
     from importlib.metadata import version
 
-    digest = hashlib.sha256(f"tf {tf.__version__} litert {version('ai-edge-litert')}".encode())
+    quantised = f" int8 calibrated on {CALIBRATION}" if int8 else ""
+    digest = hashlib.sha256(f"tf {tf.__version__} litert {version('ai-edge-litert')}{quantised}".encode())
     digest.update(model.to_json().encode())
     for weight in model.weights:
         digest.update(np.ascontiguousarray(keras.ops.convert_to_numpy(weight)).data)
     return digest.hexdigest()[:40]
 
 
-def _convert(model: keras.Model) -> bytes:
+# the synthetic volumes an int8 graph's activation ranges are fixed on: patients, slices each, every n-th slice kept
+CALIBRATION = {"patients": 12, "slices": 24, "every": 3, "seed": 0}
+
+
+def calibration_inputs(model: keras.Model, calibration: dict = CALIBRATION) -> np.ndarray:
+    """Synthetic volumes (stages.synthetic) as the network takes its input (network_input, then the model's size):
+    what `litert_int8` fixes the activations' ranges on. No real data is needed, so the CLI and the app convert
+    the graph evaluation scored; the input is standardised per volume like real slices, and validation scored the
+    graph as the float32 one (benchmarks.quantisation also fixes the ranges on training slices to compare)."""
+    from stages import synthetic
+
+    rng = np.random.default_rng(calibration["seed"])
+    out = []
+    for _ in range(calibration["patients"]):
+        volume, _ = synthetic.make_volume(rng, calibration["slices"])
+        x = network_input(model, volume, np.zeros(len(volume)))[::calibration["every"]]
+        out.append(preprocess.to_model_input(x, input_size(model) or x.shape[1]))
+    return np.concatenate(out)
+
+
+def convert(model: keras.Model, int8: bool = False, calibration: np.ndarray | None = None) -> bytes:
+    """`model` as a LiteRT graph: float32, or int8 with the activations' ranges fixed on `calibration` (model-size
+    float32 inputs; default calibration_inputs)."""
     import tensorflow as tf
 
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    if int8:  # float input and output around int8 kernels, so the graph is called as the float32 one is
+        calibration = calibration_inputs(model) if calibration is None else calibration
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = lambda: ([calibration[i:i + 1]] for i in range(len(calibration)))
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     with contextlib.redirect_stdout(io.StringIO()):  # Keras' export prints every captured variable
         return converter.convert()
 
 
 class LiteRTRunner:
-    """One model as a LiteRT interpreter (XNNPACK, all cores); call it on a float32 batch."""
+    """One model as a LiteRT interpreter (XNNPACK, all cores); call it on a float32 batch. int8: the litert_int8
+    engine's graph."""
 
-    def __init__(self, model: keras.Model, cache: Path | None = None):
+    def __init__(self, model: keras.Model, cache: Path | None = None, int8: bool = False):
         cache = cache_dir() if cache is None else cache
-        path = cache / f"{_graph_key(model)}.tflite"
+        path = cache / f"{_graph_key(model, int8)}.tflite"
         try:
-            self.interpreter = self._interpreter(path.read_bytes())
+            self._attach(self._interpreter(path.read_bytes()))
+            self._check()
             self.cached = True
         except (OSError, ValueError, RuntimeError):  # not cached yet, or not a graph: convert, keep it for next time
-            flat = _convert(model)
-            self.interpreter = self._interpreter(flat)
+            flat = convert(model, int8)
+            self._attach(self._interpreter(flat))
+            self._check()
             self.cached = False
             try:
                 with atomic_path(path) as tmp:  # makes the folder too
                     tmp.write_bytes(flat)
             except (OSError, BrainsegError):  # a read-only or full cache only costs the next run a conversion
                 pass
+
+    @classmethod
+    def from_graph(cls, flat: bytes) -> LiteRTRunner:
+        """A runner for a graph converted elsewhere (benchmarks.quantisation's statically quantised one)."""
+        runner = cls.__new__(cls)
+        runner.cached = False
+        runner._attach(cls._interpreter(flat))
+        runner._check()
+        return runner
+
+    def _attach(self, interpreter) -> None:
+        self.interpreter = interpreter
         signature = self.interpreter.get_signature_runner()
         self.input = next(iter(signature.get_input_details().values()))["index"]
         # outputs are named output_0, output_1, ... in the model's order; the prediction is the last one
@@ -157,6 +215,12 @@ class LiteRTRunner:
         self.output = outputs[max(outputs, key=lambda name: int(name.rsplit("_", 1)[-1]))]["index"]
         self.shape = None
         self.lock = threading.Lock()  # one interpreter, and the web app serves sessions from several threads
+
+    def _check(self) -> None:
+        """One blank slice: a graph XNNPACK cannot prepare (doubleunet's in int8) fails here, where auto falls back
+        to Keras, not in the middle of an evaluation."""
+        detail = next(d for d in self.interpreter.get_input_details() if d["index"] == self.input)
+        self._invoke(np.zeros([1, *(n if n > 0 else 32 for n in detail["shape_signature"][1:])], np.float32))
 
     @staticmethod
     def _interpreter(flat: bytes):
@@ -197,18 +261,20 @@ def _keras_runner(model: keras.Model):
 
 def _runner(model: keras.Model, engine: str):
     """A callable batch -> prediction; auto falls back to Keras (with a warning) where LiteRT cannot run it."""
-    if pick_engine(model, engine) == "keras":
+    picked = pick_engine(model, engine)
+    if picked == "keras":
         return _keras_runner(model)
-    if _LITERT.get(model) is None and (model not in _LITERT or engine == "litert"):
+    runners = _LITERT.setdefault(model, {})
+    if runners.get(picked) is None and (picked not in runners or engine != "auto"):
         try:
-            _LITERT[model] = LiteRTRunner(model)
+            runners[picked] = LiteRTRunner(model, int8=picked == "litert_int8")
         except Exception as err:  # an op LiteRT lacks, or ai-edge-litert missing
-            if engine == "litert":
+            if engine != "auto":
                 raise BrainsegError(f"model '{model.name}' cannot run on LiteRT ({type(err).__name__}: {err}); "
                                     "set evaluate.engine: keras in params.yaml") from err
             warnings.warn(f"LiteRT cannot run model '{model.name}' ({type(err).__name__}); using Keras")
-            _LITERT[model] = None  # auto: do not retry the conversion on every batch
-    return _LITERT[model] or _keras_runner(model)
+            runners[picked] = None  # auto: do not retry the conversion on every batch
+    return runners[picked] or _keras_runner(model)
 
 
 def _predict(model: keras.Model, images: np.ndarray, batch_size: int, progress: bool,
@@ -329,6 +395,12 @@ def view_probs(model: keras.Model, images: np.ndarray, views, batch_size: int = 
 def _model_probs(model: keras.Model, images: np.ndarray, ids: np.ndarray, batch_size: int, progress: bool,
                  engine: str) -> np.ndarray:
     """The network's probabilities for uint8 slices, with the input its training used (see predict_probs)."""
+    return _predict(model, network_input(model, images, ids), batch_size, progress, engine)
+
+
+def network_input(model: keras.Model, images: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """uint8 slices as the model's training saw them, before resizing: standardised per patient volume, with
+    the neighbours' FLAIR and the slice's place as more channels, as the model asks (see predict_probs)."""
     if volume_normalised(model):
         standardised = np.empty_like(images)
         for patient in dict.fromkeys(ids):
@@ -339,7 +411,7 @@ def _model_probs(model: keras.Model, images: np.ndarray, ids: np.ndarray, batch_
         images = preprocess.add_neighbours(images, preprocess.neighbour_rows(ids, neighbour_count(model)))
     if slice_positioned(model):
         images = preprocess.add_position(images, preprocess.slice_positions(ids))
-    return _predict(model, images, batch_size, progress, engine)
+    return images
 
 
 def predict_probs(model: keras.Model, images: np.ndarray, batch_size: int = 32, tta_flip: bool = False,
@@ -350,8 +422,8 @@ def predict_probs(model: keras.Model, images: np.ndarray, batch_size: int = 32, 
     Segmenter: float32 (N,H,W) at the images' size. Classifier: float32 (N,) tumour probability.
     tta_flip averages with the prediction on the left-right mirrored slices (mirrored back):
     0.5 * (p(x) + flip(p(flip(x)))); tta_affine adds the slices (and mirrors) rotated by 10 degrees either way
-    and zoomed by 0.9 and 1.1, each prediction warped back (AFFINE_VIEWS). `engine`: auto | keras | litert
-    (see the module's docstring).
+    and zoomed by 0.9 and 1.1, each prediction warped back (AFFINE_VIEWS). `engine`: auto | keras | litert |
+    litert_int8 (see the module's docstring).
     A model trained with `train.input_norm: volume` gets each patient's slices standardised together
     (`patients`: one id per slice; None: all the slices are one patient's). A model trained with
     `train.slice_position` gets each slice's place in its patient's volume, which assumes every patient's

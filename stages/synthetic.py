@@ -56,16 +56,24 @@ def write_dataset(dest: Path, patients: int = 12, slices: int = 24, seed: int = 
         case = f"{patient}_{19950101 + p}"
         folder = dest / case
         folder.mkdir()
-        # the tumour spans a contiguous run of about 35% of the slices, as in the real data
-        run = max(1, round(0.35 * slices))
-        start = int(rng.integers(slices // 5, slices - run - slices // 8 + 1))
-        cy, cx, r = int(rng.integers(90, 166)), int(rng.integers(90, 166)), int(rng.integers(14, 30))
-        for n in range(1, slices + 1):
-            inside = start <= n - 1 < start + run
-            radius = r * np.sin(np.pi * (n - start) / (run + 1)) if inside else 0
-            image, mask = make_slice(rng, (n - 1) / max(1, slices - 1),
-                                     (cy, cx, max(4, radius)) if inside else None)
+        for n, (image, mask) in enumerate(zip(*make_volume(rng, slices)), start=1):
             tifffile.imwrite(folder / f"{case}_{n}.tif", image, photometric="rgb")
             tifffile.imwrite(folder / f"{case}_{n}_mask.tif", mask, photometric="minisblack")
     (dest / "data.csv").write_text(CSV_HEADER + "\n" + "\n".join(rows) + "\n")
     return dest
+
+
+def make_volume(rng: np.random.Generator, slices: int) -> tuple[np.ndarray, np.ndarray]:
+    """One patient's slices in slice order, (slices,256,256,3) uint8, and their masks (0/255)."""
+    # the tumour spans a contiguous run of about 35% of the slices, as in the real data
+    run = max(1, round(0.35 * slices))
+    start = int(rng.integers(slices // 5, slices - run - slices // 8 + 1))
+    cy, cx, r = int(rng.integers(90, 166)), int(rng.integers(90, 166)), int(rng.integers(14, 30))
+    images, masks = [], []
+    for n in range(1, slices + 1):
+        inside = start <= n - 1 < start + run
+        radius = r * np.sin(np.pi * (n - start) / (run + 1)) if inside else 0
+        image, mask = make_slice(rng, (n - 1) / max(1, slices - 1), (cy, cx, max(4, radius)) if inside else None)
+        images.append(image)
+        masks.append(mask)
+    return np.stack(images), np.stack(masks)

@@ -127,11 +127,15 @@ def fold_runs(tmp_path_factory):
     return result
 
 
-def test_a_fold_ensemble_chooses_post_processing_on_the_pooled_folds_then_scores_test(fold_runs):
+def test_a_fold_ensemble_chooses_post_processing_on_the_pooled_folds_then_scores_test(fold_runs, monkeypatch):
     import pandas as pd
     import yaml
 
     from stages import evaluate
+
+    # float32 graphs: an int8 one fixes the ranges of the ensemble's own activations, so its average of one model
+    # twice is that model's to about 1e-4 only
+    monkeypatch.setattr(inference, "INT8_MEASURED", ())
 
     pooled = pd.concat([pd.read_csv(run / "metrics/per_patient_validation.csv") for run in fold_runs])
     splits = [pd.read_csv(run / "data/split.csv").set_index("patient")["split"] for run in fold_runs]

@@ -32,9 +32,12 @@ def flair_model(name="unet"):
 
 
 def untrained_model(name="unet"):
+    """Random weights, the same ones whichever tests ran before (seeded initialisers)."""
     inputs = keras.Input((SIZE, SIZE, 3))
-    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu")(inputs)
-    return keras.Model(inputs, keras.layers.Conv2D(1, 1, activation="sigmoid")(x), name=name)
+    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu",
+                            kernel_initializer=keras.initializers.GlorotUniform(0))(inputs)
+    out = keras.layers.Conv2D(1, 1, activation="sigmoid", kernel_initializer=keras.initializers.GlorotUniform(1))(x)
+    return keras.Model(inputs, out, name=name)
 
 
 def classifier_model():
@@ -116,9 +119,9 @@ def test_engine_is_recorded_and_a_model_litert_cannot_convert_is_scored_by_keras
     from stages import inference
 
     _, lite = run(tmp_path / "a", flair_model())
-    assert lite["model"]["engine"] == "litert"  # the CPU default for a float32 model
+    assert lite["model"]["engine"] == "litert_int8"  # the CPU default for a float32 model
 
-    def refuse(model):
+    def refuse(model, int8=False):
         raise RuntimeError("unsupported op")
 
     monkeypatch.setattr(inference, "LiteRTRunner", refuse)
@@ -219,13 +222,15 @@ def test_after_a_refit_validation_is_scored_with_the_model_that_chose_the_epochs
     """models/selection.keras (the first run's best epoch) scores the validation patients and chooses the
     post-processing; models/model.keras, the refit trained on those patients too, scores test."""
     root = make_root(tmp_path, flair_model())
-    untrained_model().save(root / "models/selection.keras")
+    everywhere = flair_model()  # tumour on every pixel: a Dice between 0 and 1 whatever the random state
+    everywhere.layers[-1].set_weights([np.zeros((1, 1, 3, 1)), np.array([20.0])])
+    everywhere.save(root / "models/selection.keras")
     evaluate.run_stage({"model": "unet", "evaluate": {**EVALUATE, "choose_on_validation": True}}, root)
     result = json.loads((root / "metrics/eval.json").read_text())
     assert result["model"]["refit"] is True
     assert result["dice_volume_mean"] == 1.0 > result["validation"]["dice_volume_mean"]  # val and test: same slices
     validation = pd.read_csv(root / "metrics/per_patient_validation.csv")
-    assert 0 < validation["threshold"].mean() < 1  # the untrained selection model's, not the refit's
+    assert 0 < validation["threshold"].mean() < 1  # the selection model's, not the refit's
 
 
 def test_without_a_refit_one_model_scores_validation_and_test(tmp_path):

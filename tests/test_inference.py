@@ -155,6 +155,51 @@ def test_litert_engine_matches_keras(name, options):
     assert lite_probs.std() > 1e-4  # not a constant map that any output would match
 
 
+@pytest.mark.parametrize("name", ["unet", "cnn"])
+def test_litert_int8_engine_stays_close_to_float32_and_ignores_the_rest_of_its_batch(name):
+    """Weights and activations in int8, the activations' ranges fixed once (on synthetic volumes), so a slice's
+    prediction is the same whatever else shares its batch."""
+    from stages.models import build_model
+
+    keras.utils.set_random_seed(1)
+    model = build_model(name, (32, 32, 3), 4)
+    x = images(6, size=48)
+    float32 = inference.predict_probs(model, x, batch_size=6, engine="litert")
+    int8 = inference.predict_probs(model, x, batch_size=6, engine="litert_int8")
+    assert inference.engine_in_use(model, "litert_int8") == "litert_int8"
+    assert int8.shape == float32.shape and not np.array_equal(int8, float32)  # another graph ran
+    assert np.abs(int8 - float32).max() < 0.05 and np.abs(int8 - float32).mean() < 0.01
+    alone = np.concatenate([inference.predict_probs(model, x[i:i + 1], engine="litert_int8") for i in range(6)])
+    np.testing.assert_array_equal(alone, int8)
+
+
+def test_a_graph_litert_cannot_run_fails_when_made_with_a_fix_to_name_or_falls_back_under_auto(monkeypatch):
+    """XNNPACK cannot prepare doubleunet's int8 graph: the runner says so at once, not mid-evaluation."""
+    from stages.models import build_model
+
+    model = build_model("doubleunet", (32, 32, 3), 4)
+    with pytest.raises(BrainsegError, match="cannot run on LiteRT.*evaluate.engine: keras"):
+        inference.predict_probs(model, images(2, size=32), engine="litert_int8")
+    monkeypatch.setattr(inference, "INT8_MEASURED", ("doubleunet",))  # as if auto took int8 for it
+    with pytest.warns(UserWarning, match="LiteRT cannot run"):
+        probs = inference.predict_probs(model, images(2, size=32))
+    assert inference.engine_in_use(model) == "keras" and probs.shape == (2, 32, 32)
+
+
+def test_int8_calibration_is_synthetic_volumes_as_the_network_takes_them():
+    from stages.models import build_model
+
+    model = build_model("unet", (32, 32, 3), 4, input_norm="volume")
+    x = inference.calibration_inputs(model)
+    c = inference.CALIBRATION
+    assert x.shape == (c["patients"] * c["slices"] // c["every"], 32, 32, 3) and x.dtype == np.float32
+    assert np.array_equal(x, inference.calibration_inputs(model))  # the same every time: the same graph
+    from stages import preprocess, synthetic
+
+    volume, _ = synthetic.make_volume(np.random.default_rng(c["seed"]), c["slices"])
+    np.testing.assert_array_equal(x[0], preprocess.to_model_input(preprocess.standardise_volume(volume)[:1], 32)[0])
+
+
 def test_litert_engine_takes_any_size_for_a_size_free_model():
     model = flair_model()
     for size in (16, 24):
@@ -162,8 +207,10 @@ def test_litert_engine_takes_any_size_for_a_size_free_model():
                            inference.predict_probs(model, images(3, size=size), engine="keras"), atol=1e-5)
 
 
-def test_auto_engine_is_litert_on_cpu_for_float32_and_keras_for_mixed_precision():
-    assert inference.pick_engine(flair_model(16)) == "litert"
+def test_auto_engine_is_litert_int8_on_cpu_for_float32_and_keras_for_mixed_precision():
+    assert inference.pick_engine(flair_model(16)) == "litert_int8"
+    assert inference.pick_engine(flair_model(16), "litert") == "litert"
+    assert inference.pick_engine(flair_model(16, name="resunet")) == "litert"  # int8 not measured on it
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
     try:
         mixed = flair_model(16)
@@ -179,10 +226,11 @@ def test_auto_engine_is_keras_on_other_keras_backends(monkeypatch):
     model = flair_model(16)
     monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
     assert inference.pick_engine(model) == "keras" and inference.pick_engine(model, "litert") == "litert"
+    assert inference.pick_engine(model, "litert_int8") == "litert_int8"
 
 
 def test_auto_engine_falls_back_to_keras_when_litert_cannot_convert(monkeypatch):
-    def refuse(model):
+    def refuse(model, int8=False):
         raise RuntimeError("unsupported op")
 
     monkeypatch.setattr(inference, "LiteRTRunner", refuse)
@@ -191,8 +239,9 @@ def test_auto_engine_falls_back_to_keras_when_litert_cannot_convert(monkeypatch)
         probs = inference.predict_probs(model, x, engine="auto")
     assert inference.engine_in_use(model, "auto") == "keras"
     assert np.allclose(probs, inference.predict_probs(model, x, engine="keras"))
-    with pytest.raises(BrainsegError, match="evaluate.engine: keras"):
-        inference.predict_probs(model, x, engine="litert")
+    for engine in ("litert", "litert_int8"):
+        with pytest.raises(BrainsegError, match="evaluate.engine: keras"):
+            inference.predict_probs(model, x, engine=engine)
 
 
 def test_converted_graph_is_cached_by_weights_and_survives_a_bad_cache(tmp_path, monkeypatch):
@@ -210,9 +259,12 @@ def test_converted_graph_is_cached_by_weights_and_survives_a_bad_cache(tmp_path,
     batch = x.astype(np.float32) / 255
     assert again.cached and np.array_equal(again(batch), first(batch))
 
+    int8 = inference.LiteRTRunner(model, int8=True)  # the quantised graph is another file
+    assert not int8.cached and inference.LiteRTRunner(model, int8=True).cached
+    assert len(list(cache.glob("*.tflite"))) == 2
     other = inference.load_model(tmp_path / "model.keras")  # the same architecture and names, other weights
     other.set_weights([w * 2 for w in model.get_weights()])
-    assert not inference.LiteRTRunner(other).cached and len(list(cache.glob("*.tflite"))) == 2
+    assert not inference.LiteRTRunner(other).cached and len(list(cache.glob("*.tflite"))) == 3
 
     for cached in cache.glob("*.tflite"):
         cached.write_bytes(b"not a flatbuffer")
