@@ -60,9 +60,10 @@ def score_patient(model, images: np.ndarray, masks: np.ndarray, settings: dict[s
     view_sets = {inference.view_set(s) for s in settings.values()}
     views = inference.views_covering(view_sets)
     patients, truth, out = np.zeros(len(images)), masks > 0, {}
+    engine = next(iter(settings.values())).get("engine", "auto")  # the evaluate params' engine, as evaluation runs
     for way, channels in WAYS.items():
-        averages = inference.average_views(inference.view_probs(model, with_flair_copies(images, channels), views),
-                                           views, view_sets)
+        probs = inference.view_probs(model, with_flair_copies(images, channels), views, engine=engine)
+        averages = inference.average_views(probs, views, view_sets)
         for name, setting in settings.items():
             pred = postprocess(averages[inference.view_set(setting)], setting, patients)
             out[way, name] = volume_dice(truth, pred)

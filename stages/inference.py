@@ -11,13 +11,12 @@ U-Net ~2.5x faster than Keras' own predict on 2 cores in float32 (benchmarks/tra
 faster again as `litert_int8`: weights and activations in int8, the activations' ranges fixed on the built-in
 synthetic volumes (calibration_inputs), so any machine makes the same graph from the .keras file alone, with no
 training data; benchmarks/quantisation.py measures what it does to speed and Dice, against float32 and against
-ranges fixed on training slices. `auto` takes it for the architectures validation has measured it on (INT8_MEASURED)
-and the float32 graph for the others. With a GPU, or a model whose layers compute in a mixed precision, Keras runs
-it. The conversion is made once per model
-object and engine, at its first prediction, from its weights at that moment, and kept in a cache folder keyed by
-the architecture, the weights, the quantisation and the converter's version ($BRAINSEG_CACHE, else
-~/.cache/brainseg), so the predict CLI's next run starts in a fraction of a second instead of the ~5 s a
-conversion takes.
+ranges fixed on training slices. `auto` takes it for the architectures validation has measured it on
+(INT8_MEASURED) and the float32 graph for the others. With a GPU, or a model whose layers compute in a mixed
+precision, Keras runs it. The conversion is made once per model object and engine, at its first prediction, from
+its weights at that moment, and kept in a cache folder keyed by the architecture, the weights, the quantisation
+and the converter's version ($BRAINSEG_CACHE, else ~/.cache/brainseg), so the predict CLI's next run starts in a
+fraction of a second instead of the seconds a conversion takes.
 """
 from __future__ import annotations
 
@@ -114,9 +113,17 @@ def pick_engine(model: keras.Model, engine: str = "auto") -> str:
 
 
 def engine_in_use(model: keras.Model, engine: str = "auto") -> str:
-    """The engine predictions of `model` ran on (after one): 'keras' where auto fell back from LiteRT."""
+    """The engine predictions of `model` ran on (after one): where auto fell back, the float32 graph or Keras."""
+    runners = _LITERT.get(model, {})
+    return next((name for name in _litert_tries(model, engine) if runners.get(name) is not None), "keras")
+
+
+def _litert_tries(model: keras.Model, engine: str) -> list[str]:
+    """The LiteRT engines to try in turn: auto falls back from int8 to the float32 graph (then to Keras)."""
     picked = pick_engine(model, engine)
-    return picked if picked in LITERT_ENGINES and _LITERT.get(model, {}).get(picked) is not None else "keras"
+    if picked == "keras":
+        return []
+    return ["litert_int8", "litert"] if engine == "auto" and picked == "litert_int8" else [picked]
 
 
 def cache_dir() -> Path:
@@ -260,21 +267,27 @@ def _keras_runner(model: keras.Model):
 
 
 def _runner(model: keras.Model, engine: str):
-    """A callable batch -> prediction; auto falls back to Keras (with a warning) where LiteRT cannot run it."""
-    picked = pick_engine(model, engine)
-    if picked == "keras":
-        return _keras_runner(model)
-    runners = _LITERT.setdefault(model, {})
-    if runners.get(picked) is None and (picked not in runners or engine != "auto"):
-        try:
-            runners[picked] = LiteRTRunner(model, int8=picked == "litert_int8")
-        except Exception as err:  # an op LiteRT lacks, or ai-edge-litert missing
-            if engine != "auto":
-                raise BrainsegError(f"model '{model.name}' cannot run on LiteRT ({type(err).__name__}: {err}); "
-                                    "set evaluate.engine: keras in params.yaml") from err
-            warnings.warn(f"LiteRT cannot run model '{model.name}' ({type(err).__name__}); using Keras")
-            runners[picked] = None  # auto: do not retry the conversion on every batch
-    return runners[picked] or _keras_runner(model)
+    """A callable batch -> prediction; auto falls back (with a warning) from the int8 graph to the float32 one and
+    from LiteRT to Keras where LiteRT cannot run a graph."""
+    tries = _litert_tries(model, engine)
+    runners = _LITERT.setdefault(model, {}) if tries else {}
+    for name in tries:
+        if name not in runners or (runners[name] is None and engine != "auto"):
+            try:
+                runners[name] = LiteRTRunner(model, int8=name == "litert_int8")
+            except Exception as err:  # an op LiteRT lacks, a graph XNNPACK refuses, or ai-edge-litert missing
+                if engine != "auto":
+                    other = " (or litert, its float32 graph)" if name == "litert_int8" else ""
+                    raise BrainsegError(f"model '{model.name}' cannot run on LiteRT as {name} ({type(err).__name__}: "
+                                        f"{err}); set evaluate.engine: keras{other} in params.yaml") from err
+                fallback = "its float32 graph" if name == "litert_int8" else "Keras"
+                reason = str(err).strip().split("\n")[0][:200]
+                warnings.warn(f"LiteRT cannot run model '{model.name}' as {name} ({type(err).__name__}: {reason}); "
+                              f"using {fallback}")
+                runners[name] = None  # auto: do not retry the conversion on every batch
+        if runners[name] is not None:
+            return runners[name]
+    return _keras_runner(model)
 
 
 def _predict(model: keras.Model, images: np.ndarray, batch_size: int, progress: bool,

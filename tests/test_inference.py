@@ -173,7 +173,7 @@ def test_litert_int8_engine_stays_close_to_float32_and_ignores_the_rest_of_its_b
     np.testing.assert_array_equal(alone, int8)
 
 
-def test_a_graph_litert_cannot_run_fails_when_made_with_a_fix_to_name_or_falls_back_under_auto(monkeypatch):
+def test_a_graph_litert_cannot_run_fails_when_made_with_a_fix_to_name_or_auto_falls_back(monkeypatch):
     """XNNPACK cannot prepare doubleunet's int8 graph: the runner says so at once, not mid-evaluation."""
     from stages.models import build_model
 
@@ -181,9 +181,9 @@ def test_a_graph_litert_cannot_run_fails_when_made_with_a_fix_to_name_or_falls_b
     with pytest.raises(BrainsegError, match="cannot run on LiteRT.*evaluate.engine: keras"):
         inference.predict_probs(model, images(2, size=32), engine="litert_int8")
     monkeypatch.setattr(inference, "INT8_MEASURED", ("doubleunet",))  # as if auto took int8 for it
-    with pytest.warns(UserWarning, match="LiteRT cannot run"):
+    with pytest.warns(UserWarning, match="as litert_int8.*its float32 graph"):
         probs = inference.predict_probs(model, images(2, size=32))
-    assert inference.engine_in_use(model) == "keras" and probs.shape == (2, 32, 32)
+    assert inference.engine_in_use(model) == "litert" and probs.shape == (2, 32, 32)
 
 
 def test_int8_calibration_is_synthetic_volumes_as_the_network_takes_them():
@@ -242,6 +242,22 @@ def test_auto_engine_falls_back_to_keras_when_litert_cannot_convert(monkeypatch)
     for engine in ("litert", "litert_int8"):
         with pytest.raises(BrainsegError, match="evaluate.engine: keras"):
             inference.predict_probs(model, x, engine=engine)
+
+
+def test_auto_engine_falls_back_from_int8_to_the_float32_graph(monkeypatch):
+    real = inference.LiteRTRunner
+
+    def no_int8(model, int8=False):
+        if int8:
+            raise RuntimeError("failed to prepare")
+        return real(model)
+
+    monkeypatch.setattr(inference, "LiteRTRunner", no_int8)
+    model, x = flair_model(16), images(2)
+    with pytest.warns(UserWarning, match="as litert_int8.*its float32 graph"):
+        probs = inference.predict_probs(model, x)
+    assert inference.engine_in_use(model) == "litert"
+    np.testing.assert_allclose(probs, inference.predict_probs(model, x, engine="keras"), atol=1e-5)
 
 
 def test_converted_graph_is_cached_by_weights_and_survives_a_bad_cache(tmp_path, monkeypatch):
