@@ -55,7 +55,7 @@ def dynamic_int8(model) -> bytes:
 
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    with contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()):  # as inference.convert: Keras' export prints every variable
         return converter.convert()
 
 
@@ -94,8 +94,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
 
-    import contextlib
-    import io
     import os
 
     from stages import inference, prepared, preprocess
@@ -121,8 +119,7 @@ def main(argv: list[str] | None = None) -> None:
         m = inference.load_model(args.model)
         engine = name if name in inference.LITERT_ENGINES else "litert"
         if name in graphs:
-            with contextlib.redirect_stdout(io.StringIO()):
-                inference._LITERT[m] = {"litert": inference.LiteRTRunner.from_graph(graphs[name](m))}
+            inference._LITERT[m] = {"litert": inference.LiteRTRunner.from_graph(graphs[name](m))}
         run = inference._runner(m, engine)
         runs[name] = {"network": network_rate(run, x, args.repeats), **score(m, args.data, {**settings,
                                                                                          "engine": engine})}

@@ -206,7 +206,7 @@ class LiteRTRunner:
 
     @classmethod
     def from_graph(cls, flat: bytes) -> LiteRTRunner:
-        """A runner for a graph converted elsewhere (benchmarks.quantisation's statically quantised one)."""
+        """A runner for a graph converted elsewhere (the graphs benchmarks.quantisation compares)."""
         runner = cls.__new__(cls)
         runner.cached = False
         runner._attach(cls._interpreter(flat))
