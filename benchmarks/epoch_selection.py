@@ -3,7 +3,8 @@ mean per-volume Dice (`train.monitor`), judged on validation patients that did n
 
     A=$PWD/../shared/data/lgg-mri-segmentation-dev.zip
     for s in 42 7 1 3 5; do
-      dvc exp run -n md-s$s -S train.monitor=val_dice_volume -S train.seed=$s -S data.source=archive -S data.archive=$A
+      dvc exp run -n md-s$s -S train.members=null -S train.monitor=val_dice_volume -S train.seed=$s \
+        -S data.source=archive -S data.archive=$A
     done
     python -m benchmarks.epoch_selection --exp 'md-s*'
 

@@ -3,12 +3,12 @@ for seed.
 
     A=$PWD/../shared/data/lgg-mri-segmentation-dev.zip
     for s in 42 7 1 3 5; do
-      dvc exp run --queue -n ds-s$s -S train.seed=$s -S data.source=archive -S data.archive=$A
+      dvc exp run --queue -n ds-s$s -S train.members=null -S train.seed=$s -S data.source=archive -S data.archive=$A
     done
     dvc queue start -j 1
-    python -m benchmarks.seeds --exp 'ds-s*'                         # the recipe's spread over its seeds
+    python -m benchmarks.seeds --exp 'ds-s*'                         # one network's spread over its seeds
     python -m benchmarks.seeds --exp 'p10-s*' --against 'ds-s*'      # a lever against it, seed for seed
-    python -m benchmarks.seeds --exp 'm3-*'     # seed ensembles (runs of -S 'train.members=[42,7,1]' and others)
+    python -m benchmarks.seeds --exp 'm3-*'     # seed ensembles, the default (-S 'train.members=[3,5,11]' and others)
     python -m benchmarks.seeds --exp 'd3-*'     # their students (the same with -S train.distil=0.5)
     python -m benchmarks.seeds --exp 'cs-c*'    # runs of -S balance.seed=N: the spread over draws of the copies
 
@@ -38,7 +38,8 @@ import yaml
 
 from benchmarks.architectures import experiments, git_show
 from benchmarks.crossval import markdown
-from stages.balance import MEMBERS, copies_seed, member_copies
+from stages.balance import copies_seed, member_copies
+from stages.common import train_config
 
 TOLERANCE = 0.02  # issue 6: another seed stays within this of per-volume Dice
 SEEDS = ["seed", "copies"]  # a run's training seed and the seed that drew its augmented copies
@@ -47,7 +48,7 @@ SEEDS = ["seed", "copies"]  # a run's training seed and the seed that drew its a
 def run_seed(params: dict) -> int | str:
     """The seed a run trained with: `train.seed`, or the top-level seed where that is null; for a seed ensemble
     (`train.members`) its members' seeds, as "42+7+1", and for its student (`train.distil`) "42+7+1 distilled"."""
-    train = params.get("train") or {}
+    train = train_config(params)  # the profile's members win: the demo and gpu profiles train one network
     if train.get("members"):
         return "+".join(str(seed) for seed in train["members"]) + (" distilled" if train.get("distil") else "")
     return int(params["seed"] if train.get("seed") is None else train["seed"])
@@ -159,10 +160,10 @@ def same_recipe(params: dict[str, dict]) -> None:
     """The runs of one recipe may differ in their training seed and their copies' seed only (for seed ensembles, in
     their members' seeds, not in how many there are): a spread over runs that differ in more is not a seed's spread."""
     flats = {name: flat(p) for name, p in params.items()}
-    for f in flats.values():
+    for p, f in zip(params.values(), flats.values()):
         f["train.members"] = len(f.get("train.members") or [])
         # one seed or another is a seed's difference; a draw per member (or not) is another recipe
-        f["balance.seed"] = f.get("balance.seed") == MEMBERS
+        f["balance.seed"] = bool(member_copies(p))
     keys = set().union(*flats.values()) - {"train.seed"}
     differ = sorted(k for k in keys if len({json.dumps(f.get(k)) for f in flats.values()}) > 1)
     if differ:

@@ -9,8 +9,9 @@ index stage's data/slices by row instead of copying them, and the copies' pixels
 and slices.json, the digest of the index those rows refer to (see stages.prepared, which reads them).
 With train.refit, also refit.csv (and refit_copies_*.npy): the validation patients balanced as the training split
 was, which the refit trains on beside the training split once validation has chosen the epochs (stages.train).
-With balance.seed `members` and a seed ensemble (train.members), every member gets its own draw of copies, made with
-its seed: train.csv holds the first member's, train_seed<S>.csv (and its copies) each other member's.
+With balance.seed `members` (the default) the copies follow the training seeds: a seed ensemble's (train.members) every
+member gets its own draw, made with its seed (train.csv holds the first member's, train_seed<S>.csv and its copies
+each other member's), and one network's are drawn with its seed (train.seed, or the top-level seed).
 """
 from __future__ import annotations
 
@@ -24,13 +25,13 @@ import pandas as pd
 from tqdm import tqdm
 
 from stages import prepared
-from stages.common import (BrainsegError, NpyWriter, atomic_path, load_params, member_seeds, run_main,
+from stages.common import (BrainsegError, NpyWriter, atomic_path, load_params, run_main, training_seeds,
                            write_json)
 from stages.index import INDEX, SLICES
 from stages.split import SPLIT
 
 PREPARED = Path("data") / "prepared"
-MEMBERS = "members"  # balance.seed: one draw of copies per member of train.members
+MEMBERS = "members"  # balance.seed: the copies drawn with the training seeds, one draw per member of train.members
 SEED_GROWTH = 5312 / 3929  # the seed article's balanced total over the full set's slice count
 META = ["patient", "case", "slice", "image", "augmentation", "tumour", "area"]
 
@@ -262,30 +263,26 @@ def write_refit(folder: Path, index: pd.DataFrame, split: pd.Series, images, mas
 def copies_seed(params: dict) -> int:
     """The seed that draws the augmented copies of train.csv: balance.seed, or the top-level seed (which also cuts
     the split) where that is null, so the copies can be drawn again on the same split; with balance.seed `members`,
-    the first member's."""
+    the training seed's (a seed ensemble's first member's)."""
     seed = (params.get("balance") or {}).get("seed")
     if seed is None:
         return params["seed"]
     if seed == MEMBERS:
-        return member_copies(params)[0]
+        return training_seeds(params)[0]
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise BrainsegError(f"params.yaml: balance.seed {seed!r} is not a whole number >= 0; use null (the top-level "
-                            "seed), members (one draw per member of train.members) or e.g. 7")
+                            "seed), members (the training seeds') or e.g. 7")
     return seed
 
 
 def member_copies(params: dict) -> list[int]:
-    """With balance.seed `members`: train.members' seeds, one draw of copies each, as a run with
-    `-S balance.seed=S` would draw them, so each member trains as the run of its seed with both seeds drawn;
-    else [] (every member trains on train.csv's one draw)."""
+    """With balance.seed `members` and a seed ensemble (train.members): its seeds, one draw of copies each, as a run
+    with `-S balance.seed=S` would draw them, so each member trains as the run of its seed with both seeds drawn;
+    else [] (one network, or every member trains on train.csv's one draw)."""
     if (params.get("balance") or {}).get("seed") != MEMBERS:
         return []
-    members = member_seeds(params.get("train") or {})
-    if not members:
-        raise BrainsegError("params.yaml: balance.seed is members, one draw of copies per member of a seed ensemble, "
-                            "but train.members is null. Fix: set `-S 'train.members=[42,7,1]'` too, or "
-                            "`-S balance.seed=null`")
-    return members
+    seeds = training_seeds(params)
+    return seeds if len(seeds) > 1 else []
 
 
 def main() -> None:

@@ -42,6 +42,14 @@ def train_config(params: dict) -> dict:
     return {**params["train"], **params["profiles"][profile], "profile": profile}
 
 
+def profile_overrides(params: dict) -> dict:
+    """The keys of `train` that the chosen profile sets otherwise, {key: (train's value, the profile's)}: what a
+    `-S train.KEY=...` cannot change under that profile (the demo and gpu profiles' members: null, for one)."""
+    profile = params["profiles"].get(params.get("profile", "cpu")) or {}
+    return {key: (params["train"][key], value) for key, value in profile.items()
+            if key in params["train"] and params["train"][key] != value}
+
+
 def member_seeds(cfg: dict) -> list[int]:
     """train.members (of params.yaml's train section) as a list of seeds, checked; [] for one network (null). Here
     because balance reads it too: with balance.seed `members` it draws each member its own copies."""
@@ -52,11 +60,23 @@ def member_seeds(cfg: dict) -> list[int]:
             or not all(isinstance(seed, int) and not isinstance(seed, bool) for seed in members)):
         raise BrainsegError(f"params.yaml: train.members {members!r} is not a list of two or more distinct integer "
                             "seeds; set it with `dvc exp run -S 'train.members=[42,7,1]'`, or null for one network")
+    if cfg.get("seed") is not None:  # else a run of `-S train.seed=7` would silently train the members' seeds
+        raise BrainsegError(f"params.yaml: train.seed {cfg['seed']} is set beside the seed ensemble train.members "
+                            f"{members}, which trains one network per member seed and no other. Fix: "
+                            f"`-S train.members=null` for one network of seed {cfg['seed']}, or list it in "
+                            "train.members")
     if cfg.get("refit"):
         raise BrainsegError("params.yaml: train.members and train.refit are both on; a refit trains one network "
                             "again on the validation patients, so set `-S train.refit=false` for a seed ensemble "
                             "or `-S train.members=null` for a refit")
     return members
+
+
+def training_seeds(params: dict) -> list[int]:
+    """The seed of each network the train stage trains: a seed ensemble's members (train.members, or the chosen
+    profile's), else the one network's, train.seed or the top-level seed where that is null."""
+    cfg = train_config(params)
+    return member_seeds(cfg) or [params["seed"] if cfg.get("seed") is None else cfg["seed"]]
 
 
 @contextlib.contextmanager

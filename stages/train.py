@@ -30,7 +30,8 @@ import pandas as pd
 from stages import metrics as scores
 from stages import prepared
 from stages.balance import replay
-from stages.common import BrainsegError, load_params, member_seeds, run_main, train_config, write_csv, write_json
+from stages.common import (BrainsegError, load_params, member_seeds, profile_overrides, run_main, train_config,
+                           write_csv, write_json)
 from stages.losses import get_loss, segmentation_metrics
 from stages.models import CLASSIFIERS, average, build_model
 from stages.preprocess import (FLAIR, add_neighbours, add_position, mask_to_model_size, neighbour_places, resize_images,
@@ -50,6 +51,9 @@ SOURCE = Path("data/raw/SOURCE.json")
 def main() -> None:
     params = load_params()
     cfg = train_config(params)
+    for key, (train_value, value) in profile_overrides(params).items():
+        print(f"profile {cfg['profile']}: {key} {value} (profiles.{cfg['profile']}.{key}) in place of train.{key} "
+              f"{train_value}", flush=True)
     seed = params["seed"] if cfg.get("seed") is None else cfg["seed"]
     live = LIVE
     if importlib.util.find_spec("dvclive") is None:  # a GPU machine with Keras alone (benchmarks/gpu_recipe.py)

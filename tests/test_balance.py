@@ -324,9 +324,11 @@ def test_balance_seed_members_draws_each_member_the_copies_a_run_of_its_seed_dra
 
     data = split_project(tmp_path, monkeypatch)
 
-    def run(balance_seed, members=None):
-        monkeypatch.setattr(balance, "load_params", lambda: {"seed": 3, "train": {"members": members},
-                                                             "balance": {**CFG, "seed": balance_seed}})
+    def run(balance_seed, members=None, train_seed=None, profile_members=()):
+        profiles = {"cpu": {}, "demo": {"members": None}}
+        params = {"seed": 3, "train": {"members": members, "seed": train_seed}, "profiles": profiles,
+                  "profile": "cpu" if profile_members == () else "demo", "balance": {**CFG, "seed": balance_seed}}
+        monkeypatch.setattr(balance, "load_params", lambda: params)
         balance.main()
         folder = data / "prepared"
         return {p.name: p.read_bytes() for p in folder.iterdir() if p.name != prepared.RECORD}
@@ -345,8 +347,11 @@ def test_balance_seed_members_draws_each_member_the_copies_a_run_of_its_seed_dra
     with pytest.raises(BrainsegError, match="members \\[5, 9\\], not for seed 7.*dvc repro balance"):
         prepared.member_table(data, 7)
 
-    with pytest.raises(BrainsegError, match="balance.seed is members.*train.members is null.*train.members=\\[42"):
-        run("members")
+    with pytest.raises(BrainsegError, match="train.seed 9 is set beside the seed ensemble.*train.members=null"):
+        run("members", [5, 9], train_seed=9)
     assert (data / "prepared/train_seed9.csv").read_bytes() == ensemble["train_seed9.csv"]  # the last good outputs
-    run(None)  # one shared draw again: every member trains on train.csv, and the members' tables are gone
+    run(None, [5, 9])  # one shared draw again: every member trains on train.csv, and the members' tables are gone
     assert prepared.member_table(data, 9) == "train" and not (data / "prepared/train_seed9.csv").exists()
+    # one network: its seed's draw, train.seed's or else the top-level seed's; a profile's members: null wins
+    assert run("members", train_seed=9) == alone[9]
+    assert run("members", [5, 9], profile_members=None) == run(3) != alone[5]

@@ -18,7 +18,8 @@ PATIENTS = pd.DataFrame({"patient": ["TCGA_A", "TCGA_B", "TCGA_C"], "dice": [0.9
 
 
 def params(train_seed, seed=42, val=0.15):
-    return {"seed": seed, "split": {"val": val, "test": 0.2, "folds": 0, "fold": 0}, "train": {"seed": train_seed}}
+    return {"seed": seed, "split": {"val": val, "test": 0.2, "folds": 0, "fold": 0}, "train": {"seed": train_seed},
+            "profile": "cpu", "profiles": {"cpu": {}, "demo": {"members": None}}}
 
 
 def test_run_row_reads_validation_test_and_the_worst_patient():
@@ -58,6 +59,17 @@ def test_seed_ensembles_of_one_recipe_may_differ_in_their_members_not_in_their_n
         seeds.same_recipe({"a": ensemble([42, 7, 1]), "b": ensemble([3, 5])})
     with pytest.raises(SystemExit, match="differ in more than their seeds: train.members"):
         seeds.same_recipe({"a": ensemble([42, 7, 1]), "b": params(3)})
+
+
+def test_one_network_on_its_seeds_copies_is_the_recipe_of_both_seeds_drawn_and_a_profile_may_train_one():
+    # balance.seed members (the default since the forty-first round) with one network: its seed's draw, as the
+    # runs of `-S train.seed=N -S balance.seed=N` drew theirs
+    now = {**params(7), "balance": {"seed": "members"}, "train": {"seed": 7, "members": None}}
+    before = {**params(3), "balance": {"seed": 3}, "train": {"seed": 3, "members": None}}
+    assert (seeds.run_seed(now), seeds.run_copies(now)) == (7, 7)
+    seeds.same_recipe({"a": now, "b": before})
+    demo = {**ensemble([42, 7, 1]), "profile": "demo", "balance": {"seed": "members"}}
+    assert (seeds.run_seed(demo), seeds.run_copies(demo)) == (42, 42)
 
 
 def test_an_ensemble_whose_members_drew_their_own_copies_is_another_recipe_named_by_their_seeds():

@@ -104,7 +104,7 @@ def test_main_writes_metrics_with_data_source_and_restores_float32(prepared, cfg
 
 def test_train_seed_overrides_the_top_level_seed(monkeypatch, tmp_path):
     params = load_params()
-    params["train"]["seed"] = 7
+    params["train"].update(seed=7, members=None)  # one network: beside an ensemble's members it is refused
     seen = {}
     monkeypatch.setattr(train_stage, "load_params", lambda: params)
     def fake_train(name, cfg, seed, data, model_path, *args):
@@ -484,13 +484,17 @@ def test_main_trains_without_dvclive_where_it_is_not_installed(prepared, cfg, tm
         model_path.write_bytes(b"model")
         return {}
 
+    params = {**load_params(), "profile": "demo"}
+    monkeypatch.setattr(train_stage, "load_params", lambda: params)
     monkeypatch.setattr(train_stage, "train", fake_train)
     monkeypatch.setattr(train_stage, "SELECTION", tmp_path / "selection.keras")
     monkeypatch.setattr(train_stage, "MODEL", tmp_path / "model.keras")
     monkeypatch.setattr(train_stage, "METRICS", tmp_path / "train.json")
     monkeypatch.setattr(train_stage, "SOURCE", tmp_path / "missing.json")
     train_stage.main()
-    assert seen == {"live": None} and "dvclive is not installed" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert seen == {"live": None} and "dvclive is not installed" in out
+    assert "profile demo: members None (profiles.demo.members) in place of train.members [42, 7, 1]" in out
 
 
 def test_slice_position_channel_gives_each_slice_and_its_copies_their_place_in_the_volume(prepared):
@@ -655,6 +659,7 @@ def ensemble_stage(monkeypatch, prepared, tmp_path, **train) -> dict:
     params = load_params()
     params.update(model="unet", profile="demo")
     params["profiles"]["demo"].update(epochs=1, filters=4, image_size=SIZE, batch_size=4)
+    del params["profiles"]["demo"]["members"]  # the demo profile's one network would win over train.members
     params["train"].update(train)
     for name, value in dict(DATA=prepared, MODEL=tmp_path / "model.keras", SELECTION=tmp_path / "selection.keras",
                             LIVE=tmp_path / "live", METRICS=tmp_path / "train.json", SOURCE=tmp_path / "none.json",
@@ -715,10 +720,27 @@ def test_members_that_are_not_distinct_seeds_name_the_fix(members, fix):
         train_stage.member_seeds({"members": members})
 
 
-def test_members_with_refit_are_refused_and_null_trains_one_network():
+def test_members_with_refit_or_a_training_seed_are_refused_and_null_trains_one_network():
     assert train_stage.member_seeds({"members": None}) == [] == train_stage.member_seeds({})
     with pytest.raises(BrainsegError, match="train.refit=false"):
         train_stage.member_seeds({"members": [42, 7], "refit": True})
+    # `-S train.seed=7` on the ensemble default would otherwise train seeds 42 and 7 and call it seed 7's run
+    with pytest.raises(BrainsegError, match="train.seed 7 is set beside .* \\[42, 1\\].*train.members=null"):
+        train_stage.member_seeds({"members": [42, 1], "seed": 7})
+
+
+def test_the_default_trains_a_seed_ensemble_on_the_cpu_profile_and_one_network_on_demo_and_gpu():
+    from stages.common import ROOT, load_params, profile_overrides, train_config, training_seeds
+
+    params = load_params(path=ROOT / "params.yaml")
+    assert training_seeds(params) == [42, 7, 1] and params["balance"]["seed"] == "members"
+    for profile in ("demo", "gpu"):
+        assert training_seeds({**params, "profile": profile}) == [params["seed"]]
+        assert training_seeds({**params, "profile": profile, "train": {**params["train"], "seed": 5}}) == [5]
+    assert train_config({**params, "train": {**params["train"], "members": [3, 5]}})["members"] == [3, 5]
+    # what a `-S train.members=...` cannot change under a profile is said (stages.train prints it)
+    assert profile_overrides({**params, "profile": "demo"}) == {"members": ([42, 7, 1], None)}
+    assert profile_overrides(params) == {}
 
 
 def test_soft_targets_mix_the_masks_with_the_teachers_outputs():
