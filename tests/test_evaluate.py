@@ -166,6 +166,15 @@ def test_classifier_writes_classifier_keys(tmp_path):
     assert len(list((root / "plots/overlays").glob("*.png"))) == 3
 
 
+def test_a_seed_ensemble_of_classifiers_is_evaluated_as_a_classifier(tmp_path):
+    # the default's train.members apply to every model, so `dvc exp run -S model=cnn` averages three classifiers
+    from stages.models import average
+
+    root, result = run(tmp_path, average([classifier_model(), classifier_model()]), name="cnn")
+    assert result["model"]["kind"] == "classifier" and result["model"]["name"] == "cnn"
+    assert 0 <= result["classifier_accuracy"] <= 1
+
+
 def test_validation_scores_sit_beside_test_scores(tmp_path):
     _, result = run(tmp_path, untrained_model(), tta_flip=True)
     assert result["validation"]["patients"] == 3

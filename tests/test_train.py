@@ -713,6 +713,18 @@ def test_members_train_as_runs_of_their_seeds_on_their_copies_and_the_served_mod
     np.testing.assert_allclose(inference._runner(ensemble, "litert")(x), mean, atol=1e-4)
 
 
+def test_a_classifier_trains_as_a_seed_ensemble_too(cfg, prepared, tmp_path, monkeypatch):
+    from stages import inference
+
+    ensemble_stage(monkeypatch, prepared, tmp_path, members=[1, 2])["model"] = "cnn"
+    train_stage.main()
+    ensemble = inference.load_model(tmp_path / "model.keras")
+    assert ensemble.name == "cnn" and ensemble.output_shape == (None, 1)
+    x = np.random.default_rng(0).random((2, SIZE, SIZE, 3)).astype("float32")
+    mean = (ensemble.get_layer("member_0")(x) + ensemble.get_layer("member_1")(x)) / 2
+    np.testing.assert_allclose(ensemble.predict(x, verbose=0), mean, atol=1e-6)
+
+
 @pytest.mark.parametrize("members, fix", [([7], "two or more"), ([7, 7], "distinct"), ("7,1", "list"),
                                           ([7, 1.5], "integer"), ([7, True], "integer")])
 def test_members_that_are_not_distinct_seeds_name_the_fix(members, fix):
