@@ -324,10 +324,10 @@ def test_balance_seed_members_draws_each_member_the_copies_a_run_of_its_seed_dra
 
     data = split_project(tmp_path, monkeypatch)
 
-    def run(balance_seed, members=None, train_seed=None, profile_members=()):
-        profiles = {"cpu": {}, "demo": {"members": None}}
+    def run(balance_seed, members=None, train_seed=None, profile="cpu"):
+        profiles = {"cpu": {}, "demo": {"members": None}}  # as params.yaml's: the demo profile trains one network
         params = {"seed": 3, "train": {"members": members, "seed": train_seed}, "profiles": profiles,
-                  "profile": "cpu" if profile_members == () else "demo", "balance": {**CFG, "seed": balance_seed}}
+                  "profile": profile, "balance": {**CFG, "seed": balance_seed}}
         monkeypatch.setattr(balance, "load_params", lambda: params)
         balance.main()
         folder = data / "prepared"
@@ -354,4 +354,4 @@ def test_balance_seed_members_draws_each_member_the_copies_a_run_of_its_seed_dra
     assert prepared.member_table(data, 9) == "train" and not (data / "prepared/train_seed9.csv").exists()
     # one network: its seed's draw, train.seed's or else the top-level seed's; a profile's members: null wins
     assert run("members", train_seed=9) == alone[9]
-    assert run("members", [5, 9], profile_members=None) == run(3) != alone[5]
+    assert run("members", [5, 9], profile="demo") == run(3) != alone[5]
