@@ -161,7 +161,7 @@ def same_recipe(params: dict[str, dict]) -> None:
     their members' seeds, not in how many there are): a spread over runs that differ in more is not a seed's spread."""
     flats = {name: flat(p) for name, p in params.items()}
     for p, f in zip(params.values(), flats.values()):
-        f["train.members"] = len(f.get("train.members") or [])
+        f["train.members"] = len(train_config(p).get("members") or [])  # the profile's, as run_seed reads it
         # one seed or another is a seed's difference; a draw per member (or not) is another recipe
         f["balance.seed"] = bool(member_copies(p))
     keys = set().union(*flats.values()) - {"train.seed"}

@@ -31,7 +31,7 @@ from stages import metrics as scores
 from stages import prepared
 from stages.balance import replay
 from stages.common import (BrainsegError, load_params, member_seeds, profile_overrides, run_main, train_config,
-                           write_csv, write_json)
+                           training_seeds, write_csv, write_json)
 from stages.losses import get_loss, segmentation_metrics
 from stages.models import CLASSIFIERS, average, build_model
 from stages.preprocess import (FLAIR, add_neighbours, add_position, mask_to_model_size, neighbour_places, resize_images,
@@ -54,7 +54,7 @@ def main() -> None:
     for key, (train_value, value) in profile_overrides(params).items():
         print(f"profile {cfg['profile']}: {key} {value} (profiles.{cfg['profile']}.{key}) in place of train.{key} "
               f"{train_value}", flush=True)
-    seed = params["seed"] if cfg.get("seed") is None else cfg["seed"]
+    seed = training_seeds(params)[0]  # one network's (train.seed, else the top-level seed); an ensemble's first
     live = LIVE
     if importlib.util.find_spec("dvclive") is None:  # a GPU machine with Keras alone (benchmarks/gpu_recipe.py)
         print("dvclive is not installed: training without per-epoch curves in dvclive/train", flush=True)
