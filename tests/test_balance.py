@@ -79,6 +79,26 @@ def test_flip_is_an_exact_mirror_for_every_layout():
         assert out.shape == image.shape and np.array_equal(out, image[:, ::-1])
 
 
+def test_a_slice_rotates_and_deforms_to_the_bytes_of_opencvs_three_channel_warps():
+    """transform rotates and deforms a slice as four channels, for speed: the bytes must be those of the plain
+    3-channel warps."""
+    import cv2
+
+    from stages.balance import displacement, transform
+    rng = np.random.default_rng(1)
+    for h, w in ((256, 256), (37, 53)):
+        image = rng.integers(0, 256, (h, w, 3), np.uint8)
+        image[h // 3:, : w // 2] = 0  # flat regions as well as noise
+        for angle in (-25.0, -12.3, -0.1, 0.4, 7.0, 19.9, 25.0):
+            rot = cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1.0)
+            assert np.array_equal(transform(image, False, angle), cv2.warpAffine(image, rot, (w, h))), (h, w, angle)
+            assert np.array_equal(transform(image, True, angle, 0.7),
+                                  cv2.GaussianBlur(cv2.warpAffine(image[:, ::-1].copy(), rot, (w, h)), (0, 0), 0.7))
+            deformed = cv2.remap(cv2.warpAffine(image, rot, (w, h)), *displacement((h, w), 5.0, 3), cv2.INTER_LINEAR,
+                                 borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+            assert np.array_equal(transform(image, False, angle, warp=(5.0, 3)), deformed), (h, w, angle)
+
+
 def test_image_and_mask_get_the_same_geometry():
     image = np.zeros((64, 64, 3), np.uint8)
     mask = np.zeros((64, 64), np.uint8)
