@@ -101,8 +101,8 @@ def transform(image: np.ndarray, flip: bool, angle: float, sigma: float = 0.0,
     h, w = image.shape[:2]
     # OpenCV rotates and remaps 4-channel pixels about twice as fast as 3-channel ones, to the same bytes in each
     # channel (tests/test_balance.py checks it), and the two conversions cost a tenth of what that saves
-    rgb = bool(angle or warp) and image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8
-    if rgb:
+    four = bool(angle or warp) and image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8
+    if four:  # the three sequences as OpenCV's RGBA (a fourth, constant channel), and back
         image = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2RGBA)
     if angle:
         rot = cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1.0)
@@ -110,7 +110,7 @@ def transform(image: np.ndarray, flip: bool, angle: float, sigma: float = 0.0,
     if warp:
         image = cv2.remap(np.ascontiguousarray(image), *displacement((h, w), *warp), interpolation,
                           borderMode=cv2.BORDER_CONSTANT, borderValue=0).reshape(image.shape)
-    if rgb:
+    if four:
         image = cv2.cvtColor(image, cv2.COLOR_RGBA2RGB)
     return cv2.GaussianBlur(np.ascontiguousarray(image), (0, 0), sigma) if sigma else image
 
