@@ -12,7 +12,8 @@ faster again as `litert_int8`: weights and activations in int8, the activations'
 synthetic volumes (calibration_inputs), so any machine makes the same graph from the .keras file alone, with no
 training data; benchmarks/quantisation.py measures what it does to speed and Dice, against float32 and against
 ranges fixed on training slices. `auto` takes it for the architectures validation has measured it on
-(INT8_MEASURED) and the float32 graph for the others. With a GPU, or a model whose layers compute in a mixed
+(INT8_MEASURED) on a CPU with int8 dot-product instructions (int8_dot_product), and the float32 graph for the
+others and on other CPUs. With a GPU, or a model whose layers compute in a mixed
 precision, Keras runs it. The conversion is made once per model object and engine, at its first prediction, from
 its weights at that moment, and kept in a cache folder keyed by the architecture, the weights, the quantisation
 and the converter's version ($BRAINSEG_CACHE, else ~/.cache/brainseg), so the predict CLI's next run starts in a
@@ -21,6 +22,7 @@ fraction of a second instead of the seconds a conversion takes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib
 import io
@@ -91,13 +93,31 @@ ENGINES = ("auto", "keras", *LITERT_ENGINES)
 # the architectures whose int8 graph validation scored as their float32 one (README, quality levers); auto gives
 # the others the float32 graph
 INT8_MEASURED = ("unet",)
+# int8 dot-product instructions (x86 VNNI and AMX, Arm dotprod), with which XNNPACK's int8 kernels run the int8 graph
+# about twice as fast as the float32 one; on AVX2 alone it ran no faster (README, quality levers), so auto keeps the
+# float32 graph there, which loses nothing to quantisation
+INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp")
 _LITERT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {engine: runner, or None: cannot}
+
+
+@functools.cache
+def int8_dot_product(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU has one of INT8_DOT_FLAGS (/proc/cpuinfo's flags, or Features on Arm); where that cannot
+    be read (macOS, Windows) it is assumed, as every Apple silicon chip has dotprod."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return True
+    flags = {flag for line in cpuinfo.splitlines() if line.split(":", 1)[0].strip() in ("flags", "Features")
+             for flag in line.split(":", 1)[-1].split()}
+    return bool(flags.intersection(INT8_DOT_FLAGS)) or not flags
 
 
 def pick_engine(model: keras.Model, engine: str = "auto") -> str:
     """'litert_int8', 'litert' or 'keras': auto takes LiteRT on a CPU-only machine for a float32 model, in int8
-    for the architectures of INT8_MEASURED (and Keras on a backend other than TensorFlow, whose converter LiteRT
-    needs)."""
+    for the architectures of INT8_MEASURED on a CPU with int8 dot products (and Keras on a backend other than
+    TensorFlow, whose converter LiteRT needs)."""
     if engine not in ENGINES:
         raise BrainsegError(f"inference engine '{engine}' is not one of {', '.join(ENGINES)}")
     if engine != "auto":
@@ -109,7 +129,7 @@ def pick_engine(model: keras.Model, engine: str = "auto") -> str:
     float32 = all(layer.dtype_policy.compute_dtype == "float32" for layer in all_layers(model))
     if not float32 or tf.config.list_logical_devices("GPU"):
         return "keras"
-    return "litert_int8" if model.name in INT8_MEASURED else "litert"
+    return "litert_int8" if model.name in INT8_MEASURED and int8_dot_product() else "litert"
 
 
 def engine_in_use(model: keras.Model, engine: str = "auto") -> str:

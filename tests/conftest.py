@@ -16,6 +16,15 @@ def litert_cache(tmp_path_factory):
     os.environ["BRAINSEG_CACHE"] = str(tmp_path_factory.mktemp("cache"))
 
 
+@pytest.fixture(autouse=True)
+def int8_dot_product(monkeypatch):
+    """Tests see a CPU with int8 dot products, where auto serves unet's int8 graph, whatever CPU runs them (the
+    AVX2-only case is tested on its own)."""
+    from stages import inference
+
+    monkeypatch.setattr(inference, "int8_dot_product", lambda cpuinfo=None: True)
+
+
 @pytest.fixture(scope="session")
 def dev_zip() -> Path:
     """The real dev archive (61 patients). Skips when absent, except under CI=true where it must be there."""

@@ -6,6 +6,7 @@ import pytest
 
 from stages import inference
 from stages.common import BrainsegError
+from stages.inference import int8_dot_product as real_int8_dot_product  # before conftest's fixture stands in
 
 
 def flair_model(size=None, name="unet"):
@@ -219,6 +220,28 @@ def test_auto_engine_is_litert_int8_on_cpu_for_float32_and_keras_for_mixed_preci
     assert inference.pick_engine(mixed) == "keras"
     with pytest.raises(BrainsegError, match="engine 'tpu'"):
         inference.pick_engine(mixed, "tpu")
+
+
+AVX2 = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 fma\n"
+
+
+@pytest.mark.parametrize("cpuinfo, expected", [
+    (AVX2, False),
+    (AVX2.replace("fma", "fma avx512f avx512_vnni"), True),
+    (AVX2.replace("fma", "fma avx_vnni"), True),
+    (AVX2.replace("fma", "fma amx_bf16 amx_int8 amx_tile"), True),
+    ("processor\t: 0\nFeatures\t: fp asimd crc32 atomics asimddp\n", True),  # Arm with dotprod
+    ("processor\t: 0\nFeatures\t: fp asimd crc32\n", False),
+    ("", True),  # nothing to go on: assumed, as before
+], ids=["avx2", "avx512_vnni", "avx_vnni", "amx", "arm-dotprod", "arm", "unknown"])
+def test_int8_dot_products_are_read_from_cpuinfo(cpuinfo, expected):
+    assert real_int8_dot_product(cpuinfo) is expected
+
+
+def test_auto_engine_keeps_the_float32_graph_on_a_cpu_without_int8_dot_products(monkeypatch):
+    monkeypatch.setattr(inference, "int8_dot_product", lambda cpuinfo=None: False)
+    assert inference.pick_engine(flair_model(16)) == "litert"
+    assert inference.pick_engine(flair_model(16), "litert_int8") == "litert_int8"  # asked for, it is given
 
 
 def test_auto_engine_is_keras_on_other_keras_backends(monkeypatch):
