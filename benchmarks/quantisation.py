@@ -6,8 +6,8 @@ the record; nothing is chosen on them). Graphs:
 - litert: float32;
 - dynamic_int8 (this benchmark only): LiteRT's dynamic-range quantisation, int8 weights (those of 1024 values or
   more) and each slice's activations quantised as it runs;
-- litert_int8: the engine of that name (what `evaluate.engine: auto` takes for unet on a CPU), weights and
-  activations int8, the activations' ranges fixed on the built-in synthetic volumes
+- litert_int8: the engine of that name (what `evaluate.engine: auto` takes for unet on a CPU with int8 dot
+  products), weights and activations int8, the activations' ranges fixed on the built-in synthetic volumes
   (stages.inference.calibration_inputs);
 - train_int8 (this benchmark only): the same with the ranges fixed on --calibration original slices of each
   training patient instead, to show whether synthetic slices cost anything.

@@ -10,8 +10,8 @@ Prints, in one run on this machine:
   hardware offers (mixed_float16 on a GPU, mixed_bfloat16 on a CPU) as a share of that precision's own matmul
   peak (bfloat16 products run on AMX tiles where the CPU has them, several times the float32 peak),
 - inference slices/s through stages.inference.predict_probs (what evaluation, the CLI and the app use), with
-  the engine params.yaml's evaluate.engine picks here (on a CPU LiteRT, its int8 graph for unet) against Keras'
-  own predict and the float32 LiteRT graph.
+  the engine params.yaml's evaluate.engine picks here (on a CPU LiteRT, its int8 graph for unet where the CPU has
+  int8 dot products) against Keras' own predict and the float32 LiteRT graph.
 
     python -m benchmarks.training [--steps 20] [--profile cpu] [--filters N] [--repeats 2]
 

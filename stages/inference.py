@@ -100,10 +100,18 @@ INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp")
 _LITERT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {engine: runner, or None: cannot}
 
 
-@functools.cache
 def int8_dot_product(cpuinfo: str | None = None) -> bool:
     """Whether this CPU has one of INT8_DOT_FLAGS (/proc/cpuinfo's flags, or Features on Arm); where that cannot
-    be read (macOS, Windows) it is assumed, as every Apple silicon chip has dotprod."""
+    be read (macOS, Windows) it is assumed, as every Apple silicon chip has dotprod. $BRAINSEG_INT8_DOT=1 or 0
+    overrides what this CPU says (the tests set 1, so that they and their subprocesses run alike on every CPU)."""
+    forced = os.environ.get("BRAINSEG_INT8_DOT")
+    if cpuinfo is None and forced in ("0", "1"):
+        return forced == "1"
+    return _int8_dot_flags(cpuinfo)
+
+
+@functools.cache
+def _int8_dot_flags(cpuinfo: str | None) -> bool:
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text()

@@ -12,17 +12,10 @@ DEV_ZIP = Path(os.environ.get("BRAINSEG_DEV_ZIP", ROOT.parent / "shared/data/lgg
 
 @pytest.fixture(scope="session", autouse=True)
 def litert_cache(tmp_path_factory):
-    """Converted LiteRT graphs go to a fresh folder, not the user's ~/.cache (subprocesses inherit it)."""
+    """Converted LiteRT graphs go to a fresh folder, not the user's ~/.cache (subprocesses inherit it), and auto
+    takes unet's int8 graph whatever this CPU's instructions (tests/test_inference.py tests the CPUs without)."""
     os.environ["BRAINSEG_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-
-
-@pytest.fixture(autouse=True)
-def int8_dot_product(monkeypatch):
-    """Tests see a CPU with int8 dot products, where auto serves unet's int8 graph, whatever CPU runs them (the
-    AVX2-only case is tested on its own)."""
-    from stages import inference
-
-    monkeypatch.setattr(inference, "int8_dot_product", lambda cpuinfo=None: True)
+    os.environ["BRAINSEG_INT8_DOT"] = "1"
 
 
 @pytest.fixture(scope="session")

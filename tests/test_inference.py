@@ -6,7 +6,6 @@ import pytest
 
 from stages import inference
 from stages.common import BrainsegError
-from stages.inference import int8_dot_product as real_int8_dot_product  # before conftest's fixture stands in
 
 
 def flair_model(size=None, name="unet"):
@@ -235,13 +234,15 @@ AVX2 = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 fma
     ("", True),  # nothing to go on: assumed, as before
 ], ids=["avx2", "avx512_vnni", "avx_vnni", "amx", "arm-dotprod", "arm", "unknown"])
 def test_int8_dot_products_are_read_from_cpuinfo(cpuinfo, expected):
-    assert real_int8_dot_product(cpuinfo) is expected
+    assert inference.int8_dot_product(cpuinfo) is expected
 
 
 def test_auto_engine_keeps_the_float32_graph_on_a_cpu_without_int8_dot_products(monkeypatch):
-    monkeypatch.setattr(inference, "int8_dot_product", lambda cpuinfo=None: False)
+    monkeypatch.setenv("BRAINSEG_INT8_DOT", "0")
     assert inference.pick_engine(flair_model(16)) == "litert"
     assert inference.pick_engine(flair_model(16), "litert_int8") == "litert_int8"  # asked for, it is given
+    monkeypatch.setenv("BRAINSEG_INT8_DOT", "1")
+    assert inference.pick_engine(flair_model(16)) == "litert_int8"
 
 
 def test_auto_engine_is_keras_on_other_keras_backends(monkeypatch):
