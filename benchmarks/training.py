@@ -53,9 +53,11 @@ def cpu_summary(cpuinfo: str | None = None) -> str:
             cpuinfo = Path("/proc/cpuinfo").read_text()
         except OSError:
             return "unknown CPU"
+    from stages.inference import cpu_flags
+
     fields = dict(line.split(":", 1) for line in cpuinfo.splitlines() if ":" in line)
     fields = {k.strip(): v.strip() for k, v in fields.items()}
-    flags = set(fields.get("flags", "").split())
+    flags = cpu_flags(cpuinfo)
     return f"{fields.get('model name', 'unknown CPU')} ({' '.join(f for f in ISA_FLAGS if f in flags) or 'no AVX2'})"
 
 

@@ -6,18 +6,18 @@
 Images are uint8 (N,H,W,3) slices at any size; they are resized to the model's input size by
 stages.preprocess and the probabilities come back at the images' own size.
 
-Engine: on a CPU the network runs as a LiteRT (TFLite) graph with the XNNPACK kernels, which run this small
-U-Net ~2.5x faster than Keras' own predict on 2 cores in float32 (benchmarks/training.py prints both), and
-faster again as `litert_int8`: weights and activations in int8, the activations' ranges fixed on the built-in
-synthetic volumes (calibration_inputs), so any machine makes the same graph from the .keras file alone, with no
-training data; benchmarks/quantisation.py measures what it does to speed and Dice, against float32 and against
-ranges fixed on training slices. `auto` takes it for the architectures validation has measured it on
-(INT8_MEASURED) on a CPU with int8 dot-product instructions (int8_dot_product), and the float32 graph for the
-others and on other CPUs. With a GPU, or a model whose layers compute in a mixed
-precision, Keras runs it. The conversion is made once per model object and engine, at its first prediction, from
-its weights at that moment, and kept in a cache folder keyed by the architecture, the weights, the quantisation
-and the converter's version ($BRAINSEG_CACHE, else ~/.cache/brainseg), so the predict CLI's next run starts in a
-fraction of a second instead of the seconds a conversion takes.
+Engine: on a CPU the network runs as a LiteRT (TFLite) graph with the XNNPACK kernels, which run this small U-Net
+~2.5x faster than Keras' own predict on 2 cores in float32 (benchmarks/training.py prints both), and faster again
+as `litert_int8`: weights and activations in int8, the activations' ranges fixed on the built-in synthetic volumes
+(calibration_inputs), so any machine makes the same graph from the .keras file alone, with no training data;
+benchmarks/quantisation.py measures what it does to speed and Dice, against float32 and against ranges fixed on
+training slices. `auto` takes it for the architectures validation has measured it on (INT8_MEASURED) on a CPU with
+int8 dot-product instructions (int8_dot_product), and the float32 graph for the others and on other CPUs. With a
+GPU, or a model whose layers compute in a mixed precision, Keras runs it. The conversion is made once per model
+object and engine, at its first prediction, from its weights at that moment, and kept in a cache folder keyed by
+the architecture, the weights, the quantisation and the converter's version ($BRAINSEG_CACHE, else
+~/.cache/brainseg), so the predict CLI's next run starts in a fraction of a second instead of the seconds a
+conversion takes.
 """
 from __future__ import annotations
 
@@ -100,26 +100,32 @@ INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp")
 _LITERT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {engine: runner, or None: cannot}
 
 
-def int8_dot_product(cpuinfo: str | None = None) -> bool:
-    """Whether this CPU has one of INT8_DOT_FLAGS (/proc/cpuinfo's flags, or Features on Arm); where that cannot
-    be read (macOS, Windows) it is assumed, as every Apple silicon chip has dotprod. $BRAINSEG_INT8_DOT=1 or 0
-    overrides what this CPU says (the tests set 1, so that they and their subprocesses run alike on every CPU)."""
-    forced = os.environ.get("BRAINSEG_INT8_DOT")
-    if cpuinfo is None and forced in ("0", "1"):
-        return forced == "1"
-    return _int8_dot_flags(cpuinfo)
+def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
+    """The instruction-set flags of a /proc/cpuinfo text (`flags` on x86, `Features` on Arm); of this machine's
+    when None, empty where it cannot be read (macOS, Windows)."""
+    if cpuinfo is None:
+        return _this_cpu_flags()
+    return frozenset(flag for line in cpuinfo.splitlines() if line.split(":", 1)[0].strip() in ("flags", "Features")
+                     for flag in line.split(":", 1)[-1].split())
 
 
 @functools.cache
-def _int8_dot_flags(cpuinfo: str | None) -> bool:
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return True
-    flags = {flag for line in cpuinfo.splitlines() if line.split(":", 1)[0].strip() in ("flags", "Features")
-             for flag in line.split(":", 1)[-1].split()}
-    return bool(flags.intersection(INT8_DOT_FLAGS)) or not flags
+def _this_cpu_flags() -> frozenset[str]:
+    try:
+        return cpu_flags(Path("/proc/cpuinfo").read_text())
+    except OSError:
+        return frozenset()
+
+
+def int8_dot_product(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU has one of INT8_DOT_FLAGS; where its flags cannot be read it is assumed, as every Apple
+    silicon chip has dotprod. $BRAINSEG_INT8_DOT=1 or 0 overrides what this CPU says (the tests set 1, so that they
+    and their subprocesses run alike on every CPU)."""
+    forced = os.environ.get("BRAINSEG_INT8_DOT")
+    if cpuinfo is None and forced in ("0", "1"):
+        return forced == "1"
+    flags = cpu_flags(cpuinfo)
+    return not flags or bool(flags.intersection(INT8_DOT_FLAGS))
 
 
 def pick_engine(model: keras.Model, engine: str = "auto") -> str:
