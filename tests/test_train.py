@@ -58,6 +58,17 @@ def cfg():
     return {**train_config(params), "epochs": 1, "batch_size": 4, "filters": 4, "image_size": SIZE}
 
 
+@pytest.mark.parametrize("options", [{}, {"deep_supervision": True, "ema": 0.99}])
+def test_fit_traces_the_train_step_once(prepared, cfg, options):
+    """The optimizer's slots and the metrics' state exist before fit: TensorFlow traces the step once, not twice."""
+    model, train_ds, val_ds, _ = train_stage.build("unet", {**cfg, **options}, 0, prepared)
+    traced = []
+    step = model.train_step
+    model.train_step = lambda data: traced.append(1) or step(data)
+    model.fit(train_ds, validation_data=val_ds, epochs=2, verbose=0)
+    assert len(traced) == 1
+
+
 def test_train_saves_a_loadable_best_model_summary_and_live_plots(prepared, cfg, tmp_path):
     model_path = tmp_path / "models/model.keras"
     summary = train("unet", cfg, 0, prepared, model_path, tmp_path / "live")
