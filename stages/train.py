@@ -430,9 +430,11 @@ def build_state(model: keras.Model, dataset) -> None:
 
     Keras on TensorFlow without a strategy of its own leaves them to the first trace of the train step, and
     TensorFlow traces a step that made variables a second time: about 3-4 s more per fit on 2 cores (the same
-    weights either way). This is what Keras' fit does first under a distribution strategy."""
-    if keras.backend.backend() == "tensorflow" and hasattr(dataset, "element_spec"):
-        model._symbolic_build(data_batch=dataset.element_spec)
+    weights either way). This is what Keras' fit does first under a distribution strategy, by a method of its own
+    (private: a Keras without it only costs the second trace)."""
+    build_all = getattr(model, "_symbolic_build", None)
+    if keras.backend.backend() == "tensorflow" and hasattr(dataset, "element_spec") and build_all is not None:
+        build_all(data_batch=dataset.element_spec)
 
 
 class TrainTimer(keras.callbacks.Callback):
