@@ -582,6 +582,7 @@ class TimeLimit(keras.callbacks.Callback):
         self.epoch_start = self.last_step = self.train_end = None
         self.steps: list[float] = []
         self.overhead = float("inf")
+        self.stopped = False
 
     def on_train_begin(self, logs=None):
         self.start = time.perf_counter()
@@ -605,9 +606,10 @@ class TimeLimit(keras.callbacks.Callback):
         self.overhead = min(self.overhead, now - train_end)
         batches = len(self.steps) + 1
         step = float(np.median(self.steps)) if self.steps else train_end - self.epoch_start
-        if now - self.start + step * batches + self.overhead > self.seconds:
+        last = epoch + 1 >= (self.params or {}).get("epochs", float("inf"))  # nothing left to stop
+        if not last and now - self.start + step * batches + self.overhead > self.seconds:
             print(f"TimeLimit: stopping after epoch {epoch + 1}: another would pass train.max_minutes", flush=True)
-            self.model.stop_training = True
+            self.model.stop_training = self.stopped = True
 
 
 def strategy_scope(strategy=None):
@@ -686,6 +688,7 @@ def train(name: str, cfg: dict, seed: int = 42, data_dir: Path = DATA, model_pat
             served(keras.models.load_model(checkpoint, safe_mode=True)).save(checkpoint)
     summary = summarize(name, cfg, model, history, n_train, seconds, timer.seconds,
                         slices_per_epoch(train_ds, n_train), watch)
+    summary["time_limited"] = any(callback.stopped for callback in limit)  # the epochs ended by max_minutes
     if live_dir is not None:
         per_epoch = Path(live_dir) / "val_dice_volume.csv"
         if volume_dice is not None:
@@ -722,7 +725,8 @@ def train_members(name: str, cfg: dict, seeds: list[int], data_dir: Path = DATA,
                                               "train_slices")},
                "params": ensemble.count_params(),
                "train_seconds": round(sum(s["train_seconds"] for s in summaries), 1),
-               "train_slices_per_s": round(float(np.mean([s["train_slices_per_s"] for s in summaries])), 2)}
+               "train_slices_per_s": round(float(np.mean([s["train_slices_per_s"] for s in summaries])), 2),
+               "members_time_limited": sum(bool(s.get("time_limited")) for s in summaries)}
     for key in first:
         if key.startswith("best_val_"):
             summary[key] = float(np.mean([s[key] for s in summaries]))

@@ -77,7 +77,7 @@ def test_train_saves_a_loadable_best_model_summary_and_live_plots(prepared, cfg,
     assert model.name == "unet" and model.input_shape == (None, SIZE, SIZE, 3)
     assert summary["model"] == "unet" and summary["profile"] == "demo"
     assert summary["params"] == model.count_params() and summary["train_slices"] == 8
-    assert summary["epochs"] == summary["best_epoch"] == 1
+    assert summary["epochs"] == summary["best_epoch"] == 1 and summary["time_limited"] is False
     assert 0 <= summary["best_val_dice"] <= 1 and np.isfinite(summary["best_val_loss"])
     assert summary["train_slices_per_s"] > 0
     assert [p.name for p in model_path.parent.iterdir()] == ["model.keras"]  # no temp folder left behind
@@ -482,7 +482,7 @@ def test_time_limit_without_validation_uses_the_epoch_itself():
 
 def test_max_minutes_ends_training_early_and_keeps_the_best_epoch(prepared, cfg, tmp_path):
     summary = train("cnn", {**cfg, "epochs": 3, "max_minutes": 1e-6}, 0, prepared, tmp_path / "m.keras", None)
-    assert summary["epochs"] == 1 and (tmp_path / "m.keras").is_file()
+    assert summary["epochs"] == 1 and summary["time_limited"] and (tmp_path / "m.keras").is_file()
 
 
 def test_main_trains_without_dvclive_where_it_is_not_installed(prepared, cfg, tmp_path, monkeypatch, capsys):
@@ -700,6 +700,7 @@ def test_members_train_as_runs_of_their_seeds_on_their_copies_and_the_served_mod
     assert metrics["train_seconds"] == pytest.approx(sum(m["train_seconds"] for m in metrics["members"]), abs=0.11)
     assert metrics["best_val_dice"] == pytest.approx(np.mean([m["best_val_dice"] for m in metrics["members"]]))
     assert (tmp_path / "model.keras").read_bytes() == (tmp_path / "selection.keras").read_bytes()
+    assert metrics["members_time_limited"] == 0 and not any(m["time_limited"] for m in metrics["members"])
     assert (tmp_path / "live/plots/metrics/eval/dice.tsv").is_file()  # the first member's curves
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no member left behind
 
@@ -727,8 +728,12 @@ def test_members_train_as_runs_of_their_seeds_on_their_copies_and_the_served_mod
 def test_a_classifier_trains_as_a_seed_ensemble_too(cfg, prepared, tmp_path, monkeypatch):
     from stages import inference
 
-    ensemble_stage(monkeypatch, prepared, tmp_path, members=[1, 2])["model"] = "cnn"
+    params = ensemble_stage(monkeypatch, prepared, tmp_path, members=[1, 2], max_minutes=1e-6)
+    params["model"], params["profiles"]["demo"]["epochs"] = "cnn", 2
     train_stage.main()
+    metrics = json.loads((tmp_path / "train.json").read_text())
+    # train.max_minutes is per member: each member stopped after its first epoch of two
+    assert metrics["members_time_limited"] == 2 and [m["epochs"] for m in metrics["members"]] == [1, 1]
     ensemble = inference.load_model(tmp_path / "model.keras")
     assert ensemble.name == "cnn" and ensemble.output_shape == (None, 1)
     x = np.random.default_rng(0).random((2, SIZE, SIZE, 3)).astype("float32")
@@ -763,7 +768,11 @@ def test_the_default_trains_a_seed_ensemble_on_the_cpu_profile_and_one_network_o
     assert train_config({**params, "train": {**params["train"], "members": [3, 5]}})["members"] == [3, 5]
     # what a `-S train.members=...` cannot change under a profile is said (stages.train prints it)
     assert profile_overrides({**params, "profile": "demo"}) == {"members": ([42, 7, 1], None)}
-    assert profile_overrides(params) == {}
+    # the cpu profile caps each member's minutes (train.max_minutes) so that the hour holds on a slow machine,
+    # with the other stages' few minutes to spare
+    assert profile_overrides(params) == {"max_minutes": (None, 17)}
+    cpu = train_config(params)
+    assert len(cpu["members"]) * cpu["max_minutes"] <= 51
 
 
 def test_soft_targets_mix_the_masks_with_the_teachers_outputs():
