@@ -48,7 +48,10 @@ def test_runs_side_by_side_share_the_gpu_memory_and_one_compilation_cache(tmp_pa
     assert "XLA_PYTHON_CLIENT_MEM_FRACTION" not in gpu_recipe.child_env(tmp_path, 3)
 
 
-SMALL = ["profile=demo", "data.source=synthetic", "data.synthetic.patients=8", "data.synthetic.slices=8"]
+# evaluate on Keras, as the recipe does on a GPU (engine auto picks Keras there and on JAX), so these tests
+# do not spend their time converting each run's model for LiteRT, a CPU-only machine's engine
+SMALL = ["profile=demo", "data.source=synthetic", "data.synthetic.patients=8", "data.synthetic.slices=8",
+         "evaluate.engine=keras"]
 
 
 def test_the_folds_of_a_split_run_side_by_side_then_pool_and_ensemble(tmp_path, capsys, monkeypatch):
