@@ -700,20 +700,34 @@ def train(name: str, cfg: dict, seed: int = 42, data_dir: Path = DATA, model_pat
     return summary
 
 
+def budget_share(cfg: dict, started: float, trainings_left: int) -> dict:
+    """`cfg` with train.max_minutes, the whole stage's wall-clock budget since `started` (time.perf_counter), cut
+    to an even share of what is left of it for each of the `trainings_left`: a member that ends early (early
+    stopping, a fast machine) leaves its minutes to the next. Unchanged without a budget."""
+    if not cfg.get("max_minutes"):
+        return cfg
+    left = 60.0 * cfg["max_minutes"] - (time.perf_counter() - started)
+    return {**cfg, "max_minutes": max(left / trainings_left, 1.0) / 60.0}  # spent: one epoch, as TimeLimit allows
+
+
 def train_members(name: str, cfg: dict, seeds: list[int], data_dir: Path = DATA, model_path: Path = MODEL,
-                  live_dir: Path | None = LIVE, strategy: tf.distribute.Strategy | None = None) -> dict:
+                  live_dir: Path | None = LIVE, strategy: tf.distribute.Strategy | None = None,
+                  started: float | None = None, after: int = 0) -> dict:
     """A seed ensemble (train.members): the recipe trained once per seed, each member in a fresh Keras session
     exactly as a run with train.seed set to that seed (on its own draw of copies where balance drew one per member,
     as a run with balance.seed set to it too: prepared.member_table), and the average of their probability maps
     (stages.models.average) saved to `model_path`. DVCLive logs the first member's curves. The summary holds each
     member's under `members`; at the top the training time summed, and the mean over the members of the
-    throughput and of the best epoch's validation figures (the ensemble's own are evaluate's)."""
+    throughput and of the best epoch's validation figures (the ensemble's own are evaluate's). train.max_minutes
+    is the budget of them all since `started` (default: now) and of `after` trainings that follow (budget_share)."""
+    started = time.perf_counter() if started is None else started
     summaries = []
     with checkpoint_path(model_path) as checkpoint:  # the members are kept beside it until the average is saved
         for i, seed in enumerate(seeds):
             print(f"train.members: member {i + 1} of {len(seeds)}, seed {seed}", flush=True)
             keras.backend.clear_session()  # as a run of its own: Keras' global state starts empty
-            summary = train(name, cfg, seed, data_dir, checkpoint.with_name(f"member_{seed}.keras"),
+            share = budget_share(cfg, started, len(seeds) - i + after)
+            summary = train(name, share, seed, data_dir, checkpoint.with_name(f"member_{seed}.keras"),
                             live_dir if i == 0 else None, strategy, train_split=prepared.member_table(data_dir, seed))
             summary.pop("learning_rates")
             summaries.append({"seed": seed, **summary})
@@ -755,14 +769,16 @@ def train_student(name: str, cfg: dict, seeds: list[int], weight: float, data_di
     the ensemble's knowledge. DVCLive logs the student. The summary is the student's, with the members' facts under
     `members` and `train_seconds` summing the members' and the student's."""
     Path(model_path).parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()  # train.max_minutes: the members' and the student's budget
     with tempfile.TemporaryDirectory(prefix=".teacher.", dir=Path(model_path).parent) as tmp:
         teacher = Path(tmp) / "teacher.keras"
-        members = train_members(name, cfg, seeds, data_dir, teacher, None, strategy)
+        members = train_members(name, cfg, seeds, data_dir, teacher, None, strategy, started, after=1)
         print(f"train.distil: the student, seed {seeds[0]}, on {weight:g} x the ensemble's probability maps + "
               f"{1 - weight:g} x the masks", flush=True)
         keras.backend.clear_session()
         # passed as a path: loaded once the student is built, which is then built exactly as that seed's run
-        summary = train(name, cfg, seeds[0], data_dir, model_path, live_dir, strategy, teacher)
+        summary = train(name, budget_share(cfg, started, 1), seeds[0], data_dir, model_path, live_dir, strategy,
+                        teacher)
     summary["student_train_seconds"] = summary["train_seconds"]
     summary["train_seconds"] = round(summary["train_seconds"] + members["train_seconds"], 1)
     summary.update(distil=weight, student_seed=seeds[0], members=members["members"])

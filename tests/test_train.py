@@ -467,6 +467,46 @@ def test_time_limit_stops_before_an_epoch_would_pass_it():
     assert _epoch(limit, 2, [110, 140, 170, 200], 230, 235)
 
 
+def test_time_limit_leaves_the_last_epoch_alone_and_says_when_it_stopped_training():
+    limit = train_stage.TimeLimit(minutes=1)
+    limit.set_model(keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)]))
+    limit.set_params({"epochs": 2})
+    limit.start = 0.0
+    assert not _epoch(limit, 1, [0, 30, 60], 90, 100) and not limit.stopped  # past the budget, but the last epoch
+    assert _epoch(limit, 0, [0, 30, 60], 90, 100) and limit.stopped  # a second epoch would have followed
+
+
+def test_members_share_the_budget_so_minutes_one_leaves_go_to_the_next(monkeypatch, tmp_path):
+    share, clock = train_stage.budget_share, [30.0]
+    monkeypatch.setattr(train_stage.time, "perf_counter", lambda: clock[0])
+    assert share({"max_minutes": 3}, 30.0, 3)["max_minutes"] * 60 == pytest.approx(60)  # 180 s, three trainings left
+    assert share({"max_minutes": 3}, 0.0, 2)["max_minutes"] * 60 == pytest.approx(75)  # 30 s gone: 150 s for two
+    # spent: a share of 1 s, so one epoch, then TimeLimit stops
+    assert share({"max_minutes": 3}, -200.0, 1)["max_minutes"] * 60 == pytest.approx(1)
+    assert share({"max_minutes": None}, 0.0, 3) == {"max_minutes": None}
+
+    class Done(Exception):
+        pass
+
+    given = []
+
+    def fake_train(name, cfg, seed, *args, **kwargs):
+        given.append(round(cfg["max_minutes"] * 60))
+        if seed == 3:
+            raise Done  # averaging the members is another test's business
+        clock[0] += {1: 30, 2: 100}[seed]  # member 1 ends early, member 2 takes more than its share
+        return {"learning_rates": None}
+
+    clock[0] = 0.0
+    monkeypatch.setattr(train_stage, "train", fake_train)
+    monkeypatch.setattr(train_stage.prepared, "member_table", lambda data_dir, seed: "train")
+    with pytest.raises(Done):
+        train_stage.train_members("cnn", {"max_minutes": 3}, [1, 2, 3], model_path=tmp_path / "m.keras",
+                                  started=0.0, after=1)
+    # a student follows (train.distil): four trainings share 180 s, 45 each; then 150 s for three, 50 for two
+    assert given == [45, 50, 25]
+
+
 def test_time_limit_without_validation_uses_the_epoch_itself():
     limit = train_stage.TimeLimit(minutes=1)
     limit.set_model(keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)]))
@@ -732,7 +772,7 @@ def test_a_classifier_trains_as_a_seed_ensemble_too(cfg, prepared, tmp_path, mon
     params["model"], params["profiles"]["demo"]["epochs"] = "cnn", 2
     train_stage.main()
     metrics = json.loads((tmp_path / "train.json").read_text())
-    # train.max_minutes is per member: each member stopped after its first epoch of two
+    # the budget spent, each member still trains one epoch, then stops: the best epoch so far is its model
     assert metrics["members_time_limited"] == 2 and [m["epochs"] for m in metrics["members"]] == [1, 1]
     ensemble = inference.load_model(tmp_path / "model.keras")
     assert ensemble.name == "cnn" and ensemble.output_shape == (None, 1)
@@ -768,11 +808,9 @@ def test_the_default_trains_a_seed_ensemble_on_the_cpu_profile_and_one_network_o
     assert train_config({**params, "train": {**params["train"], "members": [3, 5]}})["members"] == [3, 5]
     # what a `-S train.members=...` cannot change under a profile is said (stages.train prints it)
     assert profile_overrides({**params, "profile": "demo"}) == {"members": ([42, 7, 1], None)}
-    # the cpu profile caps each member's minutes (train.max_minutes) so that the hour holds on a slow machine,
+    # the cpu profile caps the training's minutes (train.max_minutes) so that the hour holds on a slow machine,
     # with the other stages' few minutes to spare
-    assert profile_overrides(params) == {"max_minutes": (None, 17)}
-    cpu = train_config(params)
-    assert len(cpu["members"]) * cpu["max_minutes"] <= 51
+    assert profile_overrides(params) == {"max_minutes": (None, 51)}
 
 
 def test_soft_targets_mix_the_masks_with_the_teachers_outputs():
@@ -829,7 +867,7 @@ def test_distil_trains_the_first_members_run_on_the_teachers_targets(cfg, prepar
     # with the teacher's targets replaced by the masks, the student is, weight for weight, the first member's run
     # (the members not trained again: the first pass's student, kept in place until the second is saved, serves as
     # the teacher whose outputs are then unused)
-    def members_trained_before(name, cfg, seeds, data_dir, teacher, *rest):
+    def members_trained_before(name, cfg, seeds, data_dir, teacher, *rest, **budget):
         shutil.copy(tmp_path / "model.keras", teacher)
         return {"train_seconds": 0.0, "members": []}
 
