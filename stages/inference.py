@@ -119,7 +119,7 @@ def _this_cpu_flags() -> frozenset[str]:
 
 def int8_dot_product(cpuinfo: str | None = None) -> bool:
     """Whether this CPU has one of INT8_DOT_FLAGS; where its flags cannot be read it is assumed, as every Apple
-    silicon chip has dotprod. $BRAINSEG_INT8_DOT=1 or 0 overrides what this CPU says (the tests set 1, so that they
+    silicon chip has dotprod. $BRAINSEG_INT8_DOT=1 or 0 overrides what this CPU says (the tests set 0, so that they
     and their subprocesses run alike on every CPU)."""
     forced = os.environ.get("BRAINSEG_INT8_DOT")
     if cpuinfo is None and forced in ("0", "1"):

@@ -13,9 +13,17 @@ DEV_ZIP = Path(os.environ.get("BRAINSEG_DEV_ZIP", ROOT.parent / "shared/data/lgg
 @pytest.fixture(scope="session", autouse=True)
 def litert_cache(tmp_path_factory):
     """Converted LiteRT graphs go to a fresh folder, not the user's ~/.cache (subprocesses inherit it), and auto
-    takes unet's int8 graph whatever this CPU's instructions (tests/test_inference.py tests the CPUs without)."""
+    takes the float32 graph whatever this CPU's instructions: an int8 graph costs a calibrated conversion, and an
+    untrained unet's cannot run (auto then converts the float32 one too). The tests of the int8 choice set
+    $BRAINSEG_INT8_DOT=1 (the `int8_cpu` fixture)."""
     os.environ["BRAINSEG_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    os.environ["BRAINSEG_INT8_DOT"] = "1"
+    os.environ["BRAINSEG_INT8_DOT"] = "0"
+
+
+@pytest.fixture
+def int8_cpu(monkeypatch):
+    """As on a CPU with int8 dot products (VNNI, AMX, Arm dotprod), where auto takes unet's int8 graph."""
+    monkeypatch.setenv("BRAINSEG_INT8_DOT", "1")
 
 
 @pytest.fixture(scope="session")

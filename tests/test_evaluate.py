@@ -115,11 +115,11 @@ def test_perfect_model_scores_one_everywhere(tmp_path):
         assert ((image[..., 2] == 255) & (image[..., 1] == 0)).any()
 
 
-def test_engine_is_recorded_and_a_model_litert_cannot_convert_is_scored_by_keras(tmp_path, monkeypatch):
+def test_engine_is_recorded_and_a_model_litert_cannot_convert_is_scored_by_keras(tmp_path, monkeypatch, int8_cpu):
     from stages import inference
 
     _, lite = run(tmp_path / "a", flair_model())
-    assert lite["model"]["engine"] == "litert_int8"  # the CPU default for a float32 model
+    assert lite["model"]["engine"] == "litert_int8"  # the default for a float32 unet on a CPU with int8 dots
 
     def refuse(model, int8=False):
         raise RuntimeError("unsupported op")

@@ -173,7 +173,7 @@ def test_litert_int8_engine_stays_close_to_float32_and_ignores_the_rest_of_its_b
     np.testing.assert_array_equal(alone, int8)
 
 
-def test_a_graph_litert_cannot_run_fails_when_made_with_a_fix_to_name_or_auto_falls_back(monkeypatch):
+def test_a_graph_litert_cannot_run_fails_when_made_with_a_fix_to_name_or_auto_falls_back(int8_cpu, monkeypatch):
     """XNNPACK cannot prepare doubleunet's int8 graph: the runner says so at once, not mid-evaluation. Its
     squeeze-and-excite blocks are what XNNPACK refuses, for some weights' ranges: three of them with these weights
     (seed 1) fail as doubleunet does, in a second instead of a minute."""
@@ -215,7 +215,7 @@ def test_litert_engine_takes_any_size_for_a_size_free_model():
                            inference.predict_probs(model, images(3, size=size), engine="keras"), atol=1e-5)
 
 
-def test_auto_engine_is_litert_int8_on_cpu_for_float32_and_keras_for_mixed_precision():
+def test_auto_engine_is_litert_int8_on_cpu_for_float32_and_keras_for_mixed_precision(int8_cpu):
     assert inference.pick_engine(flair_model(16)) == "litert_int8"
     assert inference.pick_engine(flair_model(16), "litert") == "litert"
     assert inference.pick_engine(flair_model(16, name="resunet")) == "litert"  # int8 not measured on it
@@ -276,7 +276,7 @@ def test_auto_engine_falls_back_to_keras_when_litert_cannot_convert(monkeypatch)
             inference.predict_probs(model, x, engine=engine)
 
 
-def test_auto_engine_falls_back_from_int8_to_the_float32_graph(monkeypatch):
+def test_auto_engine_falls_back_from_int8_to_the_float32_graph(int8_cpu, monkeypatch):
     real = inference.LiteRTRunner
 
     def no_int8(model, int8=False):
