@@ -40,8 +40,8 @@ def test_an_average_of_volume_normalised_members_gets_each_patient_standardised(
                                (pa + pb) / 2, atol=1e-6)
 
 
-# scored on Keras: these tests are about grouping and scoring runs, and each LiteRT conversion (tests/test_inference.py
-# and the members' test in tests/test_train.py convert averaged models) would cost seconds per run and ensemble
+# scored on Keras: these tests are about grouping and scoring runs, where a LiteRT conversion would cost seconds per run
+# and ensemble (averaged models run on LiteRT in the members' test of tests/test_train.py and the CLI's of test_predict)
 SYNTHETIC = ["data.source=synthetic", "data.synthetic.patients=6", "data.synthetic.slices=8", "profile=demo",
              "evaluate.engine=keras"]
 
