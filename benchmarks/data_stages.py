@@ -11,6 +11,7 @@ before it kept zips whole.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import tempfile
@@ -53,14 +54,9 @@ STAGES = [("download", download), ("index", index), ("split", split), ("balance"
 
 def run_stages(params: dict) -> dict[str, float]:
     """Each data stage's seconds, run in order in a fresh folder holding `params` as params.yaml."""
-    home = os.getcwd()
-    with tempfile.TemporaryDirectory() as tmp:
-        os.chdir(tmp)
-        try:
-            Path("params.yaml").write_text(yaml.safe_dump(params))
-            return {name: timed(stage.main) for name, stage in STAGES}
-        finally:
-            os.chdir(home)
+    with tempfile.TemporaryDirectory() as tmp, contextlib.chdir(tmp):
+        Path("params.yaml").write_text(yaml.safe_dump(params))
+        return {name: timed(stage.main) for name, stage in STAGES}
 
 
 def figures(values: list[float]) -> str:
