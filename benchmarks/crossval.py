@@ -12,14 +12,14 @@
 
 With `split.folds: k` the test patients stay aside and the others are cut into k folds by patient; the run with
 `split.fold: f` validates on fold f. Pooled over the k runs, every non-test patient is scored once by a model that
-never trained on it: the measure of Buda et al. 2019 (82% mean per-volume Dice, 5-fold cross-validation over all
-110 patients). Each post-processing setting is reported as fixed in advance over all folds, never chosen per fold,
-since a choice made on the same patients would flatter the score. Early stopping did see each fold's validation
-loss, as in the published protocol. With --against, a second set of k-fold runs (the baseline of a lever) is pooled
-the same way and compared patient by patient: mean difference, patients better and worse, and the two-sided
-Wilcoxon signed-rank p-value (scipy), the test of a paired difference that does not assume it is normal. Figures
-come from the metric files each experiment committed
-(`metrics/per_patient_validation.csv`, `metrics/eval.json`, `params.yaml`).
+never trained on it: the measure of Buda et al. 2019 (82% mean per-volume Dice, 5-fold cross-validation over all 110
+patients). Each post-processing setting is reported as fixed in advance over all folds, never chosen per fold, since
+a choice made on the same patients would flatter the score; each mean comes with its 95% bootstrap interval over the
+pooled patients. Early stopping did see each fold's validation loss, as in the published protocol. With --against, a
+second set of k-fold runs (the baseline of a lever) is pooled the same way and compared patient by patient: mean
+difference with its 95% bootstrap interval, patients better and worse, and the two-sided Wilcoxon signed-rank
+p-value (scipy), the test of a paired difference that does not assume it is normal. Figures come from the metric
+files each experiment committed (`metrics/per_patient_validation.csv`, `metrics/eval.json`, `params.yaml`).
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ import pandas as pd
 import yaml
 
 from benchmarks.architectures import experiments, git_show
+from stages.intervals import mean_interval
 
 # evaluate.compare_settings, in order (runs evaluated before tta_affine existed lack its column)
 SETTINGS = ["threshold", "min_component", "largest_3d", "tta_flip", "tta_affine"]
@@ -53,25 +54,30 @@ def pool(folds: dict[int, pd.DataFrame], k: int, partial: bool = False) -> pd.Da
 
 
 def summary(table: pd.DataFrame) -> pd.DataFrame:
-    """Per post-processing setting: patients, mean, median, worst patient and its Dice, mean per fold."""
+    """Per post-processing setting: patients, mean and its 95% bootstrap interval over the patients
+    (stages.intervals), median, worst patient and its Dice, mean per fold."""
     rows = []
     for name in [s for s in SETTINGS if s in table]:
         worst = table.loc[table[name].idxmin()]
+        low, high = mean_interval(table[name])
         rows.append({"post-processing": name, "patients": len(table), "mean": table[name].mean(),
+                     "95% interval": "-" if low is None else f"{low:.3f}-{high:.3f}",
                      "median": table[name].median(), "worst": f"{worst[name]:.3f} ({worst.patient})",
                      "fold means": " / ".join(f"{m:.3f}" for m in table.groupby("fold")[name].mean())})
     return pd.DataFrame(rows)
 
 
 def _compare(a: pd.Series, b: pd.Series) -> dict:
-    """a against b, patient for patient: mean difference, patients gaining / losing more than 0.005, and the
-    Wilcoxon signed-rank p-value."""
+    """a against b, patient for patient: mean difference and its 95% bootstrap interval over the patients,
+    patients gaining / losing more than 0.005, and the Wilcoxon signed-rank p-value."""
     from scipy.stats import wilcoxon
 
     diff = a - b
     p = wilcoxon(diff).pvalue if (diff != 0).any() else 1.0
+    low, high = mean_interval(diff)
     moved = f"{int((diff > 0.005).sum())} / {int((diff < -0.005).sum())}"
-    return {"difference": diff.mean(), "better / worse": moved, "Wilcoxon p": float(p)}
+    return {"difference": diff.mean(), "95% interval": "-" if low is None else f"{low:+.3f} to {high:+.3f}",
+            "better / worse": moved, "Wilcoxon p": float(p)}
 
 
 def steps(table: pd.DataFrame) -> pd.DataFrame:
@@ -83,8 +89,8 @@ def steps(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def paired(table: pd.DataFrame, baseline: pd.DataFrame) -> pd.DataFrame:
-    """Per post-processing setting, `table` against `baseline` on the same patients: mean difference, how many
-    patients gained and lost more than 0.005, and the Wilcoxon signed-rank p-value."""
+    """Per post-processing setting, `table` against `baseline` on the same patients: mean difference (and its 95%
+    interval), how many patients gained and lost more than 0.005, and the Wilcoxon signed-rank p-value."""
     both = table.merge(baseline, on="patient", suffixes=("", "_base"))
     if len(both) != len(table) or len(both) != len(baseline):
         raise SystemExit(f"the two sets validate different patients ({len(table)} and {len(baseline)}, "

@@ -155,7 +155,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{int((means.iloc[:, 1] > means.iloc[:, 0]).sum())} of {len(frame)} runs")
     both = pd.concat(pairs, ignore_index=True)
     moved = _compare(both["refit"], both["kept"])
-    print(f"patient by patient, runs pooled ({len(both)} pairs): refit - kept {moved['difference']:+.3f}, "
+    print(f"patient by patient, runs pooled ({len(both)} pairs): refit - kept {moved['difference']:+.3f} "
+          f"(95% interval {moved['95% interval']}), "
           f"better / worse by over 0.005: {moved['better / worse']}, Wilcoxon p {moved['Wilcoxon p']:.3g}")
 
 

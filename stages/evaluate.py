@@ -5,7 +5,8 @@
         --out metrics/dev.json                        # every slice of the given patients, same metrics
 
 Stage outputs (metric definitions in stages.metrics):
-- metrics/eval.json: segmentation scores (headline dice_volume_mean), slice detection, post-processing
+- metrics/eval.json: segmentation scores (headline dice_volume_mean, with its median, worst patient and 95%
+  bootstrap interval over patients: stages.intervals), slice detection, post-processing
   measured off and on (postprocess_compare), model facts and the data source. Classifiers write
   classifier_* keys instead. `validation` holds the same headline on the validation patients; with
   evaluate.choose_on_validation the post-processing that scores best there is the one applied to test.
@@ -28,7 +29,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from stages import inference, metrics, prepared
+from stages import inference, intervals, metrics, prepared
 from stages.common import BrainsegError, atomic_path, load_params, run_main, write_csv, write_json
 from stages.postprocess import POSTPROCESS_STEPS, postprocess, tumour_present
 
@@ -159,6 +160,7 @@ def _segmenter_summary(counts: dict[str, list], params: dict) -> tuple[dict, pd.
     frames = {name: pd.concat(c, ignore_index=True) if c else empty for name, c in counts.items()}
     configured = frames.pop("headline")
     result = metrics.segmentation_scores(configured)
+    result.update(intervals.volume_spread(metrics.dice_per_volume(configured)))
     result["postprocess"] = {
         **{k: params.get(k) for k in ("threshold", "min_component", "min_position", "largest_3d", "tta_flip",
                                       "tta_affine", "detection_min_area")},
@@ -309,7 +311,10 @@ def validation_summary(validation: Evaluation) -> dict:
     if m["model"]["kind"] == "classifier":
         return {"patients": m["data"]["patients"], "classifier_accuracy": m["classifier_accuracy"]}
     return {"patients": m["data"]["patients"], "dice_volume_mean": m["dice_volume_mean"],
-            "dice_volume_median": m["dice_volume_median"], "postprocess_compare": m["postprocess_compare"]}
+            "dice_volume_median": m["dice_volume_median"],
+            **{k: m[k] for k in ("dice_volume_worst", "dice_volume_worst_patient", "dice_volume_ci95_low",
+                                 "dice_volume_ci95_high")},
+            "postprocess_compare": m["postprocess_compare"]}
 
 
 def stage_models(params: dict, root: Path = Path(".")):

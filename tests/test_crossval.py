@@ -22,6 +22,8 @@ def test_pooled_scores_weigh_every_patient_once_not_every_fold():
     assert rows.loc["threshold", "worst"] == "0.000 (C)"
     assert rows.loc["tta_flip", "fold means"] == "0.600 / 0.600"
     assert rows.loc["tta_flip", "patients"] == 4
+    low, high = (float(x) for x in rows.loc["threshold", "95% interval"].split("-"))
+    assert 0 <= low < 0.5 < high <= 0.9  # an interval of the pooled patients' mean, inside their range
 
 
 def test_each_step_is_compared_with_the_step_before_patient_by_patient():
@@ -67,9 +69,9 @@ def test_main_reads_each_experiment_fold_and_prints_the_pooled_table(monkeypatch
     crossval.main(["--exp", "cv-b", "--exp", "cv-a"])
     out = capsys.readouterr().out
     assert "2-fold cross-validation over 3 non-test patients" in out
-    assert "| threshold | 3 | 0.600 | 0.600 | 0.400 (C) | 0.700 / 0.400 |" in out
-    assert "| tta_flip | 3 | 0.700 | 0.700 | 0.500 (C) | 0.800 / 0.500 |" in out
-    assert "| largest_3d -> tta_flip | 3 | 0.700 | 0.100 | 3 / 0 | 0.250 |" in out  # each step against the last
+    assert "| threshold | 3 | 0.600 | 0.400-0.733 | 0.600 | 0.400 (C) | 0.700 / 0.400 |" in out
+    assert "| tta_flip | 3 | 0.700 | 0.567-0.900 | 0.700 | 0.500 (C) | 0.800 / 0.500 |" in out
+    assert "| largest_3d -> tta_flip | 3 | 0.700 | 0.100 | - | 3 / 0 | 0.250 |" in out  # each step against the last
     assert "fold 0: test per-volume Dice 0.700" in out and "fold 1: test per-volume Dice 0.710" in out
 
 
@@ -107,8 +109,11 @@ def test_a_lever_is_compared_with_its_baseline_patient_by_patient(monkeypatch, c
     row = table.set_index("post-processing").loc["threshold"]
     assert row["difference"] == pytest.approx(0.03) and row["better / worse"] == "6 / 1"
     assert 0.01 < row["Wilcoxon p"] < 0.1  # six of seven non-zero differences positive: suggestive, not sure
+    low, high = (float(x) for x in row["95% interval"].split(" to "))
+    assert 0 < low < 0.03 < high < 0.06  # the mean gain's interval, over these eight patients
     same = crossval.pool({0: fold_table(patients, base, base)}, 1)
     assert crossval.paired(same, same).loc[0, "Wilcoxon p"] == 1.0
+    assert crossval.paired(same, same).loc[0, "95% interval"] == "-"  # no difference, no interval
     with pytest.raises(SystemExit, match="different patients"):
         crossval.paired(same, crossval.pool({0: fold_table(patients[:7], base[:7], base[:7])}, 1))
 
@@ -119,7 +124,7 @@ def test_a_lever_is_compared_with_its_baseline_patient_by_patient(monkeypatch, c
     crossval.main(["--exp", "lev-a", "--exp", "lev-b", "--against", "base-a", "--against", "base-b"])
     out = capsys.readouterr().out
     assert "against base-a, base-b, patient by patient:" in out
-    assert "| threshold | 8 | 0.655 | 0.625 | 0.030 | 6 / 1 |" in out
+    assert "| threshold | 8 | 0.655 | 0.625 | 0.030 | +0.013 to +0.045 | 6 / 1 |" in out
     with pytest.raises(SystemExit, match="pair the same folds"):
         crossval.main(["--exp", "lev-a", "--exp", "lev-b", "--against", "base-a", "--partial"])
 
@@ -136,7 +141,7 @@ def test_run_folders_are_pooled_as_experiments_are(tmp_path, capsys):
     crossval.main(["--run", runs[1], "--run", runs[0]])
     out = capsys.readouterr().out
     assert "2-fold cross-validation over 3 non-test patients" in out
-    assert "| tta_flip | 3 | 0.700 | 0.700 | 0.500 (C) | 0.800 / 0.500 |" in out
+    assert "| tta_flip | 3 | 0.700 | 0.567-0.900 | 0.700 | 0.500 (C) | 0.800 / 0.500 |" in out
     with pytest.raises(SystemExit, match="no metrics/per_patient_validation.csv"):
         crossval.main(["--run", str(tmp_path / "nowhere")])
     with pytest.raises(SystemExit):  # one kind of run or the other

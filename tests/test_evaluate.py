@@ -15,7 +15,8 @@ from tests.conftest import write_data
 SIZE = 32
 EVALUATE = {"threshold": 0.5, "min_component": 0, "largest_3d": False, "tta_flip": False,
             "detection_min_area": 10, "batch_size": 4}
-SEGMENTER_KEYS = {"dice_volume_mean", "dice_volume_median", "dice_slice_mean", "dice_slice_tumour_mean",
+SEGMENTER_KEYS = {"dice_volume_mean", "dice_volume_median", "dice_volume_worst", "dice_volume_worst_patient",
+                  "dice_volume_ci95_low", "dice_volume_ci95_high", "dice_slice_mean", "dice_slice_tumour_mean",
                   "dice_pixel", "iou", "precision", "recall", "tversky", "detection", "postprocess",
                   "postprocess_compare", "model", "data", "data_source", "validation"}
 HEADLINE = ["dice_volume_mean", "dice_volume_median", "dice_slice_mean", "dice_slice_tumour_mean", "dice_pixel",
@@ -98,6 +99,9 @@ def test_perfect_model_scores_one_everywhere(tmp_path):
     assert result["postprocess"]["largest_3d"] is True and result["postprocess"]["compare_min_component"] == 64
     assert result["data"] == {"patients": 3, "slices": 12, "tumour_slices": 6}
     assert result["data_source"] == "synthetic"
+    # every patient scores 1: the worst is the first by name, and no interval is defined
+    assert (result["dice_volume_worst"], result["dice_volume_worst_patient"]) == (1.0, "TCGA_CS_4941")
+    assert result["dice_volume_ci95_low"] is None and result["dice_volume_ci95_high"] is None
     assert result["model"]["name"] == "unet" and result["model"]["parameters"] == 4
     assert result["model"]["slices_per_second"] > 0
 
@@ -181,6 +185,17 @@ def test_validation_scores_sit_beside_test_scores(tmp_path):
     assert result["validation"]["dice_volume_mean"] == pytest.approx(result["dice_volume_mean"])
     assert result["validation"]["postprocess_compare"] == result["postprocess_compare"]
     assert result["postprocess"]["chosen_on_validation"] is None
+    for key in ("dice_volume_worst", "dice_volume_worst_patient", "dice_volume_ci95_low", "dice_volume_ci95_high"):
+        assert result["validation"][key] == result[key]
+
+
+def test_the_headline_has_its_worst_patient_and_interval(tmp_path):
+    root, result = run(tmp_path, untrained_model())
+    per_patient = pd.read_csv(root / "metrics/per_patient.csv")
+    assert result["dice_volume_worst_patient"] == per_patient.patient[0]
+    assert result["dice_volume_worst"] == pytest.approx(per_patient.dice[0])
+    assert per_patient.dice.nunique() > 1  # the untrained model's patients differ, so an interval exists
+    assert result["dice_volume_ci95_low"] < result["dice_volume_mean"] < result["dice_volume_ci95_high"]
 
 
 def test_validation_patients_are_scored_one_by_one_under_every_post_processing(tmp_path):

@@ -27,6 +27,13 @@ def test_run_row_reads_validation_test_and_the_worst_patient():
     assert row["seed"] == 7 and row["epochs (best)"] == "14 (9)" and row["chosen"] == "tta_flip"
     assert (row["validation, threshold only"], row["validation, chosen"], row["test mean"]) == (0.80, 0.83, 0.76)
     assert row["test worst"] == "0.200 (TCGA_B)"
+    low, high = (float(x) for x in row["test 95% interval"].split("-"))
+    assert low < PATIENTS.dice.mean() < high
+
+
+def test_a_run_whose_patients_score_alike_has_no_interval():
+    alike = PATIENTS.assign(dice=0.8)
+    assert seeds.run_row("x", params(7), evaluation(0.8, 0.8, 0.8), {}, alike)["test 95% interval"] == "-"
 
 
 def test_a_null_train_seed_is_the_top_level_seed():
