@@ -20,9 +20,10 @@ SEED = 0  # a fixed draw: the same per-patient scores always give the same inter
 
 def mean_interval(values, level: float = LEVEL, resamples: int = RESAMPLES, seed: int = SEED
                   ) -> tuple[float, float] | tuple[None, None]:
-    """The bias-corrected and accelerated (BCa, scipy's default) bootstrap interval of the mean of `values`;
-    (None, None) where it is undefined: fewer than two values, or all of them equal."""
-    values = np.asarray(values, np.float64)
+    """The bias-corrected and accelerated (BCa, scipy's default) bootstrap interval of the mean of `values`, whatever
+    their order; (None, None) where it is undefined: fewer than two values, or all of them equal."""
+    # sorted, so the resamples, and the interval, do not depend on the order the patients come in
+    values = np.sort(np.asarray(values, np.float64))
     if len(values) < 2 or np.ptp(values) == 0:
         return None, None
     result = bootstrap((values,), np.mean, n_resamples=resamples, confidence_level=level, method="BCa",

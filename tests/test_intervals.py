@@ -33,6 +33,8 @@ def test_the_interval_is_the_same_every_time():
     values = [0.53, 0.67, 0.67, 0.72, 0.74, 0.82, 0.85, 0.87, 0.88, 0.9, 0.92, 0.93]
     assert intervals.mean_interval(values) == intervals.mean_interval(values)
     assert intervals.mean_interval(values) != intervals.mean_interval(values, seed=1)
+    # evaluate takes the patients in the order of the data, per_patient.csv worst first: the same interval
+    assert intervals.mean_interval(values[::-1]) == intervals.mean_interval(values)
 
 
 @pytest.mark.parametrize("values", [[], [0.8], [0.7, 0.7, 0.7]])
