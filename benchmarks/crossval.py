@@ -68,11 +68,15 @@ def summary(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def _compare(a: pd.Series, b: pd.Series) -> dict:
-    """a against b, patient for patient: mean difference and its 95% bootstrap interval over the patients,
-    patients gaining / losing more than 0.005, and the Wilcoxon signed-rank p-value."""
+    """a against b, patient for patient: paired_stats of a - b."""
+    return paired_stats(a - b)
+
+
+def paired_stats(diff: pd.Series) -> dict:
+    """Differences, one per patient: their mean and its 95% bootstrap interval over the patients, patients gaining /
+    losing more than 0.005, and the Wilcoxon signed-rank p-value."""
     from scipy.stats import wilcoxon
 
-    diff = a - b
     p = wilcoxon(diff).pvalue if (diff != 0).any() else 1.0
     low, high = mean_interval(diff)
     moved = f"{int((diff > 0.005).sum())} / {int((diff < -0.005).sum())}"

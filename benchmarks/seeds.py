@@ -20,8 +20,10 @@ either. For each run: the validation patients' mean per-volume Dice threshold on
 chose, then the test patients' mean (with its 95% bootstrap interval over them), median and worst patient. For the
 recipe: the test means' mean, sd and range, and how many of the pairs of seeds lie within 0.02. With --against, each
 seed's difference: a lever is judged on validation (with the post-processing chosen there) and the test difference is
-printed for the record, never to choose. Figures come from the files each experiment committed (`metrics/eval.json`,
-`metrics/train.json`, `metrics/per_patient.csv`, `params.yaml`).
+printed for the record, never to choose. Then the validation patients one by one: each patient's difference averaged
+over the seed pairs, and over those patients the mean difference with its 95% bootstrap interval, the patients ahead
+and behind, and the Wilcoxon signed-rank p (`metrics/per_patient_validation.csv`). Figures come from the files each
+experiment committed (`metrics/eval.json`, `metrics/train.json`, `metrics/per_patient.csv`, `params.yaml`).
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ import pandas as pd
 import yaml
 
 from benchmarks.architectures import experiments, git_show
-from benchmarks.crossval import markdown
+from benchmarks.crossval import markdown, paired_stats
 from stages.balance import copies_seed, member_copies
 from stages.common import train_config
 from stages.intervals import mean_interval
@@ -144,6 +146,43 @@ def verdict(differences: pd.DataFrame) -> str:
             f"{differences['test mean'].mean():+.3f}")
 
 
+def validation_patients(repo: Path, runs: dict[str, str]) -> dict[str, pd.DataFrame]:
+    """Each run's validation patients (`metrics/per_patient_validation.csv`), indexed by patient, with two columns:
+    threshold only and the post-processing the run chose. Runs evaluated before that file existed are left out."""
+    tables = {}
+    for name, sha in runs.items():
+        text, evaluation = (git_show(repo, sha, f) for f in ("metrics/per_patient_validation.csv", "metrics/eval.json"))
+        if text is None or evaluation is None:
+            continue
+        table = pd.read_csv(io.StringIO(text)).set_index("patient")
+        chosen = json.loads(evaluation)["postprocess"]["chosen_on_validation"]
+        if "threshold" in table and chosen in table:
+            tables[name] = pd.DataFrame({"threshold only": table["threshold"], "chosen": table[chosen]})
+    return tables
+
+
+def patient_differences(differences: pd.DataFrame, tables: dict[str, pd.DataFrame]) -> pd.DataFrame | None:
+    """Each validation patient's difference, lever minus baseline, averaged over the seed pairs of `differences`
+    (paired()'s runs, "LEVER vs BASE"): one figure per patient, the unit the patients' interval needs. None when a
+    pair's runs lack their per-patient files."""
+    pairs = [run.split(" vs ") for run in differences["run"]]
+    if not pairs or any(lever not in tables or base not in tables for lever, base in pairs):
+        return None
+    return pd.concat([tables[lever] - tables[base] for lever, base in pairs]).groupby(level=0).mean()
+
+
+def patient_verdict(by_patient: pd.DataFrame, pairs: int) -> str:
+    """The validation patients' averaged differences: mean, its 95% interval over the patients, patients ahead and
+    behind, Wilcoxon p; chosen post-processing, then threshold only."""
+    parts = []
+    for column in ("chosen", "threshold only"):
+        s = paired_stats(by_patient[column])
+        parts.append(f"{column} {s['difference']:+.3f} (95% interval {s['95% interval']}), ahead / behind by more "
+                     f"than 0.005 for {s['better / worse']} patients, Wilcoxon p {s['Wilcoxon p']:.3g}")
+    return (f"validation patient by patient ({len(by_patient)} patients, each one's difference averaged over "
+            f"{pairs} seed pair{'' if pairs == 1 else 's'}): " + "; ".join(parts))
+
+
 def same_split(params: dict[str, dict]) -> None:
     """Every run must cut the same patients: the same top-level seed and split section."""
     cuts = {name: (p.get("seed"), json.dumps(p.get("split"), sort_keys=True)) for name, p in params.items()}
@@ -229,6 +268,10 @@ def main(argv: list[str] | None = None) -> None:
         signed = {c: differences[c].map("{:+.3f}".format) for c in differences.columns if c not in (*SEEDS, "run")}
         print(markdown(differences.assign(**signed)))
         print(verdict(differences))
+        tables = validation_patients(args.repo, {**select(found, args.exp), **select(found, args.against)})
+        by_patient = patient_differences(differences, tables)
+        print(patient_verdict(by_patient, len(differences)) if by_patient is not None else
+              "validation patient by patient: not available (a run without metrics/per_patient_validation.csv)")
 
 
 if __name__ == "__main__":

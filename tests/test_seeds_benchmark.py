@@ -190,6 +190,7 @@ def test_main_prints_the_spread_and_the_paired_verdict(monkeypatch, tmp_path, ca
     assert "| 42 | 42 | p10-s42 vs ds-s42 | +0.000 | +0.000 | +0.020 |" in out
     assert "| 7 | 42 | p10-s7 vs ds-s7 | +0.000 | +0.000 | -0.060 |" in out
     assert "Test, for the record only: -0.020" in out
+    assert "validation patient by patient: not available" in out  # these runs have no per_patient_validation.csv
 
 
 def copies(train_seed, balance_seed, test=0.78):
@@ -213,3 +214,50 @@ def test_runs_differing_in_their_copies_seed_are_one_recipe_and_pair_by_both_see
     assert d["run"].tolist() == ["x vs cs-c42"] and d["test mean"].round(3).tolist() == [-0.02]
     with pytest.raises(SystemExit, match="no seed in common.*\\(42, 7\\)"):
         seeds.paired(lever.iloc[:1], base)  # y: seed 42 with copies 7
+
+
+def validation_csv(threshold, chosen, patients=("TCGA_A", "TCGA_B", "TCGA_C")):
+    """A run's metrics/per_patient_validation.csv; `chosen` is the tta_flip column, which evaluation() says it chose."""
+    return pd.DataFrame({"patient": list(patients), "slices": 20, "true_volume": 100, "threshold": threshold,
+                         "tta_flip": chosen}).to_csv(index=False)
+
+
+def test_each_validation_patients_difference_is_averaged_over_the_seed_pairs(monkeypatch, tmp_path):
+    runs = {"a": validation_csv([0.5, 0.6, 0.7], [0.6, 0.6, 0.7]),
+            "b": validation_csv([0.5, 0.6, 0.7], [0.8, 0.6, 0.6]),
+            "c": validation_csv([0.6, 0.6, 0.7], [0.6, 0.6, 0.7]),
+            "d": validation_csv([0.5, 0.6, 0.7], [0.6, 0.6, 0.7])}
+    fake_repo(monkeypatch, {sha: {"metrics/per_patient_validation.csv": text,
+                                  "metrics/eval.json": json.dumps(evaluation(0.8, 0.8, 0.8))}
+                            for sha, text in runs.items()})
+    tables = seeds.validation_patients(tmp_path, {"lev-s1": "a", "lev-s2": "b", "base-s1": "c", "base-s2": "d"})
+    differences = pd.DataFrame({"run": ["lev-s1 vs base-s1", "lev-s2 vs base-s2"]})
+    by_patient = seeds.patient_differences(differences, tables)
+    # TCGA_A: chosen (0.6 - 0.6 + 0.8 - 0.6) / 2, threshold only (0.5 - 0.6 + 0.5 - 0.5) / 2
+    assert by_patient.loc["TCGA_A", "chosen"] == pytest.approx(0.1)
+    assert by_patient.loc["TCGA_A", "threshold only"] == pytest.approx(-0.05)
+    assert by_patient["chosen"].tolist() == pytest.approx([0.1, 0.0, -0.05])
+    line = seeds.patient_verdict(by_patient, 2)
+    assert line.startswith("validation patient by patient (3 patients, each one's difference averaged over 2 seed "
+                           "pairs)")
+    assert "chosen +0.017 (95% interval" in line and "for 1 / 1 patients" in line
+    assert seeds.patient_differences(pd.DataFrame({"run": ["lev-s1 vs base-s9"]}), tables) is None
+
+
+def test_main_compares_the_validation_patients_when_every_run_has_their_file(monkeypatch, tmp_path, capsys):
+    lever = [0.70, 0.62, 0.81, 0.55, 0.90, 0.66]
+    patients = [f"TCGA_{c}" for c in "ABCDEF"]
+    runs = (("a", 42, 0.0, {}), ("b", 7, 0.0, {}), ("c", 42, -0.03, {"patience": 10}),
+            ("d", 7, -0.01, {"patience": 10}))
+    with_tables = {sha: {**files(seed, 0.78, **extra), "metrics/per_patient_validation.csv":
+                         validation_csv([v - gain for v in lever], [v - gain for v in lever], patients)}
+                   for sha, seed, gain, extra in runs}
+    fake_repo(monkeypatch, with_tables)
+    monkeypatch.setattr(seeds, "experiments",
+                        lambda repo: [("ds-s42", "a"), ("ds-s7", "b"), ("p10-s42", "c"), ("p10-s7", "d")])
+    seeds.main(["--repo", str(tmp_path), "--exp", "p10-s*", "--against", "ds-s*"])
+    out = capsys.readouterr().out
+    # every patient gains 0.03 in one pair and 0.01 in the other: +0.02 each, an interval of no width is undefined
+    assert "validation patient by patient (6 patients, each one's difference averaged over 2 seed pairs)" \
+        in out
+    assert "chosen +0.020 (95% interval -)" in out and "for 6 / 0 patients" in out
