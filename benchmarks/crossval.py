@@ -32,7 +32,7 @@ import pandas as pd
 import yaml
 
 from benchmarks.architectures import experiments, git_show
-from stages.intervals import mean_interval
+from stages.intervals import interval_text, mean_interval
 
 # evaluate.compare_settings, in order (runs evaluated before tta_affine existed lack its column)
 SETTINGS = ["threshold", "min_component", "largest_3d", "tta_flip", "tta_affine"]
@@ -59,9 +59,8 @@ def summary(table: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for name in [s for s in SETTINGS if s in table]:
         worst = table.loc[table[name].idxmin()]
-        low, high = mean_interval(table[name])
         rows.append({"post-processing": name, "patients": len(table), "mean": table[name].mean(),
-                     "95% interval": "-" if low is None else f"{low:.3f}-{high:.3f}",
+                     "95% interval": interval_text(*mean_interval(table[name])),
                      "median": table[name].median(), "worst": f"{worst[name]:.3f} ({worst.patient})",
                      "fold means": " / ".join(f"{m:.3f}" for m in table.groupby("fold")[name].mean())})
     return pd.DataFrame(rows)
@@ -78,9 +77,8 @@ def paired_stats(diff: pd.Series) -> dict:
     from scipy.stats import wilcoxon
 
     p = wilcoxon(diff).pvalue if (diff != 0).any() else 1.0
-    low, high = mean_interval(diff)
     moved = f"{int((diff > 0.005).sum())} / {int((diff < -0.005).sum())}"
-    return {"difference": diff.mean(), "95% interval": "-" if low is None else f"{low:+.3f} to {high:+.3f}",
+    return {"difference": diff.mean(), "95% interval": interval_text(*mean_interval(diff), signed=True),
             "better / worse": moved, "Wilcoxon p": float(p)}
 
 

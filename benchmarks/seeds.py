@@ -42,7 +42,7 @@ from benchmarks.architectures import experiments, git_show
 from benchmarks.crossval import markdown, paired_stats
 from stages.balance import copies_seed, member_copies
 from stages.common import train_config
-from stages.intervals import mean_interval
+from stages.intervals import interval_text, mean_interval
 
 TOLERANCE = 0.02  # issue 6: another seed stays within this of per-volume Dice
 SEEDS = ["seed", "copies"]  # a run's training seed and the seed that drew its augmented copies
@@ -78,13 +78,12 @@ def run_row(name: str, params: dict, evaluation: dict, train: dict, per_patient:
     compare = validation["postprocess_compare"]
     chosen = evaluation["postprocess"]["chosen_on_validation"]
     worst = per_patient.loc[per_patient["dice"].idxmin()]
-    low, high = mean_interval(per_patient["dice"])
     return {"run": name, "seed": run_seed(params), "copies": run_copies(params),
             "epochs (best)": f"{train.get('epochs', '-')} ({train.get('best_epoch', '-')})",
             "validation, threshold only": compare["threshold"]["dice_volume_mean"],
             "validation, chosen": compare[chosen]["dice_volume_mean"], "chosen": chosen,
             "test mean": evaluation["dice_volume_mean"],
-            "test 95% interval": "-" if low is None else f"{low:.3f}-{high:.3f}",
+            "test 95% interval": interval_text(*mean_interval(per_patient["dice"])),
             "test median": evaluation["dice_volume_median"],
             "test worst": f"{worst['dice']:.3f} ({worst['patient']})"}
 
@@ -146,18 +145,18 @@ def verdict(differences: pd.DataFrame) -> str:
             f"{differences['test mean'].mean():+.3f}")
 
 
-def validation_patients(repo: Path, runs: dict[str, str]) -> dict[str, pd.DataFrame]:
+def validation_patients(repo: Path, runs: dict[str, str], chosen: dict[str, str]) -> dict[str, pd.DataFrame]:
     """Each run's validation patients (`metrics/per_patient_validation.csv`), indexed by patient, with two columns:
-    threshold only and the post-processing the run chose. Runs evaluated before that file existed are left out."""
+    threshold only and the post-processing the run chose (`chosen`, by run: load()'s "chosen" column). Runs
+    evaluated before that file existed are left out."""
     tables = {}
     for name, sha in runs.items():
-        text, evaluation = (git_show(repo, sha, f) for f in ("metrics/per_patient_validation.csv", "metrics/eval.json"))
-        if text is None or evaluation is None:
+        text = git_show(repo, sha, "metrics/per_patient_validation.csv")
+        if text is None:
             continue
         table = pd.read_csv(io.StringIO(text)).set_index("patient")
-        chosen = json.loads(evaluation)["postprocess"]["chosen_on_validation"]
-        if "threshold" in table and chosen in table:
-            tables[name] = pd.DataFrame({"threshold only": table["threshold"], "chosen": table[chosen]})
+        if "threshold" in table and chosen[name] in table:
+            tables[name] = pd.DataFrame({"threshold only": table["threshold"], "chosen": table[chosen[name]]})
     return tables
 
 
@@ -254,8 +253,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="a baseline's runs (names or patterns, repeatable): compared seed for seed")
     args = parser.parse_args(argv)
     found = experiments(args.repo)
-    rows, params = load(args.repo, select(found, args.exp))
-    base, base_params = load(args.repo, select(found, args.against)) if args.against else (None, {})
+    runs, base_runs = select(found, args.exp), select(found, args.against) if args.against else {}
+    rows, params = load(args.repo, runs)
+    base, base_params = load(args.repo, base_runs) if args.against else (None, {})
     same_split({**params, **base_params})
     print(markdown(rows))
     print(spread_line(spread(rows["test mean"]), unit=unit(rows)))
@@ -268,7 +268,8 @@ def main(argv: list[str] | None = None) -> None:
         signed = {c: differences[c].map("{:+.3f}".format) for c in differences.columns if c not in (*SEEDS, "run")}
         print(markdown(differences.assign(**signed)))
         print(verdict(differences))
-        tables = validation_patients(args.repo, {**select(found, args.exp), **select(found, args.against)})
+        both = pd.concat([rows, base])
+        tables = validation_patients(args.repo, {**runs, **base_runs}, dict(zip(both["run"], both["chosen"])))
         by_patient = patient_differences(differences, tables)
         print(patient_verdict(by_patient, len(differences)) if by_patient is not None else
               "validation patient by patient: not available (a run without metrics/per_patient_validation.csv)")

@@ -34,6 +34,14 @@ def mean_interval(values, level: float = LEVEL, resamples: int = RESAMPLES, seed
     return low, high
 
 
+def interval_text(low: float | None, high: float | None, signed: bool = False) -> str:
+    """An interval as the benchmarks print it: "0.714-0.849", or signed for a difference, which may be negative
+    ("-0.010 to +0.044"); "-" where it is undefined."""
+    if low is None:
+        return "-"
+    return f"{low:+.3f} to {high:+.3f}" if signed else f"{low:.3f}-{high:.3f}"
+
+
 def volume_spread(per_volume: pd.Series) -> dict:
     """Beside the mean and median of the per-volume Dice (`per_volume`: one value per patient, indexed by patient):
     its worst patient and score, and the 95% bootstrap interval of its mean over patients."""

@@ -227,10 +227,9 @@ def test_each_validation_patients_difference_is_averaged_over_the_seed_pairs(mon
             "b": validation_csv([0.5, 0.6, 0.7], [0.8, 0.6, 0.6]),
             "c": validation_csv([0.6, 0.6, 0.7], [0.6, 0.6, 0.7]),
             "d": validation_csv([0.5, 0.6, 0.7], [0.6, 0.6, 0.7])}
-    fake_repo(monkeypatch, {sha: {"metrics/per_patient_validation.csv": text,
-                                  "metrics/eval.json": json.dumps(evaluation(0.8, 0.8, 0.8))}
-                            for sha, text in runs.items()})
-    tables = seeds.validation_patients(tmp_path, {"lev-s1": "a", "lev-s2": "b", "base-s1": "c", "base-s2": "d"})
+    fake_repo(monkeypatch, {sha: {"metrics/per_patient_validation.csv": text} for sha, text in runs.items()})
+    names = {"lev-s1": "a", "lev-s2": "b", "base-s1": "c", "base-s2": "d"}
+    tables = seeds.validation_patients(tmp_path, names, dict.fromkeys(names, "tta_flip"))
     differences = pd.DataFrame({"run": ["lev-s1 vs base-s1", "lev-s2 vs base-s2"]})
     by_patient = seeds.patient_differences(differences, tables)
     # TCGA_A: chosen (0.6 - 0.6 + 0.8 - 0.6) / 2, threshold only (0.5 - 0.6 + 0.5 - 0.5) / 2
