@@ -109,7 +109,8 @@ def train_rate(name, cfg, steps: int, policy: str, jit, plain_layers: bool = Fal
 
     import stages.models
     from stages.models import build_model
-    from stages.train import compile_model, per_output
+    from stages.datasets import per_output
+    from stages.train import compile_model
 
     keras.utils.set_random_seed(0)
     keras.mixed_precision.set_global_policy(policy)

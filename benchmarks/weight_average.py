@@ -55,17 +55,17 @@ def train_saving_epochs(workdir: Path, seed: int) -> dict:
         def on_epoch_end(self, epoch, logs=None):  # the served network's weights: best.keras has no auxiliary heads
             train.served(self.model).save_weights(str(workdir / f"e{epoch + 1:02d}.weights.h5"))
 
-    made = train.callbacks
+    made = train.fit_callbacks
     # first, so it saves each epoch's own weights: early stopping puts the best epoch's back at the last epoch's end
     def saving(cfg, checkpoint, live=None, volume_dice=None):
         return [SaveEpoch(), *made(cfg, checkpoint, live, volume_dice)]
 
-    train.callbacks = saving
+    train.fit_callbacks = saving
     try:
         params = load_params()
         summary = train.train(params["model"], train_config(params), seed, train.DATA, workdir / "best.keras", None)
     finally:
-        train.callbacks = made
+        train.fit_callbacks = made
     (workdir / "train.json").write_text(json.dumps({**summary, "seed": seed}, indent=1))
     return summary
 
@@ -82,15 +82,15 @@ def variants(summary: dict, lasts: list[int]) -> dict[str, tuple[list[int], bool
 
 
 def score(workdir: Path, lasts: list[int]) -> list[dict]:
-    from stages import evaluate, inference, prepared, train
+    from stages import datasets, evaluate, inference, prepared, train
     from stages.common import load_params, train_config
 
     params = load_params()
     cfg = train_config(params)
     summary = json.loads((workdir / "train.json").read_text())
-    train_ds, val_ds, _ = train.make_datasets(train.DATA, cfg["image_size"], cfg["batch_size"], False, False, 0, 1,
-                                              None, cfg.get("input_norm"), bool(cfg.get("slice_position")),
-                                              int(cfg.get("neighbours") or 0))
+    train_ds, val_ds, _ = datasets.make_datasets(train.DATA, cfg["image_size"], cfg["batch_size"], False, False, 0,
+                                                 1, None, cfg.get("input_norm"), bool(cfg.get("slice_position")),
+                                                 int(cfg.get("neighbours") or 0))
     chosen_variants = variants(summary, lasts)
     reader = inference.load_model(workdir / "best.keras")
     saved = {}  # each epoch's weights read once, however many variants average it

@@ -96,3 +96,49 @@ def write_data(data: Path, images, masks, tables: dict, copies: dict | None = No
         np.save(data / "prepared" / f"{split}_copies_masks.npy", copy_masks)
     prepared.write_record(data / "prepared", data, len(images))
     return data
+
+
+SIZE = 64  # the side of write_prepared's slices
+
+
+def write_prepared(folder, counts=(("train", 8), ("val", 4))):
+    """A tiny `data` folder in the balance stage's layout; every other slice has a bright 'tumour'.
+    The last two training slices are augmented copies (pixels in train_copies_*.npy)."""
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    n_all = sum(n for _, n in counts)
+    images = rng.integers(0, 120, (n_all, SIZE, SIZE, 3), dtype=np.uint8)
+    masks = np.zeros((n_all, SIZE, SIZE), np.uint8)
+    masks[::2, 16:40, 20:44] = 1
+    images[masks.astype(bool)] = 230
+    tables, copies, start = {}, {}, 0
+    for split, n in counts:
+        rows = np.arange(start, start + n)
+        start += n
+        copy = np.full(n, -1)
+        if split == "train":
+            copy[-2:] = [0, 1]
+            copies[split] = images[rows[-2:]], masks[rows[-2:]]
+            rows[-2:] = rows[:2]  # a copy's row is its source slice's
+        area = masks.reshape(n_all, -1).sum(axis=1)[start - n:start]
+        tables[split] = pd.DataFrame({"patient": "TCGA_XX_0001", "case": "TCGA_XX_0001_20000101",
+                                      "slice": range(1, n + 1), "image": "", "augmentation": "",
+                                      "tumour": (area > 0).astype(int), "area": area, "row": rows, "copy": copy})
+    return write_data(folder, images, masks, tables, copies)
+
+
+@pytest.fixture
+def prepared(tmp_path):
+    return write_prepared(tmp_path)
+
+
+@pytest.fixture
+def cfg():
+    """params.yaml's train section under the demo profile, shrunk to one epoch of a 4-filter model."""
+    from stages.common import load_params, train_config
+
+    params = load_params()
+    params["profile"] = "demo"
+    return {**train_config(params), "epochs": 1, "batch_size": 4, "filters": 4, "image_size": SIZE}

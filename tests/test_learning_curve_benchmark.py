@@ -6,7 +6,7 @@ import pytest
 
 from benchmarks import learning_curve
 from tests.conftest import set_params
-from tests.test_train import write_prepared
+from tests.conftest import write_prepared
 
 
 def training_table():

@@ -79,7 +79,7 @@ def test_training_twice_with_the_same_seed_gives_the_same_metrics_within_toleran
     (oneDNN may reorder float sums between runs, so bitwise equality is not promised)."""
     from stages.common import load_params, train_config
     from stages.train import train
-    from tests.test_train import write_prepared
+    from tests.conftest import write_prepared
 
     params = load_params()
     cfg = {**train_config({**params, "profile": "demo"}), "epochs": 2, "batch_size": 4, "filters": 4,

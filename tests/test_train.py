@@ -10,52 +10,13 @@ import pytest
 
 import stages.prepared as prepared_data
 import stages.train as train_stage
+from stages import datasets
+from stages.callbacks import VolumeDice, fit_callbacks
 from stages.common import ROOT, BrainsegError, load_params, train_config
+from stages.datasets import make_datasets
 from stages.models import build_model
-from stages.preprocess import mask_to_model_size, to_model_input
-from stages.train import (callbacks, compile_model, learning_rate, make_datasets, slices_per_epoch,
-                          steps_per_epoch, summarize, train)
-from tests.conftest import write_data
-
-SIZE = 64
-
-
-def write_prepared(folder, counts=(("train", 8), ("val", 4))):
-    """A tiny `data` folder in the balance stage's layout; every other slice has a bright 'tumour'.
-    The last two training slices are augmented copies (pixels in train_copies_*.npy)."""
-    rng = np.random.default_rng(0)
-    n_all = sum(n for _, n in counts)
-    images = rng.integers(0, 120, (n_all, SIZE, SIZE, 3), dtype=np.uint8)
-    masks = np.zeros((n_all, SIZE, SIZE), np.uint8)
-    masks[::2, 16:40, 20:44] = 1
-    images[masks.astype(bool)] = 230
-    tables, copies, start = {}, {}, 0
-    for split, n in counts:
-        rows = np.arange(start, start + n)
-        start += n
-        copy = np.full(n, -1)
-        if split == "train":
-            copy[-2:] = [0, 1]
-            copies[split] = images[rows[-2:]], masks[rows[-2:]]
-            rows[-2:] = rows[:2]  # a copy's row is its source slice's
-        area = masks.reshape(n_all, -1).sum(axis=1)[start - n:start]
-        tables[split] = pd.DataFrame({"patient": "TCGA_XX_0001", "case": "TCGA_XX_0001_20000101",
-                                      "slice": range(1, n + 1), "image": "", "augmentation": "",
-                                      "tumour": (area > 0).astype(int), "area": area, "row": rows, "copy": copy})
-    return write_data(folder, images, masks, tables, copies)
-
-
-@pytest.fixture
-def prepared(tmp_path):
-    return write_prepared(tmp_path)
-
-
-@pytest.fixture
-def cfg():
-    """params.yaml's train section under the demo profile, shrunk to one epoch of a 4-filter model."""
-    params = load_params()
-    params["profile"] = "demo"
-    return {**train_config(params), "epochs": 1, "batch_size": 4, "filters": 4, "image_size": SIZE}
+from stages.train import compile_model, learning_rate, summarize, train
+from tests.conftest import SIZE, write_prepared
 
 
 @pytest.mark.parametrize("options", [{}, {"deep_supervision": True, "ema": 0.99}])
@@ -140,161 +101,18 @@ def test_interrupted_training_keeps_the_previous_model(prepared, cfg, tmp_path, 
         def on_epoch_end(self, epoch, logs=None):  # after ModelCheckpoint has written its file
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_stage, "callbacks", lambda *args: [*callbacks(*args), Kill()])
+    monkeypatch.setattr(train_stage, "fit_callbacks", lambda *args: [*fit_callbacks(*args), Kill()])
     with pytest.raises(KeyboardInterrupt):
         train("cnn", cfg, 0, prepared, model_path, None)
     assert model_path.read_bytes() == b"previous model"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".train.")] == []
 
 
-def test_make_datasets_labels_filters_and_targets(prepared):
-    train_ds, val_ds, n = make_datasets(prepared, 32, 16, classifier=True)
-    x, y = next(iter(train_ds))
-    assert n == 8 and x.shape == (8, 32, 32, 3) and x.dtype == "float32" and float(np.max(x)) <= 1
-    assert sorted(np.asarray(y).ravel()) == [0] * 4 + [1] * 4
-
-    train_ds, val_ds, n = make_datasets(prepared, 32, 16, tumour_slices_only=True, outputs=2)
-    x, (y1, y2) = next(iter(train_ds))
-    assert n == 4 and y1.shape == (4, 32, 32, 1) and np.asarray(y1).reshape(4, -1).max(axis=1).min() > 0
-    assert next(iter(val_ds))[0].shape[0] == 4  # validation keeps its tumour-free slices
-
-    # the batches hold exactly what evaluation and inference feed the model, and the area-resized masks
-    images, masks, _ = prepared_data.load_split(prepared, "val")
-    x, y = next(iter(make_datasets(prepared, 32, 16)[1]))
-    assert np.array_equal(x, to_model_input(images, 32)) and np.array_equal(y, mask_to_model_size(masks, 32))
-
-
-def test_volume_norm_standardises_copies_with_their_patients_originals(prepared):
-    from stages.preprocess import standardise_volume, volume_stats
-    images, _, table = prepared_data.load_split(prepared, "train")
-    originals = images[table["copy"].to_numpy() < 0]  # one patient: the copies are of its slices
-    expected = to_model_input(standardise_volume(images, volume_stats(originals)), 32)
-    x, _ = next(iter(make_datasets(prepared, 32, 16, input_norm="volume")[0]))
-    def key(batch):  # the training batches are shuffled
-        return sorted(np.asarray(s).tobytes() for s in batch)
-    assert key(x) == key(expected)
-    val_images, _, _ = prepared_data.load_split(prepared, "val")
-    x, _ = next(iter(make_datasets(prepared, 32, 16, input_norm="volume")[1]))
-    assert np.array_equal(x, to_model_input(standardise_volume(val_images), 32))
-
-
-def test_online_augmentation_moves_each_training_slice_with_its_mask_anew_each_epoch(prepared):
-    images, masks, _ = prepared_data.load_split(prepared, "train")
-    originals = to_model_input(images, 32)
-    flip = {"flip": True}
-    train_ds, val_ds, _ = make_datasets(prepared, 32, 16, augment=flip)
-    mirrored = []
-    for _ in range(2):  # two epochs
-        x, y = (np.asarray(t) for t in next(iter(train_ds)))
-        for image, mask in zip(x, y):
-            same = [i for i in range(len(originals)) if np.array_equal(image, originals[i])]
-            mirror = [i for i in range(len(originals)) if np.array_equal(image, originals[i][:, ::-1])]
-            assert same or mirror  # a slice is mirrored whole or left alone
-            source = (same or mirror)[0]
-            expected = mask_to_model_size(masks[source:source + 1], 32)[0]
-            assert np.array_equal(mask, expected if same else expected[:, ::-1])
-            mirrored.append(bool(mirror) and not same)
-    assert 0 < sum(mirrored) < len(mirrored)
-    one = next(iter(make_datasets(prepared, 32, 16, augment=flip)[0]))
-    two = next(iter(make_datasets(prepared, 32, 16, augment=flip)[0]))
-    assert all(np.array_equal(a, b) for a, b in zip(one, two))  # the seed fixes the draws
-    x, y = next(iter(val_ds))  # validation is never augmented
-    val_images, val_masks, _ = prepared_data.load_split(prepared, "val")
-    assert np.array_equal(x, to_model_input(val_images, 32)) and np.array_equal(y, mask_to_model_size(val_masks, 32))
-
-    # rotation and zoom interpolate: the bright 'tumour' pixels stay under the (soft) mask
-    x, y = (np.asarray(t) for t in next(iter(make_datasets(prepared, 32, 16, augment={**flip, "rotation": 25,
-                                                                                        "zoom": 0.2})[0])))
-    inside, outside = y[..., 0] > 0.9, y[..., 0] < 0.1
-    assert x[..., 0][inside].min() > 0.8 and x[..., 0][outside].max() < 0.6
-    assert not np.isin(y, [0, 1]).all()  # interpolated, not just moved
-    _, labels = next(iter(make_datasets(prepared, 32, 16, classifier=True, augment={"rotation": 25})[0]))
-    assert sorted(np.asarray(labels).ravel()) == [0] * 4 + [1] * 4  # a classifier's labels stay labels
-    keras.mixed_precision.set_global_policy("mixed_float16")  # the GPU recipe's policy, active while train builds
-    try:
-        x, y = next(iter(make_datasets(prepared, 32, 16, augment={**flip, "rotation": 25})[0]))
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
-    assert x.dtype == y.dtype == "float32"
-    with pytest.raises(BrainsegError, match=r"params.yaml: train.augment .*zoom.*Fix: .*dvc exp run"):
-        make_datasets(prepared, 32, 16, augment={"zoom": 1.5})
-
-
-def test_gamma_augmentation_changes_each_channels_contrast_keeping_its_range_order_and_background(prepared):
-    rng = np.random.default_rng(0)
-    x = rng.uniform(0.05, 1.0, (16, 12, 12, 3)).astype("float32")
-    x[:, :4] = 0  # background
-    out = np.asarray(train_stage.RandomGamma(0.5, seed=1)(x))
-    assert np.array_equal(out[:, :4], x[:, :4])
-    changed = 0
-    for i in range(16):
-        for c in range(3):
-            head, new = x[i, 4:, :, c].ravel(), out[i, 4:, :, c].ravel()
-            assert np.allclose([new.min(), new.max()], [head.min(), head.max()], atol=1e-6)
-            assert np.all(np.diff(new[np.argsort(head)]) >= -1e-6)  # tissues keep their order
-            low, span = head.min(), head.max() - head.min()
-            inner = (head - low > 0.1 * span) & (head - low < 0.9 * span)
-            powers = np.log((new[inner] - low) / span) / np.log((head[inner] - low) / span)
-            assert np.allclose(powers, powers.mean(), atol=1e-3) and 1 / 1.5 - 1e-3 < powers.mean() < 1.5 + 1e-3
-            changed += not np.allclose(new, head)
-    assert 10 < changed < 38  # each channel of each slice with probability 0.5
-    assert np.array_equal(np.asarray(train_stage.RandomGamma(0.5, seed=1)(x, training=False)), x)
-
-    train_ds = make_datasets(prepared, 32, 16, augment={"gamma": 0.5})[0]
-    images, masks, _ = prepared_data.load_split(prepared, "train")
-    first, second = (next(iter(train_ds)) for _ in range(2))
-    assert not np.array_equal(first[0], second[0])  # drawn anew each epoch
-    order = [np.flatnonzero((np.asarray(first[1]) == mask_to_model_size(masks, 32)[i]).all(axis=(1, 2, 3)))
-             for i in range(len(masks))]
-    assert all(len(rows) for rows in order)  # the masks are left as they were
-    assert not np.allclose(np.sort(np.asarray(first[0]), axis=None), np.sort(to_model_input(images, 32), axis=None))
-    with pytest.raises(BrainsegError, match=r"train.augment .*gamma a number above 0"):
-        make_datasets(prepared, 32, 16, augment={"gamma": -1})
-
-
-def test_missing_sequence_augmentation_copies_flair_over_post_contrast_and_half_as_often_pre_contrast(prepared):
-    rng = np.random.default_rng(0)
-    x = rng.uniform(0.05, 1.0, (4000, 2, 2, 4)).astype("float32")  # a fourth channel (slice position) stays
-    out = np.asarray(train_stage.RandomMissingSequences(0.4, seed=1)(x))
-    post = (out[..., 2] == out[..., 1]).all(axis=(1, 2))
-    pre = (out[..., 0] == out[..., 1]).all(axis=(1, 2))
-    assert np.array_equal(out[..., 1:2], x[..., 1:2]) and np.array_equal(out[..., 3], x[..., 3])
-    assert np.array_equal(out[~post], x[~post]) and not (pre & ~post).any()  # pre-contrast only with post
-    assert np.array_equal(out[post][..., 2], x[post][..., 1]) and np.array_equal(out[pre][..., 0], x[pre][..., 1])
-    assert 0.37 < post.mean() < 0.43 and 0.17 < pre.mean() < 0.23
-    assert np.array_equal(np.asarray(train_stage.RandomMissingSequences(0.4, seed=1)(x, training=False)), x)
-
-    train_ds = make_datasets(prepared, 32, 16, augment={"missing": 1.0, "gamma": 0.5})[0]
-    images, masks, _ = prepared_data.load_split(prepared, "train")
-    batch, targets = (np.asarray(t) for t in next(iter(train_ds)))
-    assert np.array_equal(batch[..., 2], batch[..., 1])  # after gamma: the copy is exact, as in the data set
-    assert not np.array_equal(batch[..., 0], batch[..., 1])  # a draw whose pre-contrast stayed
-    model_masks = mask_to_model_size(masks, 32)
-    assert all((targets == mask).all(axis=(1, 2, 3)).any() for mask in model_masks)  # the masks are left as they were
-    with pytest.raises(BrainsegError, match=r"train.augment .*missing a probability"):
-        make_datasets(prepared, 32, 16, augment={"missing": 1.5})
-
-
-def test_a_split_left_without_slices_names_the_fix(tmp_path):
-    data = write_prepared(tmp_path, counts=(("train", 8), ("val", 0)))
-    with pytest.raises(BrainsegError, match="no val slices to train on.*dvc repro"):
-        make_datasets(data, 32, 4)
-
-
-def test_missing_or_inconsistent_prepared_data_names_the_file_and_fix(tmp_path):
-    with pytest.raises(BrainsegError, match="train.csv: missing.*dvc repro balance"):
-        make_datasets(tmp_path, 32, 4)
-    write_prepared(tmp_path)
-    (tmp_path / "prepared/train_copies_masks.npy").unlink()
-    with pytest.raises(BrainsegError, match="train's augmented copies missing.*dvc repro balance"):
-        make_datasets(tmp_path, 32, 4)
-
-
 def test_learning_rate_schedules_and_optimizer_checks(cfg, tmp_path):
     cosine = learning_rate({**cfg, "lr_schedule": "cosine", "epochs": 3}, steps_per_epoch=10)
     assert isinstance(cosine, keras.optimizers.schedules.CosineDecay) and cosine.decay_steps == 30
     assert learning_rate({**cfg, "lr_schedule": "constant"}, 10) == cfg["learning_rate"]
-    kinds = [type(c).__name__ for c in callbacks({**cfg, "lr_schedule": "plateau"}, tmp_path / "m.keras")]
+    kinds = [type(c).__name__ for c in fit_callbacks({**cfg, "lr_schedule": "plateau"}, tmp_path / "m.keras")]
     assert kinds == ["ReduceLROnPlateau", "EarlyStopping", "ModelCheckpoint"]
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, activation="sigmoid")], name="cnn")
     for key, value, match in [("lr_schedule", "step", "lr_schedule"), ("optimizer", "sgd", "optimizer")]:
@@ -305,7 +123,8 @@ def test_learning_rate_schedules_and_optimizer_checks(cfg, tmp_path):
 def test_ema_weights_are_validated_chosen_and_saved(prepared, cfg, tmp_path):
     """Momentum 1 freezes the average at the first step's weights: each epoch validates the same weights (the
     cnn has no batch-norm statistics that could move them), and the saved model is those weights."""
-    kinds = [type(c).__name__ for c in callbacks({**cfg, "lr_schedule": "plateau", "ema": 0.99}, tmp_path / "m.keras")]
+    kinds = [type(c).__name__
+             for c in fit_callbacks({**cfg, "lr_schedule": "plateau", "ema": 0.99}, tmp_path / "m.keras")]
     assert kinds == ["ReduceLROnPlateau", "SwapEMAWeights", "EarlyStopping", "ModelCheckpoint"]
     losses = {}
     for ema in (None, 1.0):
@@ -374,108 +193,6 @@ print("replicas", strategy.num_replicas_in_sync, "epochs", summary["epochs"])
     assert (tmp_path / "model.keras").is_file()
 
 
-def test_other_keras_backends_get_the_same_batches_without_tf_data(prepared, monkeypatch):
-    """JAX / PyTorch (a GPU machine without TensorFlow) take SliceBatches: the same slices, targets and
-    augmentation as the tf.data path, reshuffled each epoch by the seed."""
-    tf_train, tf_val, n = make_datasets(prepared, 32, 4, outputs=2)
-    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
-    train_b, val_b, n_b = make_datasets(prepared, 32, 4, seed=3, outputs=2)
-    assert isinstance(train_b, train_stage.SliceBatches) and n_b == n == 8 and len(train_b) == 2
-    for (x, (y, y2)), (tx, (ty, _)) in zip((val_b[i] for i in range(len(val_b))), tf_val):
-        assert x.dtype == y.dtype == "float32" and np.array_equal(x, tx) and np.array_equal(y, ty)
-        assert y2 is y
-    tf_rows = sorted(np.asarray(x).tobytes() for x, _ in tf_train.unbatch())
-
-    def epoch(batches):
-        rows = [row for i in range(len(batches)) for row in batches[i][0]]
-        batches.on_epoch_end()
-        return [row.tobytes() for row in rows]
-
-    first, second = epoch(train_b), epoch(train_b)
-    assert sorted(first) == sorted(second) == tf_rows and first != second  # every slice once, new order
-    assert epoch(make_datasets(prepared, 32, 4, seed=3)[0]) == first  # the seed fixes the order
-
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 255, (16, 8, 8, 3), dtype=np.uint8)
-    masks = np.zeros((16, 8, 8, 1), np.float16)
-    masks[:, 2:5, 1:3] = 1  # off-centre: a mirrored mask differs from the original
-    flipped = train_stage.SliceBatches(images, masks, 16, 3, train_stage.augmenter({"flip": True}, 3))
-    x, y = flipped[0]
-    mirrored = 0
-    for image, mask in zip(np.rint(x * 255), y):  # each mask moves with its slice
-        source = next(i for i in range(16) if np.array_equal(image, images[i])
-                      or np.array_equal(image, images[i][:, ::-1]))
-        same = np.array_equal(image, images[source])
-        assert np.array_equal(mask, masks[source] if same else masks[source][:, ::-1])
-        mirrored += not same
-    assert 0 < mirrored < len(x)
-
-
-def test_slice_batches_train_on_full_batches_only_and_validate_on_every_slice(prepared, monkeypatch):
-    """Off TensorFlow the training batches are all full (XLA compiles a step per batch shape): the partial last
-    batch of each epoch's order is left out, a different few slices each epoch; validation keeps every slice,
-    and the slice rate counts only the slices trained on."""
-    tf_train = make_datasets(prepared, 32, 3)[0]
-    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
-    train_b, val_b, n = make_datasets(prepared, 32, 3, seed=3)
-    assert n == 8 and len(train_b) == 2 and train_b.drop_remainder and not val_b.drop_remainder
-    assert sum(len(val_b[i][0]) for i in range(len(val_b))) == len(val_b.x)
-    assert steps_per_epoch(train_b, n, 3) == 2 and steps_per_epoch(tf_train, n, 3) == len(tf_train) == 3
-    assert slices_per_epoch(train_b, n) == 6 and slices_per_epoch(val_b, len(val_b.x)) == len(val_b.x)
-    assert slices_per_epoch(tf_train, n) == 8
-
-    left_out = []
-    for _ in range(3):
-        rows = {np.asarray(row).tobytes() for i in range(len(train_b)) for row in train_b[i][0]}
-        assert all(len(train_b[i][0]) == 3 for i in range(len(train_b))) and len(rows) == 6
-        left_out.append(frozenset(r.tobytes() for r in to_model_input(train_b.x, 32)) - rows)
-        train_b.on_epoch_end()
-    assert all(len(slices) == 2 for slices in left_out) and len(set(left_out)) > 1
-
-    small = make_datasets(prepared, 32, 16, seed=3)[0]  # fewer slices than a batch: kept as one batch
-    assert len(small) == 1 and len(small[0][0]) == 8
-    history = {"val_loss": [0.5], "loss": [0.6]}
-    summary = summarize("unet", {"profile": "gpu", "image_size": 32, "batch_size": 3, "filters": 4},
-                        keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)]), history, n_train=8,
-                        seconds=2.0, train_step_seconds=1.0, per_epoch=6)
-    assert summary["train_slices"] == 8 and summary["train_slices_per_s"] == 6.0
-
-
-def _epoch(limit, epoch, steps_begin, test_begin, end):
-    """One epoch as Keras calls the callback, on a fake clock: batch starts, validation start, epoch end."""
-    times = iter([steps_begin[0], *steps_begin, test_begin, end])
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train_stage.time, "perf_counter", lambda: next(times))
-        limit.model.stop_training = False
-        limit.on_epoch_begin(epoch)
-        for i in range(len(steps_begin)):
-            limit.on_train_batch_begin(i)
-        limit.on_test_begin()
-        limit.on_epoch_end(epoch)
-    return limit.model.stop_training
-
-
-def test_time_limit_stops_before_an_epoch_would_pass_it():
-    limit = train_stage.TimeLimit(minutes=3)
-    limit.set_model(keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)]))
-    limit.start = 0.0
-    # epoch 1 compiles: its first step takes 50 s, validation 47 s. Estimate: 4 x 1 s (median step) + 47 s,
-    # so 100 s elapsed + 51 s fits in 180 s (the epoch's own 100 s would not have: 200 s); then 110 + 4 + 6 s
-    assert not _epoch(limit, 0, [0, 50, 51, 52], 53, 100)
-    assert not _epoch(limit, 1, [100, 101, 102, 103], 104, 110)
-    # steps of 30 s: 235 s elapsed + 4 x 30 s + 5 s passes 180 s
-    assert _epoch(limit, 2, [110, 140, 170, 200], 230, 235)
-
-
-def test_time_limit_leaves_the_last_epoch_alone_and_says_when_it_stopped_training():
-    limit = train_stage.TimeLimit(minutes=1)
-    limit.set_model(keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)]))
-    limit.set_params({"epochs": 2})
-    limit.start = 0.0
-    assert not _epoch(limit, 1, [0, 30, 60], 90, 100) and not limit.stopped  # past the budget, but the last epoch
-    assert _epoch(limit, 0, [0, 30, 60], 90, 100) and limit.stopped  # a second epoch would have followed
-
-
 def test_members_share_the_budget_so_minutes_one_leaves_go_to_the_next(monkeypatch, tmp_path):
     share, clock = train_stage.budget_share, [30.0]
     monkeypatch.setattr(train_stage.time, "perf_counter", lambda: clock[0])
@@ -507,19 +224,6 @@ def test_members_share_the_budget_so_minutes_one_leaves_go_to_the_next(monkeypat
     assert given == [45, 50, 25]
 
 
-def test_time_limit_without_validation_uses_the_epoch_itself():
-    limit = train_stage.TimeLimit(minutes=1)
-    limit.set_model(keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)]))
-    limit.start = 0.0
-    times = iter([0.0, 20.0, 40.0])  # epoch begins, its only batch begins, epoch ends: 40 s + 40 s > 60 s
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train_stage.time, "perf_counter", lambda: next(times))
-        limit.on_epoch_begin(0)
-        limit.on_train_batch_begin(0)
-        limit.on_epoch_end(0)
-    assert limit.model.stop_training
-
-
 def test_max_minutes_ends_training_early_and_keeps_the_best_epoch(prepared, cfg, tmp_path):
     summary = train("cnn", {**cfg, "epochs": 3, "max_minutes": 1e-6}, 0, prepared, tmp_path / "m.keras", None)
     assert summary["epochs"] == 1 and summary["time_limited"] and (tmp_path / "m.keras").is_file()
@@ -548,19 +252,6 @@ def test_main_trains_without_dvclive_where_it_is_not_installed(prepared, cfg, tm
     assert "profile demo: members None (profiles.demo.members) in place of train.members [42, 7, 1]" in out
 
 
-def test_slice_position_channel_gives_each_slice_and_its_copies_their_place_in_the_volume(prepared):
-    from stages.train import table_positions
-    table = pd.DataFrame({"patient": ["B", "A", "A", "A", "B", "A", "B"], "slice": [2, 1, 2, 3, 1, 2, 2],
-                          "copy": [-1, -1, -1, -1, -1, 0, 1]})  # the last two: copies of A's and B's slice 2
-    assert np.allclose(table_positions(table), [1, 0, 0.5, 1, 0, 0.5, 1])
-    x, _ = next(iter(make_datasets(prepared, 32, 16, slice_position=True, input_norm="volume")[1]))
-    assert x.shape[-1] == 4
-    plane = np.asarray(x[..., 3])
-    assert np.allclose(plane, np.round(255 * np.arange(4) / 3)[:, None, None] / 255)  # val: 4 slices, in order
-    plain, _ = next(iter(make_datasets(prepared, 32, 16, input_norm="volume")[1]))
-    assert np.array_equal(np.asarray(x[..., :3]), np.asarray(plain))  # the pixels are untouched
-
-
 def test_train_with_slice_position_saves_a_four_channel_model(prepared, cfg, tmp_path):
     model_path = tmp_path / "model.keras"
     train("unet", {**cfg, "slice_position": True}, 0, prepared, model_path, None)
@@ -579,40 +270,12 @@ def test_train_dropout_attention_and_instance_norm_reach_the_saved_model(prepare
     assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in model.layers)
 
 
-def test_neighbour_channels_come_from_the_patients_original_slices_and_copies_get_their_augmentation(prepared):
-    from stages.train import table_neighbours, with_neighbours
-    table = pd.DataFrame({"patient": ["B", "A", "A", "A", "B", "A", "B"], "slice": [2, 3, 1, 2, 1, 2, 1],
-                          "copy": [-1, -1, -1, -1, -1, 0, 1], "augmentation": ["", "", "", "", "", "flip", ""]})
-    # A's slices 1, 2, 3 are rows 2, 3, 1; a copy of A's slice 2 takes that slice's neighbours
-    assert table_neighbours(table, 1).tolist() == [[4, 0], [3, 1], [2, 3], [2, 1], [4, 0], [2, 1], [4, 0]]
-    x = np.random.default_rng(0).integers(0, 256, (7, 8, 8, 3), dtype=np.uint8)
-    out = with_neighbours(x, table, 1)
-    assert np.array_equal(out[3, ..., 3], x[2, ..., 1]) and np.array_equal(out[6, ..., 4], x[0, ..., 1])
-    assert np.array_equal(out[5, ..., 3], x[2, :, ::-1, 1])  # the copy was mirrored, so are its neighbours
-    xs, _ = next(iter(make_datasets(prepared, 32, 16, input_norm="volume", neighbours=1, slice_position=True)[1]))
-    plain, _ = next(iter(make_datasets(prepared, 32, 16, input_norm="volume", slice_position=True)[1]))
-    assert xs.shape[-1] == 6
-    xs, plain = np.asarray(xs), np.asarray(plain)
-    # OpenCV resizes more than four channels with its own rounding: up to one level of 255
-    assert np.abs(xs[..., :3] - plain[..., :3]).max() <= 1.001 / 255  # the slice is untouched
-    assert np.abs(xs[..., 5] - plain[..., 3]).max() <= 1.001 / 255  # the position stays last
-    assert np.abs(xs[1, ..., 3] - plain[0, ..., 1]).max() <= 1.001 / 255  # val slice 2's lower neighbour
-
-
 def test_train_with_neighbours_saves_a_model_that_asks_for_them(prepared, cfg, tmp_path):
     model_path = tmp_path / "model.keras"
     train("unet", {**cfg, "neighbours": 1}, 0, prepared, model_path, None)
     from stages.inference import load_model, neighbour_count
     model = load_model(model_path)
     assert model.input_shape[-1] == 5 and neighbour_count(model) == 1
-
-
-def test_a_patient_with_copies_but_no_originals_is_refused_with_the_fix():
-    from stages.train import table_neighbours, table_positions
-    table = pd.DataFrame({"patient": ["A", "B"], "slice": [1, 1], "copy": [-1, 0]})
-    for places in (table_positions, lambda t: table_neighbours(t, 1)):
-        with pytest.raises(BrainsegError, match="patient B has augmented copies but no original.*balance --force"):
-            places(table)
 
 
 def write_refit_prepared(folder):
@@ -813,41 +476,11 @@ def test_the_default_trains_a_seed_ensemble_on_the_cpu_profile_and_one_network_o
     assert profile_overrides(params) == {"max_minutes": (None, 51)}
 
 
-def test_soft_targets_mix_the_masks_with_the_teachers_outputs():
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, (300, 8, 8, 3), dtype=np.uint8)  # more than one 256-slice chunk
-    y = (rng.random((300, 8, 8, 1)) > 0.5).astype(np.float16)
-    mean = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Lambda(lambda t: keras.ops.mean(t, -1, True))])
-    seen = mean.predict(x.astype(np.float32) / 255.0, verbose=0)  # the teacher sees inputs scaled as training does
-    soft = train_stage.soft_targets(mean, x, y, 0.25)
-    assert soft.dtype == np.float16 and soft.shape == y.shape
-    np.testing.assert_allclose(soft, 0.75 * y.astype(np.float32) + 0.25 * seen, atol=1e-3)
-    # a teacher with several outputs (deep supervision) is taken at its last, the mask head
-    np.testing.assert_allclose(train_stage.soft_targets(lambda t: [0 * t[..., :1], 0 * t[..., :1] + 0.5], x, y, 1.0),
-                               0.5)
-    np.testing.assert_array_equal(train_stage.soft_targets(lambda t: t[..., :1], x, y, 0.0), y)
-
-
-def test_a_teacher_changes_the_training_targets_and_leaves_validations(prepared):
-    def constant(t):
-        return np.full(t.shape[:-1] + (1,), 0.5, np.float32)
-
-    (x, y), = make_datasets(prepared, SIZE, 16)[0].take(1)
-    (_, val_y), = make_datasets(prepared, SIZE, 16)[1].take(1)
-    taught, val, n = make_datasets(prepared, SIZE, 16, teacher=constant, distil=0.5)
-    (tx, ty), = taught.take(1)
-    (_, tval_y), = val.take(1)
-    np.testing.assert_array_equal(tx, x)
-    np.testing.assert_allclose(ty, 0.5 * np.asarray(y) + 0.25, atol=1e-3)
-    np.testing.assert_array_equal(tval_y, val_y)
-    assert n == 8
-
-
 def test_distil_trains_the_first_members_run_on_the_teachers_targets(cfg, prepared, tmp_path, monkeypatch):
     params = ensemble_stage(monkeypatch, prepared, tmp_path, members=[1, 2], distil=0.5)
     taught = []
-    soft_targets = train_stage.soft_targets
-    monkeypatch.setattr(train_stage, "soft_targets", lambda *a, **k: taught.append(a) or soft_targets(*a, **k))
+    soft_targets = datasets.soft_targets
+    monkeypatch.setattr(datasets, "soft_targets", lambda *a, **k: taught.append(a) or soft_targets(*a, **k))
 
     train_stage.main()
 
@@ -872,7 +505,7 @@ def test_distil_trains_the_first_members_run_on_the_teachers_targets(cfg, prepar
         return {"train_seconds": 0.0, "members": []}
 
     monkeypatch.setattr(train_stage, "train_members", members_trained_before)
-    monkeypatch.setattr(train_stage, "soft_targets", lambda teacher, x, y, weight, batch_size=32: y)
+    monkeypatch.setattr(datasets, "soft_targets", lambda teacher, x, y, weight, batch_size=32: y)
     train_stage.main()
     keras.backend.clear_session()
     train("unet", train_config(params), 1, prepared, tmp_path / "alone.keras", None)
@@ -892,24 +525,6 @@ def test_distil_without_a_teacher_or_out_of_range_names_the_fix(weight, fix):
 def test_distil_zero_or_null_trains_no_student():
     assert train_stage.distil_weight({"distil": 0}, [42, 7]) == 0 == train_stage.distil_weight({}, [])
     assert train_stage.distil_weight({"distil": 1}, [42, 7]) == 1.0
-
-
-def test_volume_dice_pools_each_validation_patients_slices_and_logs_the_mean():
-    """Identity 'model': the inputs are the probabilities. Patient A's two slices pool to 2*3/(2*3 + 1 + 2) = 2/3
-    (one true pixel missed on the first, two false ones on the second); B's empty slice predicted empty scores 1."""
-    truth = np.zeros((3, 4, 4, 1), np.float32)
-    truth[0, 0, :3] = truth[1, 1, :1] = 1.0
-    probs = truth.copy()
-    probs[0, 0, 2] = 0.4   # below the threshold: missed
-    probs[1, 2, :2] = 0.9  # false positives
-    callback = train_stage.VolumeDice(probs, truth, ["A", "A", "B"], batch_size=2)
-    callback.set_model(keras.Sequential([keras.Input((4, 4, 1)), keras.layers.Identity()]))
-    logs = {"val_loss": 0.3}
-    callback.on_epoch_end(0, logs)
-    a = 2 * 3 / (2 * 3 + 1 + 2)
-    assert logs == {"val_loss": 0.3, "val_dice_volume": pytest.approx((a + 1.0) / 2)}
-    assert callback.table().to_dict("records") == [{"epoch": 1, "patient": "A", "dice": pytest.approx(a)},
-                                                   {"epoch": 1, "patient": "B", "dice": 1.0}]
 
 
 def test_monitor_val_dice_volume_keeps_the_best_dice_epoch_and_trains_exactly_as_val_loss(prepared, cfg, tmp_path):
@@ -934,7 +549,7 @@ def test_monitor_val_dice_volume_keeps_the_best_dice_epoch_and_trains_exactly_as
     # the saved model is that epoch's: scoring it again gives the best Dice
     _, val_ds, _ = make_datasets(prepared, SIZE, 4, outputs=1, input_norm=cfg.get("input_norm"))
     patients = prepared_data.read_table(prepared, "val")[0]["patient"]
-    again = train_stage.VolumeDice.of(val_ds, patients, 4)
+    again = VolumeDice.of(val_ds, patients, 4)
     again.set_model(keras.models.load_model(tmp_path / "val_dice_volume/model.keras", safe_mode=True))
     logs = {}
     again.on_epoch_end(0, logs)
