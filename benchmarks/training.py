@@ -108,8 +108,8 @@ def train_rate(name, cfg, steps: int, policy: str, jit, plain_layers: bool = Fal
     import tensorflow as tf
 
     import stages.models
-    from stages.models import build_model
     from stages.datasets import per_output
+    from stages.models import build_model
     from stages.train import compile_model
 
     keras.utils.set_random_seed(0)

@@ -5,8 +5,7 @@ import pandas as pd
 import pytest
 
 from benchmarks import learning_curve
-from tests.conftest import set_params
-from tests.conftest import write_prepared
+from tests.conftest import set_params, write_prepared
 
 
 def training_table():

@@ -4,8 +4,7 @@ import keras
 import numpy as np
 
 from benchmarks import weight_average
-from tests.conftest import set_params
-from tests.conftest import write_prepared
+from tests.conftest import set_params, write_prepared
 
 
 def test_weights_are_averaged_element_by_element():
