@@ -66,11 +66,6 @@ def summary(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _compare(a: pd.Series, b: pd.Series) -> dict:
-    """a against b, patient for patient: paired_stats of a - b."""
-    return paired_stats(a - b)
-
-
 def paired_stats(diff: pd.Series) -> dict:
     """Differences, one per patient: their mean and its 95% bootstrap interval over the patients, patients gaining /
     losing more than 0.005, and the Wilcoxon signed-rank p-value."""
@@ -87,7 +82,7 @@ def steps(table: pd.DataFrame) -> pd.DataFrame:
     same patients: what that step alone did."""
     names = [s for s in SETTINGS if s in table]
     return pd.DataFrame([{"step": f"{before} -> {after}", "patients": len(table), "mean": table[after].mean(),
-                          **_compare(table[after], table[before])} for before, after in zip(names, names[1:])])
+                          **paired_stats(table[after] - table[before])} for before, after in zip(names, names[1:])])
 
 
 def paired(table: pd.DataFrame, baseline: pd.DataFrame) -> pd.DataFrame:
@@ -98,7 +93,7 @@ def paired(table: pd.DataFrame, baseline: pd.DataFrame) -> pd.DataFrame:
         raise SystemExit(f"the two sets validate different patients ({len(table)} and {len(baseline)}, "
                          f"{len(both)} shared): compare runs of one split")
     return pd.DataFrame([{"post-processing": name, "patients": len(both), "mean": both[name].mean(),
-                          "baseline": both[f"{name}_base"].mean(), **_compare(both[name], both[f"{name}_base"])}
+                          "baseline": both[f"{name}_base"].mean(), **paired_stats(both[name] - both[f"{name}_base"])}
                          for name in [s for s in SETTINGS if s in table and s in baseline]])
 
 

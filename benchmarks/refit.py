@@ -26,7 +26,7 @@ import pandas as pd
 import yaml
 
 from benchmarks.architectures import git_show
-from benchmarks.crossval import _compare, commits, markdown
+from benchmarks.crossval import commits, markdown, paired_stats
 from benchmarks.errors import cached_model, validation_model_hash
 from benchmarks.learning_curve import link_data
 
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
           f"refit {means.iloc[:, 1].mean():.3f} (sd {means.iloc[:, 1].std():.3f}); refit better in "
           f"{int((means.iloc[:, 1] > means.iloc[:, 0]).sum())} of {len(frame)} runs")
     both = pd.concat(pairs, ignore_index=True)
-    moved = _compare(both["refit"], both["kept"])
+    moved = paired_stats(both["refit"] - both["kept"])
     print(f"patient by patient, runs pooled ({len(both)} pairs): refit - kept {moved['difference']:+.3f} "
           f"(95% interval {moved['95% interval']}), "
           f"better / worse by over 0.005: {moved['better / worse']}, Wilcoxon p {moved['Wilcoxon p']:.3g}")
