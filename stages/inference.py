@@ -44,7 +44,7 @@ RETRAIN = "run `dvc repro` to train it (or `dvc exp run -S model=NAME` for anoth
 
 def _register_custom_objects() -> None:
     """Import the modules whose custom layers / losses are registered with Keras, if they exist yet."""
-    for name in ("stages.models", "stages.losses"):
+    for name in ("stages.layers", "stages.losses"):
         try:
             importlib.import_module(name)
         except ModuleNotFoundError as err:

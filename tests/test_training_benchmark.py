@@ -47,7 +47,7 @@ def test_cpu_summary_names_the_model_and_the_instruction_sets_that_pick_kernels(
 def test_the_plain_baseline_is_built_from_keras_own_layers_and_the_swap_is_undone(monkeypatch):
     import stages.models
     import stages.train
-    from stages.models import ConcatConv2D, FusedBatchNormalization
+    from stages.layers import ConcatConv2D, FusedBatchNormalization
 
     norms, joins, compile_model = [], [], stages.train.compile_model
 
@@ -64,7 +64,7 @@ def test_the_plain_baseline_is_built_from_keras_own_layers_and_the_swap_is_undon
     assert norms == [{keras.layers.BatchNormalization}, {FusedBatchNormalization}]
     assert joins == [{keras.layers.Concatenate}, {ConcatConv2D}]
     assert stages.models.BATCH_NORM is FusedBatchNormalization
-    assert stages.models.CONCAT_CONV is stages.models.ConcatConv2D
+    assert stages.models.CONCAT_CONV is ConcatConv2D
 
 
 def test_a_mixed_precision_measurement_carries_its_own_precision_s_matmul_peak(monkeypatch):
