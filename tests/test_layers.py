@@ -1,4 +1,3 @@
-import json
 import zipfile
 
 import keras
@@ -191,7 +190,6 @@ def test_bilinear_upsampling_does_not_clip_its_bfloat16_result_on_tensorflow(mon
         keras.mixed_precision.set_global_policy("float32")
 
 
-
 def test_models_saved_when_the_layers_lived_in_stages_models_still_load(tmp_path):
     """Models name each custom layer by its registered name (brainseg>...) and by the module that defined it; the
     layers moved from stages.models to stages.layers, and models saved before must load as they are."""
@@ -202,9 +200,8 @@ def test_models_saved_when_the_layers_lived_in_stages_models_still_load(tmp_path
             data = new.read(item)
             if item.filename == "config.json":
                 config = data.decode()
-                assert '"module": "stages.layers"' in config
+                assert '"module": "stages.layers"' in config and '"registered_name": "brainseg>VolumeDecode"' in config
                 data = config.replace('"module": "stages.layers"', '"module": "stages.models"').encode()
-                assert '"registered_name": "brainseg>VolumeDecode"' in json.dumps(json.loads(data))
             old.writestr(item, data)
     loaded = keras.models.load_model(tmp_path / "old.keras", safe_mode=True)
     x = np.random.default_rng(0).random((2, 32, 32, 3), dtype=np.float32)
