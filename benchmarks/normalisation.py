@@ -6,7 +6,7 @@ A model sees many patients, so it needs tumour to look alike across them. This m
 training: the ROC AUC of each channel's normalised intensity for telling tumour from other head pixels, pooled over
 every patient with tumour (one threshold for all patients), and the mean of the same AUC within each patient.
 Normalisations: none (raw 0-1), slice (each slice's head pixels z-scored per channel: `train.input_norm: slice`,
-models.BrainStandardise), volume (the same over the patient's whole volume) and Buda et al. 2019's per-volume
+layers.BrainStandardise), volume (the same over the patient's whole volume) and Buda et al. 2019's per-volume
 clip to the 10th-99th percentile then z-score. Slices are taken to 128 px by decimation (the CPU recipe's size).
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-HEAD = 10 / 255  # models.BrainStandardise's threshold: a pixel is head when any channel is above it
+HEAD = 10 / 255  # layers.BrainStandardise's threshold: a pixel is head when any channel is above it
 CHANNELS = ("pre-contrast", "FLAIR", "post-contrast")
 
 
