@@ -1,11 +1,13 @@
 """The custom Keras layers of brainseg's models, each registered under the package name `brainseg`, so a saved
-model names it and loads with safe_mode=True once this module is imported (stages.models imports it).
+model names it and loads with safe_mode=True once this module is imported (stages.models and stages.inference
+import it).
 
 Two kinds: layers that prepare a slice inside the model, so training, evaluation, the predict CLI and the web app
 feed it the same way (ReverseChannels, BrainStandardise, VolumeDecode, SplitPosition, SplitNeighbours, PlaneDecode;
-inference looks for the last three to know what a model needs besides the slice), and drop-in versions of stock
-Keras layers, the same function and weights, that TensorFlow computes faster (FusedBatchNormalization,
-ConcatConv2D, BilinearUpSampling2D; `python -m benchmarks.training` measures them against stock Keras).
+inference looks for VolumeDecode, SplitPosition and SplitNeighbours to know what a model needs besides the slice),
+and drop-in versions of stock Keras layers, the same function and weights, that TensorFlow computes faster
+(FusedBatchNormalization, ConcatConv2D, BilinearUpSampling2D; `python -m benchmarks.training` measures them against
+stock Keras).
 """
 from __future__ import annotations
 

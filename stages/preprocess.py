@@ -55,7 +55,7 @@ def warp_slices(slices: np.ndarray, angle: float, scale: float, inverse: bool = 
     return out
 
 
-HEAD = 10  # uint8: a pixel is head when any channel is above it (models.BrainStandardise's threshold)
+HEAD = 10  # uint8: a pixel is head when any channel is above it (layers.BrainStandardise's threshold)
 Z_ZERO, Z_STEP = 128, 32  # standardise_volume's uint8 code: z = (value - 128) / 32, head pixels 1..255, rest 0
 
 
