@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> None:
     # segmenters first, then classifiers (no Dice), each by name
     rows = sorted(collect(args.repo, args.exp), key=lambda r: (r["per-volume Dice mean"] == DASH, r["experiment"]))
     if not rows:
-        raise SystemExit(f"{args.repo}: no DVC experiments with metrics/eval.json; run `dvc exp run -S model=NAME` first")
+        raise SystemExit(f"{args.repo}: no DVC experiments with metrics/eval.json; "
+                         "run `dvc exp run -S model=NAME` first")
     print(table(rows))
 
 

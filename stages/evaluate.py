@@ -202,8 +202,8 @@ def evaluate_model(model, images: np.ndarray, masks: np.ndarray, table: pd.DataF
     (and slice) and its index gives each row's position in images / masks. `params` is the evaluate
     section of params.yaml. Patients are streamed one at a time, so memory stays at one patient's volume.
     Segmenters: detection calls a slice 'tumour' by stages.postprocess.tumour_present (post-processed
-    predicted area reaches detection_min_area); the ROC score is the slice's maximum probability. Classifiers: their probability
-    against the threshold, and as the ROC score.
+    predicted area reaches detection_min_area); the ROC score is the slice's maximum probability. Classifiers:
+    their probability against the threshold, and as the ROC score.
     """
     kind = inference.model_kind(model)
     batch_size = int(params.get("batch_size", 32))

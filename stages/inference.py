@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import importlib
 import io
 import os
 import threading
@@ -36,20 +35,11 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from stages import postprocess, preprocess
+# layers and losses register the custom objects (brainseg>Name) that saved models name, so load_model finds them
+from stages import layers, losses, postprocess, preprocess  # noqa: F401
 from stages.common import BrainsegError, atomic_path
 
 RETRAIN = "run `dvc repro` to train it (or `dvc exp run -S model=NAME` for another architecture)"
-
-
-def _register_custom_objects() -> None:
-    """Import the modules whose custom layers / losses are registered with Keras, if they exist yet."""
-    for name in ("stages.layers", "stages.losses"):
-        try:
-            importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name != name:  # a missing dependency inside the module is a real error
-                raise
 
 
 def load_model(path: Path | str) -> keras.Model:
@@ -62,7 +52,6 @@ def load_model(path: Path | str) -> keras.Model:
         raise BrainsegError(f"{path}: no trained model there; {RETRAIN}")
     if not zipfile.is_zipfile(path):
         raise BrainsegError(f"{path}: not a Keras .keras file (corrupt or truncated); delete it and {RETRAIN}")
-    _register_custom_objects()
     try:
         return keras.models.load_model(path, safe_mode=True, compile=False)
     except Exception as err:
@@ -170,8 +159,9 @@ def cache_dir() -> Path:
 def _graph_key(model: keras.Model, int8: bool = False) -> str:
     """A digest of what the converted graph depends on: versions, quantisation, architecture and every weight's
     bytes."""
-    import tensorflow as tf
     from importlib.metadata import version
+
+    import tensorflow as tf
 
     quantised = f" int8 calibrated on {CALIBRATION}" if int8 else ""
     digest = hashlib.sha256(f"tf {tf.__version__} litert {version('ai-edge-litert')}{quantised}".encode())

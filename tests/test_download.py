@@ -72,7 +72,8 @@ def test_kaggle_source_uses_kagglehub(project, synthetic_root, monkeypatch):
     import kagglehub
 
     calls = []
-    monkeypatch.setattr(kagglehub, "dataset_download", lambda handle: calls.append(handle) or str(synthetic_root.parent))
+    monkeypatch.setattr(kagglehub, "dataset_download",
+                        lambda handle: calls.append(handle) or str(synthetic_root.parent))
     set_params(project, **{"data.source": "kaggle"})
     download.main()
     assert calls == ["mateuszbuda/lgg-mri-segmentation"]

@@ -47,7 +47,8 @@ def test_no_patient_in_two_splits(real):
     table = pd.read_csv(root / "data/split.csv")
     assert table["patient"].is_unique and len(table) == 61
     parts = {name: set(pd.read_csv(root / f"data/prepared/{name}.csv")["patient"]) for name in ("train", "val", "test")}
-    assert not (parts["train"] & parts["val"]) and not (parts["train"] & parts["test"]) and not (parts["val"] & parts["test"])
+    assert not (parts["train"] & parts["val"]) and not (parts["train"] & parts["test"])
+    assert not (parts["val"] & parts["test"])
     assert parts == {name: set(table[table["split"] == name]["patient"]) for name in parts}
 
 
