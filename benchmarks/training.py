@@ -11,7 +11,11 @@ Prints, in one run on this machine:
   peak (bfloat16 products run on AMX tiles where the CPU has them, several times the float32 peak),
 - inference slices/s through stages.inference.predict_probs (what evaluation, the CLI and the app use), with
   the engine params.yaml's evaluate.engine picks here (on a CPU LiteRT, its int8 graph for unet where the CPU has
-  int8 dot products) against Keras' own predict and the float32 LiteRT graph.
+  int8 dot products) against Keras' own predict and the float32 LiteRT graph, for one network and, where the
+  profile's train.members makes the default a seed ensemble, for the ensemble as it is served, against the
+  target; then the float32 LiteRT graph alone (no resizing or standardisation), with the convolution FLOPs it
+  achieves as a share of the measured peak: how much of the inference time is the network's, and how close the
+  network already runs to what the CPU can do.
 
     python -m benchmarks.training [--steps 20] [--profile cpu] [--filters N] [--repeats 2]
 
@@ -131,18 +135,42 @@ def train_rate(name, cfg, steps: int, policy: str, jit, plain_layers: bool = Fal
     return steps * batch / (clock.ends[-1] - clock.ends[0]), conv_flops(model) / 1e9
 
 
-def inference_rate(name, cfg, engine: str, n: int = 512) -> tuple[float, float]:
-    """(slices/s, seconds of the first call: tracing, or the conversion for LiteRT)."""
+def served_model(name, cfg, seeds=()):
+    """The network as evaluation, the CLI and the app serve it: one, or one per seed of `seeds` (train.members)
+    averaged into one model (stages.models.average). Random weights (each network's drawn with its seed): speed
+    does not depend on them."""
     import keras
 
-    from stages.inference import predict_probs
-    from stages.models import build_model
+    from stages.models import average, build_model
 
-    keras.utils.set_random_seed(0)
-    model = build_model(name, (cfg["image_size"],) * 2 + (3,), cfg["filters"], input_norm=cfg.get("input_norm"))
+    members = []
+    for seed in seeds or [0]:
+        keras.utils.set_random_seed(seed)
+        members.append(build_model(name, (cfg["image_size"],) * 2 + (3,), cfg["filters"],
+                                   input_norm=cfg.get("input_norm")))
+    return average(members) if len(members) > 1 else members[0]
+
+
+def inference_rate(model, engine: str, n: int = 512) -> tuple[float, float]:
+    """(slices/s through stages.inference.predict_probs, 256 px uint8 slices in and out; seconds of the first
+    call: tracing, or the conversion for LiteRT)."""
+    from stages.inference import predict_probs
+
     images = np.random.default_rng(0).integers(0, 255, (n, 256, 256, 3), dtype=np.uint8)
     first = _time(lambda: predict_probs(model, images[:64], batch_size=64, engine=engine))
     return n / _time(lambda: predict_probs(model, images, batch_size=64, engine=engine)), first
+
+
+def graph_rate(model, n: int = 512, batch: int = 64, repeats: int = 3) -> float:
+    """Slices/s of the model's float32 LiteRT graph alone, on model-size float32 batches: the network's share of
+    inference, without the resizing and standardisation around it (best of `repeats`)."""
+    from stages.inference import LiteRTRunner, input_size
+
+    size = input_size(model)
+    x = np.random.default_rng(0).random((batch, size, size, 3), dtype=np.float32)
+    run = LiteRTRunner(model)
+    run(x)
+    return n / min(_time(lambda: [run(x) for _ in range(n // batch)]) for _ in range(repeats))
 
 
 def profile_config(params: dict, profile: str, filters: int | None) -> dict:
@@ -233,17 +261,21 @@ def main() -> None:
     import stages  # noqa: F401  the pipeline's TensorFlow settings for the inference measured here
     from stages.common import load_params
     from stages.inference import pick_engine
-    from stages.models import build_model
 
     params = load_params()
     cfg = profile_config(params, args.profile, args.filters)
     name = params["model"]
-    engine = pick_engine(build_model(name, (cfg["image_size"],) * 2 + (3,), cfg["filters"],
-                                     input_norm=cfg.get("input_norm")),
-                         params["evaluate"].get("engine", "auto"))
-    infer_keras, first_keras = inference_rate(name, cfg, "keras")
-    infer_float, first_float = inference_rate(name, cfg, "litert") if engine != "litert" else (None, None)
-    infer, first = inference_rate(name, cfg, engine)
+    one = served_model(name, cfg)
+    engine = pick_engine(one, params["evaluate"].get("engine", "auto"))
+    infer_keras, first_keras = inference_rate(one, "keras")
+    infer_float, first_float = inference_rate(one, "litert") if engine != "litert" else (None, None)
+    infer, first = inference_rate(one, engine)
+    seeds = cfg.get("members") or []
+    if seeds:  # the default serves a seed ensemble: what it costs is the inference figure that counts
+        served = served_model(name, cfg, seeds)
+        served_engine = pick_engine(served, params["evaluate"].get("engine", "auto"))
+        infer_served, first_served = inference_rate(served, served_engine)
+    graph = graph_rate(served if seeds else one)
     achieved = lambda rate: 3 * gflop * rate  # training ~ 3 forward passes of FLOPs  # noqa: E731
     print(f"\nmachine: {os.cpu_count()} cores, {cpu_summary()}; model {name}, {cfg['image_size']} px, "
           f"filters {cfg['filters']}, batch {cfg['batch_size']}; {gflop:.2f} conv GFLOP per slice forward")
@@ -268,8 +300,16 @@ def main() -> None:
     if infer_float is not None:
         print(f"inference, LiteRT float32 (256->{cfg['image_size']} px)  {infer_float:8.1f} slices/s  "
               f"({infer_float / infer_keras:.2f}x Keras; first call {first_float:.1f} s)")
+    target = "" if seeds else "target >= 150; "
     print(f"inference, pipeline engine {engine} (256->{cfg['image_size']} px)  {infer:8.1f} slices/s  "
-          f"({infer / infer_keras:.2f}x Keras; target >= 150; first call {first:.1f} s)")
+          f"({infer / infer_keras:.2f}x Keras; {target}first call {first:.1f} s)")
+    if seeds:
+        print(f"inference, the default's {len(seeds)} networks averaged (train.members {seeds}), pipeline engine "
+              f"{served_engine}  {infer_served:8.1f} slices/s  (target >= 150; first call {first_served:.1f} s)")
+    networks = len(seeds) or 1
+    flops = gflop * networks * graph
+    print(f"  {'their' if seeds else 'its'} float32 LiteRT graph alone (model-size input, no resizing or "
+          f"standardisation)  {graph:8.1f} slices/s  ({flops:6.1f} GFLOP/s, {flops / peak:5.1%} of the matmul peak)")
 
 
 if __name__ == "__main__":

@@ -88,3 +88,35 @@ def test_a_mixed_precision_measurement_carries_its_own_precision_s_matmul_peak(m
     assert (result["compute_dtype"], result["peak"], result["peak_compute"]) == ("float32", 300.0, 300.0)
     assert timed == ["float32"]
     assert keras.mixed_precision.global_policy().name == "float32"  # the measurement puts the policy back
+
+
+def test_the_inference_measured_is_the_served_one_a_seed_ensemble_where_the_profile_trains_one():
+    from benchmarks.training import served_model
+    from stages.models import build_model
+
+    params = load_params()
+    cpu, demo = profile_config(params, "cpu", None), profile_config(params, "demo", None)
+    assert demo["members"] is None and len(cpu["members"]) > 1  # params.yaml's defaults
+    ensemble = served_model("unet", cpu, cpu["members"])
+    nested = [layer for layer in ensemble.layers if isinstance(layer, keras.Model)]
+    assert ensemble.name == "unet" and len(nested) == len(cpu["members"])
+    assert ensemble.input_shape == (None, cpu["image_size"], cpu["image_size"], 3)
+    assert ensemble.count_params() == len(nested) * nested[0].count_params()
+    one = served_model("unet", demo)
+    assert not any(isinstance(layer, keras.Model) for layer in one.layers)
+    built = build_model("unet", (demo["image_size"],) * 2 + (3,), demo["filters"], input_norm=demo.get("input_norm"))
+    assert one.count_params() == built.count_params()
+
+
+def test_the_graph_alone_is_timed_on_model_size_batches(monkeypatch, tmp_path):
+    import stages.inference
+    from benchmarks.training import graph_rate, served_model
+
+    monkeypatch.setenv("BRAINSEG_CACHE", str(tmp_path))
+    shapes = []
+    runner = stages.inference.LiteRTRunner
+    call = runner.__call__
+    monkeypatch.setattr(runner, "__call__", lambda self, x: shapes.append(x.shape) or call(self, x))
+    model = served_model("unet", profile_config(load_params(), "demo", None))
+    assert graph_rate(model, n=32, batch=16, repeats=2) > 0
+    assert set(shapes) == {(16, 64, 64, 3)} and len(shapes) == 1 + 2 * 2  # the warm-up, then 2 repeats of 32
