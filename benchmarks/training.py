@@ -295,13 +295,14 @@ def main() -> None:
         print(f"train, {other} (jit {jit})  {rate:8.1f} slices/s  ({achieved(rate):6.1f} GFLOP/s, "
               f"{achieved(rate) / mixed_peak:5.1%} of the {mixed_peak:.1f} GFLOP/s {dtype} matmul peak; "
               f"{rate / base:.2f}x plain float32)")
-    print(f"inference, Keras predict (256->{cfg['image_size']} px)  {infer_keras:8.1f} slices/s  "
+    one_net = "one network, " if seeds else ""
+    print(f"inference, {one_net}Keras predict (256->{cfg['image_size']} px)  {infer_keras:8.1f} slices/s  "
           f"(first call {first_keras:.1f} s)")
     if infer_float is not None:
-        print(f"inference, LiteRT float32 (256->{cfg['image_size']} px)  {infer_float:8.1f} slices/s  "
+        print(f"inference, {one_net}LiteRT float32 (256->{cfg['image_size']} px)  {infer_float:8.1f} slices/s  "
               f"({infer_float / infer_keras:.2f}x Keras; first call {first_float:.1f} s)")
     target = "" if seeds else "target >= 150; "
-    print(f"inference, pipeline engine {engine} (256->{cfg['image_size']} px)  {infer:8.1f} slices/s  "
+    print(f"inference, {one_net}pipeline engine {engine} (256->{cfg['image_size']} px)  {infer:8.1f} slices/s  "
           f"({infer / infer_keras:.2f}x Keras; {target}first call {first:.1f} s)")
     if seeds:
         print(f"inference, the default's {len(seeds)} networks averaged (train.members {seeds}), pipeline engine "
