@@ -27,10 +27,12 @@ from tqdm import tqdm
 from stages import prepared
 from stages.common import (BrainsegError, NpyWriter, atomic_path, load_params, run_main, training_seeds,
                            write_json)
-from stages.index import INDEX, SLICES
-from stages.split import SPLIT
 
 PREPARED = Path("data") / "prepared"
+# what the index and split stages leave there (dvc.yaml names them; importing stages.index and stages.split for the
+# paths would make their code a dependency of balance and train)
+DATA = Path("data")
+INDEX, SPLIT, SLICES = "index.csv", "split.csv", "slices"
 MEMBERS = "members"  # balance.seed: the copies drawn with the training seeds, one draw per member of train.members
 SEED_GROWTH = 5312 / 3929  # the seed article's balanced total over the full set's slice count
 META = ["patient", "case", "slice", "image", "augmentation", "tumour", "area"]
@@ -239,14 +241,14 @@ def split_summary(meta: pd.DataFrame) -> dict:
             "augmented": int((meta["augmentation"].fillna("") != "").sum())}
 
 
-def load_inputs(data: Path = INDEX.parent) -> tuple[pd.DataFrame, pd.Series, np.ndarray, np.ndarray]:
+def load_inputs(data: Path = DATA) -> tuple[pd.DataFrame, pd.Series, np.ndarray, np.ndarray]:
     """(index table, split by patient, images, masks) as the index and split stages left them under `data`."""
-    index = pd.read_csv(data / INDEX.name)
-    split = pd.read_csv(data / SPLIT.name).set_index("patient")["split"]
-    images = np.load(data / SLICES.name / "images.npy", mmap_mode="r")
-    masks = np.load(data / SLICES.name / "masks.npy", mmap_mode="r")
+    index = pd.read_csv(data / INDEX)
+    split = pd.read_csv(data / SPLIT).set_index("patient")["split"]
+    images = np.load(data / SLICES / "images.npy", mmap_mode="r")
+    masks = np.load(data / SLICES / "masks.npy", mmap_mode="r")
     if len(images) != len(index):
-        raise BrainsegError(f"{data / SLICES.name}: {len(images)} slices but {data / INDEX.name} lists {len(index)}; "
+        raise BrainsegError(f"{data / SLICES}: {len(images)} slices but {data / INDEX} lists {len(index)}; "
                             "run `dvc repro index`")
     index["augmentation"] = ""
     index["tumour"] = index["tumour"].astype(int)
@@ -309,7 +311,7 @@ def main() -> None:
                 summary[table] = split_summary(write_split(tmp, table, meta, images, masks, rows, cfg, member))
         if params["train"].get("refit"):
             summary["refit"] = split_summary(write_refit(tmp, index, split, images, masks, cfg, seed))
-        prepared.write_record(tmp, INDEX.parent, len(images), members)
+        prepared.write_record(tmp, DATA, len(images), members)
     write_json(Path("metrics") / "balance.json", summary)
     print(summary)
 

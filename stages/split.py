@@ -13,8 +13,9 @@ import pandas as pd
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from stages.common import BrainsegError, load_params, run_main, write_csv, write_json
-from stages.index import INDEX
 
+# the index stage's table (dvc.yaml names it; importing stages.index for the path would make its code a dependency)
+INDEX = Path("data") / "index.csv"
 SPLIT = Path("data") / "split.csv"
 
 
