@@ -8,7 +8,7 @@ the record; nothing is chosen on them). Graphs:
   more) and each slice's activations quantised as it runs;
 - litert_int8: the engine of that name (what `evaluate.engine: auto` takes for unet on a CPU with int8 dot
   products), weights and activations int8, the activations' ranges fixed on the built-in synthetic volumes
-  (stages.inference.calibration_inputs);
+  (stages.engines.calibration_inputs);
 - train_int8 (this benchmark only): the same with the ranges fixed on --calibration original slices of each
   training patient instead, to show whether synthetic slices cost anything.
 
@@ -32,17 +32,17 @@ GRAPHS = ("litert", "dynamic_int8", "litert_int8", "train_int8")
 
 def calibration_inputs(model, data: Path, per_patient: int, seed: int = 0) -> np.ndarray:
     """Up to `per_patient` original slices of each training patient, drawn at random, as the network takes
-    them (stages.inference.network_input, then the model's input size, float32 0-1)."""
-    from stages import inference, prepared, preprocess
+    them (stages.preprocess.network_input, then the model's input size, float32 0-1)."""
+    from stages import prepared, preprocess
 
     images, _, table = prepared.originals(data, "train")
     rng = np.random.default_rng(seed)
     out = []
     for _, rows in table.groupby("patient", sort=False).groups.items():
         volume = np.asarray(images[np.asarray(rows)])
-        volume = inference.network_input(model, volume, np.zeros(len(volume)))
+        volume = preprocess.network_input(model, volume, np.zeros(len(volume)))
         pick = np.sort(rng.choice(len(volume), min(per_patient, len(volume)), replace=False))
-        out.append(preprocess.to_model_input(volume[pick], inference.input_size(model) or volume.shape[1]))
+        out.append(preprocess.to_model_input(volume[pick], preprocess.input_size(model) or volume.shape[1]))
     return np.concatenate(out)
 
 
@@ -55,7 +55,7 @@ def dynamic_int8(model) -> bytes:
 
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    with contextlib.redirect_stdout(io.StringIO()):  # as inference.convert: Keras' export prints every variable
+    with contextlib.redirect_stdout(io.StringIO()):  # as engines.convert: Keras' export prints every variable
         return converter.convert()
 
 
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import os
 
-    from stages import inference, prepared, preprocess
+    from stages import engines, inference, prepared, preprocess
     from stages.common import BrainsegError, load_params
 
     params = load_params()
@@ -107,27 +107,27 @@ def main(argv: list[str] | None = None) -> None:
 
     images, _, table = prepared.originals(args.data, "val")
     rows = table.index.to_numpy()[:args.batch]
-    x = inference.network_input(model, np.asarray(images[rows]), table.loc[rows, "patient"].to_numpy())
-    x = preprocess.to_model_input(x, inference.input_size(model) or x.shape[1])
+    x = preprocess.network_input(model, np.asarray(images[rows]), table.loc[rows, "patient"].to_numpy())
+    x = preprocess.to_model_input(x, preprocess.input_size(model) or x.shape[1])
     calibration = calibration_inputs(model, args.data, args.calibration)
 
-    # each graph gets its own copy of the model: LiteRT graphs are kept per model object (inference._LITERT),
+    # each graph gets its own copy of the model: LiteRT graphs are kept per model object (engines._LITERT),
     # which is also where the graphs no engine names are put, in the float32 one's place
-    graphs = {"dynamic_int8": dynamic_int8, "train_int8": lambda m: inference.convert(m, True, calibration)}
+    graphs = {"dynamic_int8": dynamic_int8, "train_int8": lambda m: engines.convert(m, True, calibration)}
     runs, probs = {}, {}
     for name in GRAPHS:
         m = inference.load_model(args.model)
-        engine = name if name in inference.LITERT_ENGINES else "litert"
+        engine = name if name in engines.LITERT_ENGINES else "litert"
         if name in graphs:
-            inference._LITERT[m] = {"litert": inference.LiteRTRunner.from_graph(graphs[name](m))}
-        run = inference._runner(m, engine)
+            engines._LITERT[m] = {"litert": engines.LiteRTRunner.from_graph(graphs[name](m))}
+        run = engines.runner(m, engine)
         runs[name] = {"network": network_rate(run, x, args.repeats), **score(m, args.data, {**settings,
                                                                                          "engine": engine})}
         probs[name] = run(x)
 
-    print(f"\nmodel {args.model} ({model.name}, {inference.input_size(model)} px); {os.cpu_count()} cores; "
+    print(f"\nmodel {args.model} ({model.name}, {preprocess.input_size(model)} px); {os.cpu_count()} cores; "
           f"train_int8 calibrated on {len(calibration)} training slices, litert_int8 on "
-          f"{len(inference.calibration_inputs(model))} synthetic ones; the network on {len(x)} validation "
+          f"{len(engines.calibration_inputs(model))} synthetic ones; the network on {len(x)} validation "
           f"slices a batch")
     print(f"{'graph':12s} {'network/s':>9s} {'eval/s':>7s}  {'val thr':>7s} {'val chosen':>10s} {'chosen':11s} "
           f"{'test':>6s} {'median':>6s}  worst test patient")

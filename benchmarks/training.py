@@ -57,7 +57,7 @@ def cpu_summary(cpuinfo: str | None = None) -> str:
             cpuinfo = Path("/proc/cpuinfo").read_text()
         except OSError:
             return "unknown CPU"
-    from stages.inference import cpu_flags
+    from stages.engines import cpu_flags
 
     fields = dict(line.split(":", 1) for line in cpuinfo.splitlines() if ":" in line)
     fields = {k.strip(): v.strip() for k, v in fields.items()}
@@ -164,7 +164,8 @@ def inference_rate(model, engine: str, n: int = 512) -> tuple[float, float]:
 def graph_rate(model, n: int = 512, batch: int = 64, repeats: int = 3) -> float:
     """Slices/s of the model's float32 LiteRT graph alone, on model-size float32 batches: the network's share of
     inference, without the resizing and standardisation around it (best of `repeats`)."""
-    from stages.inference import LiteRTRunner, input_size
+    from stages.engines import LiteRTRunner
+    from stages.preprocess import input_size
 
     size = input_size(model)
     x = np.random.default_rng(0).random((batch, size, size, 3), dtype=np.float32)
@@ -260,7 +261,7 @@ def main() -> None:
 
     import stages  # noqa: F401  the pipeline's TensorFlow settings for the inference measured here
     from stages.common import load_params
-    from stages.inference import pick_engine
+    from stages.engines import pick_engine
 
     params = load_params()
     cfg = profile_config(params, args.profile, args.filters)

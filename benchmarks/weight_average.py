@@ -29,7 +29,7 @@ def average_weights(epochs: list[list[np.ndarray]]) -> list[np.ndarray]:
 def recompute_batch_norm(model: keras.Model, batches) -> int:
     """Each BatchNormalization layer's moving mean and variance set to the average of its batch statistics over
     `batches` (inputs, or (inputs, targets) pairs), weights untouched; returns the number of batches."""
-    from stages.inference import all_layers
+    from stages.preprocess import all_layers
 
     layers = [layer for layer in all_layers(model) if isinstance(layer, keras.layers.BatchNormalization)]
     momenta = [layer.momentum for layer in layers]

@@ -28,10 +28,10 @@ from stages import prepared
 from stages.common import (BrainsegError, NpyWriter, atomic_path, load_params, run_main, training_seeds,
                            write_json)
 
-PREPARED = Path("data") / "prepared"
-# what the index and split stages leave there (dvc.yaml names them; importing stages.index and stages.split for the
-# paths would make their code a dependency of balance and train)
 DATA = Path("data")
+PREPARED = DATA / "prepared"
+# what the index and split stages leave in DATA (dvc.yaml names them; importing stages.index and stages.split for the
+# paths would make their code a dependency of balance and train)
 INDEX, SPLIT, SLICES = "index.csv", "split.csv", "slices"
 MEMBERS = "members"  # balance.seed: the copies drawn with the training seeds, one draw per member of train.members
 SEED_GROWTH = 5312 / 3929  # the seed article's balanced total over the full set's slice count

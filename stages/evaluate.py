@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from stages import inference, intervals, metrics, prepared
+from stages import engines, inference, intervals, metrics, prepared, preprocess
 from stages.common import BrainsegError, atomic_path, load_params, run_main, write_csv, write_json
 from stages.postprocess import POSTPROCESS_STEPS, postprocess, tumour_present
 
@@ -257,8 +257,8 @@ def evaluate_model(model, images: np.ndarray, masks: np.ndarray, table: pd.DataF
         result["detection"] = detection
         overlays = _overlays(per_patient, views, "dice", "Dice")
     result["model"] = {"name": model.name, "kind": kind, "parameters": int(model.count_params()),
-                       "input_size": inference.input_size(model),
-                       "engine": inference.engine_in_use(model, engine) if len(table) else None,
+                       "input_size": preprocess.input_size(model),
+                       "engine": engines.engine_in_use(model, engine) if len(table) else None,
                        "slices_per_second": round(len(present) / elapsed, 2) if elapsed else None}
     result["data"] = {"patients": len(patients), "slices": int(len(present)), "tumour_slices": int(present.sum())}
     return Evaluation(result, per_patient, metrics.roc_points(present, score),

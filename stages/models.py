@@ -382,7 +382,7 @@ def build_model(name: str, input_shape=(128, 128, 3), filters: int = 16, weights
 def average(members: list[keras.Model]) -> keras.Model:
     """A seed ensemble: one model whose output is the mean of the members' final outputs, named as the members
     so evaluation and its checks see the architecture it averages. The members are nested whole, so inference
-    still finds the input layers inside them (stages.inference.all_layers)."""
+    still finds the input layers inside them (stages.preprocess.all_layers)."""
     name = members[0].name
     inputs = keras.Input(members[0].inputs[0].shape[1:], name="image")
     outputs = []

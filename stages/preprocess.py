@@ -1,8 +1,13 @@
 """The one preprocessing shared by training, evaluation, the predict CLI and the web app."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import cv2
 import numpy as np
+
+if TYPE_CHECKING:
+    import keras
 
 
 def resize_images(images: np.ndarray, size: int) -> np.ndarray:
@@ -153,3 +158,50 @@ def add_neighbours(images: np.ndarray, rows: np.ndarray) -> np.ndarray:
     if len(rows) != len(images):
         raise ValueError(f"{len(rows)} neighbour rows for {len(images)} slices")
     return np.concatenate([images, np.moveaxis(images[rows, ..., FLAIR], 1, -1)], axis=-1)
+
+
+# What input a trained model takes: its layers say it (stages.layers), so the predict CLI, the app and evaluation
+# prepare slices as its training did without being told
+
+def input_size(model: keras.Model) -> int | None:
+    """The square input size the model was built for; None if it accepts any size."""
+    return model.inputs[0].shape[1]
+
+
+def all_layers(model: keras.Model) -> list:
+    """Every layer of the model, those of nested models too (an ensemble wraps its members whole, and what
+    input a model expects is decided by layers inside them)."""
+    return list(model._flatten_layers(include_self=False, recursive=True))
+
+
+def volume_normalised(model: keras.Model) -> bool:
+    """Whether the model expects each patient's slices standardised together (train.input_norm: volume)."""
+    return any(type(layer).__name__ == "VolumeDecode" for layer in all_layers(model))
+
+
+def slice_positioned(model: keras.Model) -> bool:
+    """Whether the model takes each slice's place in its volume as a fourth channel (train.slice_position)."""
+    return any(type(layer).__name__ == "SplitPosition" for layer in all_layers(model))
+
+
+def neighbour_count(model: keras.Model) -> int:
+    """How many slices below and above a model takes the FLAIR of (train.neighbours; 0 for a 2D model)."""
+    return max([layer.count for layer in all_layers(model) if type(layer).__name__ == "SplitNeighbours"],
+               default=0)
+
+
+def network_input(model: keras.Model, images: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """uint8 slices as the model's training saw them, before resizing: standardised per patient volume, with
+    the neighbours' FLAIR and the slice's place as more channels, as the model asks (one id per slice, each
+    patient's slices in slice order; see stages.inference.predict_probs)."""
+    if volume_normalised(model):
+        standardised = np.empty_like(images)
+        for patient in dict.fromkeys(ids):
+            rows = np.flatnonzero(ids == patient)
+            standardised[rows] = standardise_volume(images[rows])
+        images = standardised
+    if neighbour_count(model):
+        images = add_neighbours(images, neighbour_rows(ids, neighbour_count(model)))
+    if slice_positioned(model):
+        images = add_position(images, slice_positions(ids))
+    return images

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from benchmarks import ensemble, gpu_recipe
-from stages import inference, models, prepared
+from stages import inference, models, prepared, preprocess
 from stages.common import BrainsegError
 
 
@@ -23,7 +23,7 @@ def test_the_average_model_outputs_the_mean_of_its_members():
     pa, pb = (inference.predict_probs(m, images, engine="keras") for m in (a, b))
     assert not np.allclose(pa, pb)
     both = ensemble.average([a, b])
-    assert both.name == "unet" and inference.model_kind(both) == "segmenter" and inference.input_size(both) == 64
+    assert both.name == "unet" and inference.model_kind(both) == "segmenter" and preprocess.input_size(both) == 64
     np.testing.assert_allclose(inference.predict_probs(both, images, engine="keras"), (pa + pb) / 2, atol=1e-6)
 
 
@@ -34,7 +34,7 @@ def test_an_average_of_volume_normalised_members_gets_each_patient_standardised(
     patients = ["A", "A", "B", "B"]
     a, b = _unet(1, "volume"), _unet(2, "volume")
     both = ensemble.average([a, b])
-    assert inference.volume_normalised(both)
+    assert preprocess.volume_normalised(both)
     pa, pb = (inference.predict_probs(m, images, engine="keras", patients=patients) for m in (a, b))
     np.testing.assert_allclose(inference.predict_probs(both, images, engine="keras", patients=patients),
                                (pa + pb) / 2, atol=1e-6)

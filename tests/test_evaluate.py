@@ -120,7 +120,7 @@ def test_perfect_model_scores_one_everywhere(tmp_path):
 
 
 def test_engine_is_recorded_and_a_model_litert_cannot_convert_is_scored_by_keras(tmp_path, monkeypatch, int8_cpu):
-    from stages import inference
+    from stages import engines
 
     _, lite = run(tmp_path / "a", flair_model())
     assert lite["model"]["engine"] == "litert_int8"  # the default for a float32 unet on a CPU with int8 dots
@@ -128,7 +128,7 @@ def test_engine_is_recorded_and_a_model_litert_cannot_convert_is_scored_by_keras
     def refuse(model, int8=False):
         raise RuntimeError("unsupported op")
 
-    monkeypatch.setattr(inference, "LiteRTRunner", refuse)
+    monkeypatch.setattr(engines, "LiteRTRunner", refuse)
     with pytest.warns(UserWarning, match="LiteRT cannot run"):
         _, fallback = run(tmp_path / "b", flair_model())
     assert fallback["model"]["engine"] == "keras"

@@ -255,7 +255,8 @@ def test_main_trains_without_dvclive_where_it_is_not_installed(prepared, cfg, tm
 def test_train_with_slice_position_saves_a_four_channel_model(prepared, cfg, tmp_path):
     model_path = tmp_path / "model.keras"
     train("unet", {**cfg, "slice_position": True}, 0, prepared, model_path, None)
-    from stages.inference import load_model, slice_positioned
+    from stages.inference import load_model
+    from stages.preprocess import slice_positioned
     model = load_model(model_path)
     assert model.input_shape[-1] == 4 and slice_positioned(model)
 
@@ -273,7 +274,8 @@ def test_train_dropout_attention_and_instance_norm_reach_the_saved_model(prepare
 def test_train_with_neighbours_saves_a_model_that_asks_for_them(prepared, cfg, tmp_path):
     model_path = tmp_path / "model.keras"
     train("unet", {**cfg, "neighbours": 1}, 0, prepared, model_path, None)
-    from stages.inference import load_model, neighbour_count
+    from stages.inference import load_model
+    from stages.preprocess import neighbour_count
     model = load_model(model_path)
     assert model.input_shape[-1] == 5 and neighbour_count(model) == 1
 
@@ -384,7 +386,7 @@ def ensemble_stage(monkeypatch, prepared, tmp_path, **train) -> dict:
 
 def test_members_train_as_runs_of_their_seeds_on_their_copies_and_the_served_model_averages_them(cfg, prepared,
                                                                                                 tmp_path, monkeypatch):
-    from stages import inference
+    from stages import engines, inference, preprocess
 
     # balance.seed members: the second member's copies are other slices' (train_seed2), as a run of seed 2 draws them
     table = pd.read_csv(prepared / "prepared/train.csv")
@@ -408,7 +410,7 @@ def test_members_train_as_runs_of_their_seeds_on_their_copies_and_the_served_mod
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no member left behind
 
     ensemble = inference.load_model(tmp_path / "model.keras")
-    assert ensemble.name == "unet" and inference.volume_normalised(ensemble)
+    assert ensemble.name == "unet" and preprocess.volume_normalised(ensemble)
     assert metrics["params"] == ensemble.count_params() == 2 * metrics["members"][0]["params"]
     # the second member is, weight for weight, what a run with train.seed 2 alone trains on its own copies
     keras.backend.clear_session()
@@ -425,7 +427,7 @@ def test_members_train_as_runs_of_their_seeds_on_their_copies_and_the_served_mod
     x = np.random.default_rng(0).random((2, SIZE, SIZE, 3)).astype("float32")
     mean = (ensemble.get_layer("member_0")(x) + member(x)) / 2
     np.testing.assert_allclose(ensemble.predict(x, verbose=0), mean, atol=1e-6)
-    np.testing.assert_allclose(inference._runner(ensemble, "litert")(x), mean, atol=1e-4)
+    np.testing.assert_allclose(engines.runner(ensemble, "litert")(x), mean, atol=1e-4)
 
 
 def test_a_classifier_trains_as_a_seed_ensemble_too(cfg, prepared, tmp_path, monkeypatch):

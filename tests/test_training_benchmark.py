@@ -109,12 +109,12 @@ def test_the_inference_measured_is_the_served_one_a_seed_ensemble_where_the_prof
 
 
 def test_the_graph_alone_is_timed_on_model_size_batches(monkeypatch, tmp_path):
-    import stages.inference
+    import stages.engines
     from benchmarks.training import graph_rate, served_model
 
     monkeypatch.setenv("BRAINSEG_CACHE", str(tmp_path))
     shapes = []
-    runner = stages.inference.LiteRTRunner
+    runner = stages.engines.LiteRTRunner
     call = runner.__call__
     monkeypatch.setattr(runner, "__call__", lambda self, x: shapes.append(x.shape) or call(self, x))
     model = served_model("unet", profile_config(load_params(), "demo", None))
