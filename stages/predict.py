@@ -1,7 +1,8 @@
 """Predict tumour masks for new MRI slices: `python -m stages.predict INPUT... --model PATH --out DIR`.
 
 INPUT is any mix of .tif/.tiff/.png/.jpg slices, folders of them (searched recursively) and Kaggle-layout
-zips. For each slice DIR gets masks/<name>.tif (0/255, the input's size), overlays/<name>.png (the slice with
+zips; `--patients ID...` or `--split test` (the pipeline's data/split.csv) keeps the slices of those patients
+alone. For each slice DIR gets masks/<name>.tif (0/255, the input's size), overlays/<name>.png (the slice with
 the tumour outlined in red) and a row of predictions.csv; patients.csv sums up the slices whose names follow
 Kaggle's convention (TCGA_<inst>_<patient>_<date>_<slice>.tif). Kaggle's own *_mask.tif files are ignored.
 
@@ -31,6 +32,7 @@ from stages.index import FILE_RE
 from stages.postprocess import serving_settings
 
 DEFAULT_MODEL = Path("models/model.keras")
+SPLIT = Path("data") / "split.csv"  # what the split stage writes (stages.split imports scikit-learn, slow to load)
 EXIT_OK, EXIT_FATAL, EXIT_SKIPPED = 0, 2, 3
 MAX_FILE_BYTES = 64 << 20  # far above any MRI slice; refused before it is read into memory
 OUTLINE_RGB = (255, 0, 0)
@@ -177,6 +179,33 @@ def collect_inputs(inputs: list[str], workdir: Path) -> tuple[list[Slice], list[
     return slices, skipped, masks
 
 
+def patient_id(name: str) -> str:
+    """A Kaggle patient as predictions.csv names it: TCGA_CS_4941, also from its case ID TCGA_CS_4941_19960909."""
+    return "_".join(name.strip().split("_")[:3])
+
+
+def split_patients(split: str, path: Path | None = None) -> list[str]:
+    """The patients the pipeline's split stage put in `split` (train, val or test), from `path` (default SPLIT)."""
+    path = SPLIT if path is None else path
+    try:
+        table = pd.read_csv(path)
+    except FileNotFoundError:
+        raise BrainsegError(f"{path}: missing; run `dvc repro split` to make the pipeline's split (or name the "
+                            "patients with --patients)") from None
+    patients = table.loc[table["split"] == split, "patient"].tolist()
+    if not patients:
+        raise BrainsegError(f"{path}: no patient in split '{split}'; run `dvc repro split`")
+    return patients
+
+
+def select_patients(slices: list[Slice], patients) -> tuple[list[Slice], int, list[str]]:
+    """The slices of `patients` (Kaggle patient or case IDs) -> (those slices, how many others were left out,
+    the patients none of the inputs had)."""
+    wanted = {patient_id(p) for p in patients}
+    kept = [item for item in slices if item.patient in wanted]
+    return kept, len(slices) - len(kept), sorted(wanted - {item.patient for item in kept})
+
+
 def read_slice(item: Slice) -> np.ndarray:
     """The same decoder as the web app's uploads (size, depth and channel checks before decoding)."""
     size = item.path.stat().st_size
@@ -268,8 +297,9 @@ def patient_summary(predictions: pd.DataFrame) -> pd.DataFrame:
 
 
 def run(inputs: list[str], model_path: Path | str, out: Path | str, params_evaluate: dict,
-        progress: bool = True) -> int:
-    """The whole CLI minus argument parsing -> exit code (0 all predicted, 3 some skipped)."""
+        progress: bool = True, patients=None) -> int:
+    """The whole CLI minus argument parsing -> exit code (0 all predicted, 3 some skipped). `patients`: Kaggle
+    patient (or case) IDs whose slices alone are segmented; None: every slice."""
     out, model_path = Path(out), Path(model_path)
     if not model_path.is_file():  # said before TensorFlow's slow import, not after
         raise BrainsegError(f"{model_path}: no trained model there; run `dvc repro` to train it "
@@ -282,6 +312,15 @@ def run(inputs: list[str], model_path: Path | str, out: Path | str, params_evalu
         if not slices and not skipped:
             raise BrainsegError(f"no slices found in {' '.join(inputs)}. Fix: pass .tif/.tiff/.png/.jpg slices, "
                                 "folders of them or a Kaggle-layout zip")
+        if patients is not None:
+            slices, left_out, absent = select_patients(slices, patients)
+            if absent:
+                print(f"no slices of {len(absent)} of the chosen patients among the inputs: {' '.join(absent)}",
+                      file=sys.stderr)
+            if not slices:
+                raise BrainsegError(f"none of the chosen patients' slices are in {' '.join(inputs)}. Fix: pass the "
+                                    "folder or zip that holds them, named as Kaggle names them")
+            print(f"{left_out} slice(s) of other patients or without a Kaggle name left out", file=sys.stderr)
         rows, bad = predict_slices(model, slices, out, params_evaluate, progress)
     skipped += bad
     predictions = pd.DataFrame(rows, columns=PREDICTION_COLUMNS)
@@ -316,14 +355,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model", default=str(DEFAULT_MODEL),
                         help="trained model (default: models/model.keras, made by `dvc repro`)")
     parser.add_argument("--out", required=True, help="output folder (created; existing files are replaced)")
+    chosen = parser.add_mutually_exclusive_group()
+    chosen.add_argument("--patients", nargs="+", metavar="ID",
+                        help="segment only these Kaggle patients (TCGA_CS_4941, or the case TCGA_CS_4941_19960909)")
+    chosen.add_argument("--split", choices=("train", "val", "test"),
+                        help=f"segment only the patients the pipeline's split put there ({SPLIT})")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    patients = split_patients(args.split) if args.split else args.patients
     return run(args.inputs, args.model, args.out, serving_settings(load_params("evaluate")),
-               progress=not args.no_progress)
+               progress=not args.no_progress, patients=patients)
 
 
 if __name__ == "__main__":

@@ -153,6 +153,36 @@ def test_cli_writes_masks_overlays_csv_and_skips_bad_inputs(tmp_path, model_path
     assert not list(out.rglob("*.tmp")), "atomic writes leave no temporary files"
 
 
+def test_patients_or_the_pipelines_split_choose_whose_slices_are_segmented(tmp_path, model_path, capsys,
+                                                                           monkeypatch):
+    from stages import predict
+
+    src = tmp_path / "in"
+    for case, n in (("TCGA_HT_7602_19951103", 3), ("TCGA_HT_7602_19951103", 4), ("TCGA_CS_4941_19960909", 7)):
+        (src / case).mkdir(parents=True, exist_ok=True)
+        tifffile.imwrite(src / case / f"{case}_{n}.tif", slice_image(n))
+    write_png(src / "scan.png", slice_image(1))  # no Kaggle name: no patient to choose it by
+
+    def predicted(*args):
+        out = tmp_path / "out"
+        assert main([str(src), "--model", str(model_path), "--out", str(out), "--no-progress", *args]) == EXIT_OK
+        return sorted(pd.read_csv(out / "predictions.csv", keep_default_na=False)["file"].str.split("/").str[-1])
+
+    assert predicted("--patients", "TCGA_HT_7602_19951103", "TCGA_DU_0000") == [
+        "TCGA_HT_7602_19951103_3.tif", "TCGA_HT_7602_19951103_4.tif"]  # a case ID names its patient
+    err = capsys.readouterr().err
+    assert "2 slice(s) of other patients or without a Kaggle name left out" in err and "TCGA_DU_0000" in err
+
+    split = tmp_path / "split.csv"
+    monkeypatch.setattr(predict, "SPLIT", split)
+    with pytest.raises(BrainsegError, match="split.csv: missing; run `dvc repro split`"):
+        main([str(src), "--model", str(model_path), "--out", str(tmp_path / "o"), "--split", "test"])
+    pd.DataFrame({"patient": ["TCGA_HT_7602", "TCGA_CS_4941"], "split": ["train", "test"]}).to_csv(split, index=False)
+    assert predicted("--split", "test") == ["TCGA_CS_4941_19960909_7.tif"]
+    with pytest.raises(BrainsegError, match="none of the chosen patients' slices"):
+        main([str(src), "--model", str(model_path), "--out", str(tmp_path / "o"), "--patients", "TCGA_DU_0000"])
+
+
 def test_cli_all_good_exits_0(tmp_path, model_path):
     write_png(tmp_path / "a.png", slice_image(5, 64, 64))
     assert main([str(tmp_path / "a.png"), "--model", str(model_path), "--out", str(tmp_path / "o"),
