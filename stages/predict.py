@@ -189,10 +189,13 @@ def split_patients(split: str, path: Path | None = None) -> list[str]:
     path = SPLIT if path is None else path
     try:
         table = pd.read_csv(path)
+        patients = table.loc[table["split"] == split, "patient"].tolist()
     except FileNotFoundError:
         raise BrainsegError(f"{path}: missing; run `dvc repro split` to make the pipeline's split (or name the "
                             "patients with --patients)") from None
-    patients = table.loc[table["split"] == split, "patient"].tolist()
+    except (ValueError, KeyError) as err:  # pandas' parser and empty-file errors are ValueErrors
+        raise BrainsegError(f"{path}: not the split stage's table ({type(err).__name__}: {err}); run "
+                            "`dvc repro split`") from None
     if not patients:
         raise BrainsegError(f"{path}: no patient in split '{split}'; run `dvc repro split`")
     return patients

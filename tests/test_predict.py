@@ -177,6 +177,9 @@ def test_patients_or_the_pipelines_split_choose_whose_slices_are_segmented(tmp_p
     monkeypatch.setattr(predict, "SPLIT", split)
     with pytest.raises(BrainsegError, match="split.csv: missing; run `dvc repro split`"):
         main([str(src), "--model", str(model_path), "--out", str(tmp_path / "o"), "--split", "test"])
+    split.write_text("patient,fold\nTCGA_CS_4941,1\n")
+    with pytest.raises(BrainsegError, match="split.csv: not the split stage's table"):
+        main([str(src), "--model", str(model_path), "--out", str(tmp_path / "o"), "--split", "test"])
     pd.DataFrame({"patient": ["TCGA_HT_7602", "TCGA_CS_4941"], "split": ["train", "test"]}).to_csv(split, index=False)
     assert predicted("--split", "test") == ["TCGA_CS_4941_19960909_7.tif"]
     with pytest.raises(BrainsegError, match="none of the chosen patients' slices"):
