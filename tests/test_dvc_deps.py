@@ -59,8 +59,9 @@ def test_each_stage_depends_on_every_module_of_stages_its_command_imports_and_no
 
 def test_the_closure_follows_imports_inside_functions_and_through_other_modules():
     evaluate = import_closure("stages.evaluate")
-    # inference imports synthetic inside calibration_inputs (the int8 graph's ranges), and the package runs first
-    assert {"stages/__init__.py", "stages/inference.py", "stages/synthetic.py"} <= evaluate
+    # engines (through inference) imports synthetic inside calibration_inputs (the int8 graph's ranges), and the
+    # package runs first
+    assert {"stages/__init__.py", "stages/inference.py", "stages/engines.py", "stages/synthetic.py"} <= evaluate
     assert "stages/models.py" not in evaluate  # serving needs the layers, not the builders
     # the data stages' code reaches training through their outputs alone (balance names their paths itself)
     train = import_closure("stages.train")
