@@ -131,10 +131,11 @@ CALIBRATION = {"patients": 12, "slices": 24, "every": 3, "seed": 0}
 
 
 def calibration_inputs(model: keras.Model, calibration: dict = CALIBRATION) -> np.ndarray:
-    """Synthetic volumes (stages.synthetic) as the network takes its input (network_input, then the model's size):
-    what `litert_int8` fixes the activations' ranges on. No real data is needed, so the CLI and the app convert
-    the graph evaluation scored; the input is standardised per volume like real slices, and validation scored the
-    graph as the float32 one (benchmarks.quantisation also fixes the ranges on training slices to compare)."""
+    """Synthetic volumes (stages.synthetic) as the network takes its input (preprocess.network_input, then the
+    model's size): what `litert_int8` fixes the activations' ranges on. No real data is needed, so the CLI and the
+    app convert the graph evaluation scored; the input is standardised per volume like real slices, and validation
+    scored the graph as the float32 one (benchmarks.quantisation also fixes the ranges on training slices to
+    compare)."""
     from stages import synthetic
 
     rng = np.random.default_rng(calibration["seed"])

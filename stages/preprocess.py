@@ -163,6 +163,7 @@ def add_neighbours(images: np.ndarray, rows: np.ndarray) -> np.ndarray:
 # What input a trained model takes: its layers say it (stages.layers), so the predict CLI, the app and evaluation
 # prepare slices as its training did without being told
 
+
 def input_size(model: keras.Model) -> int | None:
     """The square input size the model was built for; None if it accepts any size."""
     return model.inputs[0].shape[1]
