@@ -123,11 +123,13 @@ def _slice_no(table: pd.DataFrame, rows: np.ndarray, i: int):
     return table.at[rows[i], "slice"] if "slice" in table else i + 1
 
 
-def _warm_up(model, images: np.ndarray, rows: np.ndarray, batch_size: int, engine: str) -> None:
+def _warm_up(model, images: np.ndarray, rows: np.ndarray, batch_size: int, engine: str,
+             cascade: float | None) -> None:
     """Trace the predict function (two batch sizes, so later batches of any size reuse it) or convert the
-    model for LiteRT before timing."""
+    model for LiteRT before timing; with evaluate.cascade, both of its parts (a gate of 0 passes every slice on)."""
     for n in (1, 2):
-        inference.predict_probs(model, images[rows[:n]], batch_size, engine=engine)
+        inference.predict_probs(model, images[rows[:n]], batch_size, engine=engine,
+                                cascade=None if cascade is None else 0.0)
 
 
 def _segment_patient(patient, truth, averages: dict, settings: dict, params: dict) -> dict:
@@ -208,6 +210,9 @@ def evaluate_model(model, images: np.ndarray, masks: np.ndarray, table: pd.DataF
     kind = inference.model_kind(model)
     batch_size = int(params.get("batch_size", 32))
     engine = params.get("engine", "auto")
+    cascade = params.get("cascade")
+    parts = inference.cascade_parts(model) if cascade is not None else None
+    served = parts[0] if parts else model  # what the engine runs: with evaluate.cascade, the first member alone
     # "headline" is what params ask for; the others are the post-processing comparison
     settings = {"headline": params, **(compare_settings(params) if kind == "segmenter" else {})}
     # every view set a setting asks for, each view predicted once per patient and averaged per set
@@ -217,14 +222,18 @@ def evaluate_model(model, images: np.ndarray, masks: np.ndarray, table: pd.DataF
     present, decided, score, classified, views = [], [], [], [], {}
     elapsed = 0.0
     if len(table):
-        _warm_up(model, images, table.index.to_numpy(), batch_size, engine)
+        _warm_up(model, images, table.index.to_numpy(), batch_size, engine, cascade)
+    cascaded = np.zeros(2, int)  # the plain prediction's slices screened by the first member, run by every member
     patients = list(_patient_rows(table))
     for patient, rows in tqdm(patients, desc=desc, unit="patient", disable=not progress):
         x, truth = np.asarray(images[rows]), np.asarray(masks[rows]).astype(bool)
+        shared = inference.cascade_share(model)
         start = time.perf_counter()
-        probs = inference.predict_probs(model, x, batch_size, engine=engine)
+        probs = inference.predict_probs(model, x, batch_size, engine=engine, cascade=cascade)
         elapsed += time.perf_counter() - start  # slices per second: the plain prediction, preprocessing included
-        predicted = [probs, *inference.view_probs(model, x, tta_views[1:], batch_size, engine=engine)]
+        cascaded += np.subtract(inference.cascade_share(model), shared)
+        predicted = [probs, *inference.view_probs(model, x, tta_views[1:], batch_size, engine=engine,
+                                                  cascade=cascade)]
         averages = inference.average_views(predicted, tta_views, view_sets)
         has_tumour = truth.reshape(len(rows), -1).any(axis=1)
         present.append(has_tumour)
@@ -258,8 +267,11 @@ def evaluate_model(model, images: np.ndarray, masks: np.ndarray, table: pd.DataF
         overlays = _overlays(per_patient, views, "dice", "Dice")
     result["model"] = {"name": model.name, "kind": kind, "parameters": int(model.count_params()),
                        "input_size": preprocess.input_size(model),
-                       "engine": engines.engine_in_use(model, engine) if len(table) else None,
+                       "engine": engines.engine_in_use(served, engine) if len(table) else None,
                        "slices_per_second": round(len(present) / elapsed, 2) if elapsed else None}
+    if cascaded[0]:
+        result["model"]["cascade"] = {"gate": cascade, "slices_every_member_ran_on": int(cascaded[1]),
+                                      "share": round(cascaded[1] / cascaded[0], 4)}
     result["data"] = {"patients": len(patients), "slices": int(len(present)), "tumour_slices": int(present.sum())}
     return Evaluation(result, per_patient, metrics.roc_points(present, score),
                       metrics.confusion_rows(present, decided), overlays, compare)

@@ -11,6 +11,7 @@ picks one (auto | keras | litert | litert_int8).
 """
 from __future__ import annotations
 
+import weakref
 import zipfile
 from pathlib import Path
 
@@ -55,24 +56,90 @@ def model_kind(model: keras.Model) -> str:
 
 
 def _predict(model: keras.Model, images: np.ndarray, batch_size: int, progress: bool,
-             engine: str = "auto") -> np.ndarray:
-    run = engines.runner(model, engine)
-    size = preprocess.input_size(model)
+             engine: str = "auto", cascade: float | None = None, ids: np.ndarray | None = None) -> np.ndarray:
+    if cascade is not None and (isinstance(cascade, bool) or not isinstance(cascade, (int, float))
+                                or not 0 <= cascade <= 1):
+        raise BrainsegError(f"evaluate.cascade is {cascade!r}: set it in params.yaml to a probability from 0 to 1 "
+                            f"(the first member's map must reach it for the other members to run), or null")
+    parts = cascade_parts(model) if cascade is not None else None
     segmenter = model_kind(model) == "segmenter"
     n, h, w = images.shape[:3]
-    batches = range(0, n, batch_size)
+    if not n:
+        return np.zeros((0, h, w) if segmenter else (0,), np.float32)
+    if parts is None:
+        out = _run(engines.runner(model, engine), model, images, batch_size, progress, "predict")
+    else:
+        first, rest, k = parts
+        out = _run(engines.runner(first, engine), model, images, batch_size, progress, "predict, first member")
+        screened = with_neighbours(out.reshape(n, -1).max(axis=1) >= cascade, ids)
+        if screened.any():
+            others = _run(engines.runner(rest, engine), model, images[screened], batch_size, progress,
+                          f"predict, members 2-{k}")
+            out[screened] = (out[screened] + (k - 1) * others) / k
+        counts = _CASCADE_COUNTS.setdefault(model, [0, 0])
+        counts[0] += n
+        counts[1] += int(screened.sum())
+    return preprocess.to_native(out, h, w) if segmenter else out.reshape(n)
+
+
+def _run(run, model: keras.Model, images: np.ndarray, batch_size: int, progress: bool, desc: str) -> np.ndarray:
+    """A runner's outputs for one or more slices, at the model's size, batch by batch."""
+    size = preprocess.input_size(model) or images.shape[1]
+    batches = range(0, len(images), batch_size)
     if progress:
         from tqdm import tqdm
-        batches = tqdm(batches, desc="predict", unit="batch")
-    out = []
-    for start in batches:
-        batch = images[start:start + batch_size]
-        x = preprocess.to_model_input(batch, size or h)
-        y = run(x)
-        out.append(preprocess.to_native(y, h, w) if segmenter else y.reshape(len(batch)))
-    if not out:
-        return np.zeros((0, h, w) if segmenter else (0,), np.float32)
-    return np.concatenate(out)
+        batches = tqdm(batches, desc=desc, unit="batch")
+    return np.concatenate([run(preprocess.to_model_input(images[start:start + batch_size], size))
+                           for start in batches])
+
+
+# evaluate.cascade: a seed ensemble's first member screens every slice, and the other members run only on the
+# slices where its map reaches the gate somewhere, and on their neighbours. Elsewhere the first member's map stands
+# for the mean: with k members the mean passes the threshold where the first says under the gate only if the others
+# say, on average, over (k * threshold - gate) / (k - 1). About two thirds of a head's slices hold no tumour, so
+# this saves most of the others' work (README, quality levers)
+_CASCADES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # ensemble -> (first, rest, k), or None
+_CASCADE_COUNTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # ensemble -> [screened, run by all]
+
+
+def with_neighbours(screened: np.ndarray, ids: np.ndarray | None = None) -> np.ndarray:
+    """`screened` with each screened slice's neighbours in its patient's volume (`ids`: one patient id per slice,
+    slices in order; None: one patient): a tumour's first and last slices, which the first member may miss, lie
+    next to slices it finds."""
+    same = np.ones(len(screened) - 1, bool) if ids is None else np.asarray(ids)[1:] == np.asarray(ids)[:-1]
+    out = screened.copy()
+    out[1:] |= screened[:-1] & same
+    out[:-1] |= screened[1:] & same
+    return out
+
+
+def ensemble_members(model: keras.Model) -> list[keras.Model]:
+    """A seed ensemble's member networks (stages.models.average), in order; [] for one network."""
+    return [layer for layer in model.layers if isinstance(layer, keras.Model) and layer.name.startswith("member_")]
+
+
+def cascade_parts(model: keras.Model) -> tuple[keras.Model, keras.Model, int] | None:
+    """(the first member, the mean of the others, the number of members) of a segmenting seed ensemble, each a
+    model named as the ensemble (so engines picks their engine as the whole's); None for one network or a
+    classifier, which evaluate.cascade leaves as they are."""
+    if model not in _CASCADES:
+        members = ensemble_members(model)
+        _CASCADES[model] = (_mean_of(model, members[:1]), _mean_of(model, members[1:]), len(members)) \
+            if len(members) > 1 and model_kind(model) == "segmenter" else None
+    return _CASCADES[model]
+
+
+def _mean_of(model: keras.Model, members: list[keras.Model]) -> keras.Model:
+    inputs = keras.Input(model.inputs[0].shape[1:], name="image")
+    outputs = [member(inputs) for member in members]
+    outputs = [y[-1] if isinstance(y, (list, tuple)) else y for y in outputs]
+    mean = outputs[0] if len(outputs) == 1 else keras.layers.Average(dtype="float32", name="average")(outputs)
+    return keras.Model(inputs, mean, name=model.name)
+
+
+def cascade_share(model: keras.Model) -> tuple[int, int]:
+    """(slices screened, slices every member ran on) by evaluate.cascade for `model` so far."""
+    return tuple(_CASCADE_COUNTS.get(model, (0, 0)))
 
 
 def lone_slice_note(model: keras.Model) -> str:
@@ -121,7 +188,7 @@ def average_views(predicted: list[np.ndarray], views: list, view_sets) -> dict[t
 
 
 def view_probs(model: keras.Model, images: np.ndarray, views, batch_size: int = 32, progress: bool = False,
-               engine: str = "auto", patients=None) -> list[np.ndarray]:
+               engine: str = "auto", patients=None, cascade: float | None = None) -> list[np.ndarray]:
     """predict_probs' probabilities for each of `views` (test_time_views), each taken back to the slices' frame
     (un-mirrored, warped back), so they can be averaged pixel by pixel."""
     images = np.asarray(images)
@@ -137,7 +204,7 @@ def view_probs(model: keras.Model, images: np.ndarray, views, batch_size: int = 
         x = images[:, :, ::-1] if flip else images
         if warp is not None:
             x = preprocess.warp_slices(x, *warp)
-        probs = _model_probs(model, x, ids, batch_size, progress, engine)
+        probs = _model_probs(model, x, ids, batch_size, progress, engine, cascade)
         if probs.ndim == 3:  # a segmenter's maps go back to the slices' frame; a classifier's scores need not
             if warp is not None:
                 probs = preprocess.warp_slices(probs, *warp, inverse=True)
@@ -148,21 +215,23 @@ def view_probs(model: keras.Model, images: np.ndarray, views, batch_size: int = 
 
 
 def _model_probs(model: keras.Model, images: np.ndarray, ids: np.ndarray, batch_size: int, progress: bool,
-                 engine: str) -> np.ndarray:
+                 engine: str, cascade: float | None = None) -> np.ndarray:
     """The network's probabilities for uint8 slices, with the input its training used (see predict_probs)."""
-    return _predict(model, preprocess.network_input(model, images, ids), batch_size, progress, engine)
+    return _predict(model, preprocess.network_input(model, images, ids), batch_size, progress, engine, cascade, ids)
 
 
 def predict_probs(model: keras.Model, images: np.ndarray, batch_size: int = 32, tta_flip: bool = False,
                   progress: bool = False, engine: str = "auto", patients=None,
-                  tta_affine: bool = False) -> np.ndarray:
+                  tta_affine: bool = False, cascade: float | None = None) -> np.ndarray:
     """Tumour probabilities for uint8 slices (N,H,W,3) (or one slice (H,W,3), returned as N=1).
 
     Segmenter: float32 (N,H,W) at the images' size. Classifier: float32 (N,) tumour probability.
     tta_flip averages with the prediction on the left-right mirrored slices (mirrored back):
     0.5 * (p(x) + flip(p(flip(x)))); tta_affine adds the slices (and mirrors) rotated by 10 degrees either way
     and zoomed by 0.9 and 1.1, each prediction warped back (AFFINE_VIEWS). `engine`: auto | keras | litert |
-    litert_int8 (see stages.engines).
+    litert_int8 (see stages.engines). `cascade` (a seed ensemble's, evaluate.cascade): the probability a slice's
+    map from the first member must reach somewhere for the other members to run on it and its neighbours
+    (cascade_parts, with_neighbours); None: all of them run on every slice.
     A model trained with `train.input_norm: volume` gets each patient's slices standardised together
     (`patients`: one id per slice; None: all the slices are one patient's). A model trained with
     `train.slice_position` gets each slice's place in its patient's volume, which assumes every patient's
@@ -171,14 +240,14 @@ def predict_probs(model: keras.Model, images: np.ndarray, batch_size: int = 32, 
     slice, or the end of a volume, stands in for the neighbours it lacks: preprocess.neighbour_rows).
     """
     views = test_time_views(tta_flip, tta_affine)
-    predicted = view_probs(model, images, views, batch_size, progress, engine, patients)
+    predicted = view_probs(model, images, views, batch_size, progress, engine, patients, cascade)
     return average_views(predicted, views, [(tta_flip, tta_affine)])[tta_flip, tta_affine]
 
 
 def segment(model: keras.Model, images: np.ndarray, params: dict, patients=None,
             batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Predict and post-process as the `evaluate` params say (threshold, min_component, largest_3d, tta_flip,
-    tta_affine, engine).
+    tta_affine, engine, cascade).
 
     Returns (masks, probs). Segmenter: masks bool (N,H,W), probs float32 (N,H,W).
     Classifier: masks bool (N,) 'tumour present' (probability above the threshold), probs float32 (N,).
@@ -188,7 +257,8 @@ def segment(model: keras.Model, images: np.ndarray, params: dict, patients=None,
     """
     probs = predict_probs(model, images, batch_size or params.get("batch_size", 32),
                           tta_flip=params.get("tta_flip", False), engine=params.get("engine", "auto"),
-                          patients=patients, tta_affine=params.get("tta_affine", False))
+                          patients=patients, tta_affine=params.get("tta_affine", False),
+                          cascade=params.get("cascade"))
     if probs.ndim == 1:
         return probs > params.get("threshold", 0.5), probs
     return postprocess.postprocess(probs, params, patients), probs

@@ -179,6 +179,19 @@ def test_a_seed_ensemble_of_classifiers_is_evaluated_as_a_classifier(tmp_path):
     assert 0 <= result["classifier_accuracy"] <= 1
 
 
+def test_a_cascade_records_how_many_slices_every_member_ran_on(tmp_path):
+    # evaluate.cascade: the first member screens; the perfect members call tumour on the 6 tumour slices of 12
+    # (slices 2 and 3 of each patient's 4), and every slice lies beside one
+    from stages.models import average
+
+    root, result = run(tmp_path / "a", average([flair_model(), flair_model(), flair_model()]), cascade=0.5)
+    assert result["model"]["cascade"] == {"gate": 0.5, "slices_every_member_ran_on": 12, "share": 1.0}
+    assert result["model"]["engine"] == "litert"
+    _, whole = run(tmp_path / "b", average([flair_model(), flair_model(), flair_model()]))
+    assert "cascade" not in whole["model"]
+    assert all(result[k] == pytest.approx(whole[k]) for k in HEADLINE)
+
+
 def test_validation_scores_sit_beside_test_scores(tmp_path):
     _, result = run(tmp_path, untrained_model(), tta_flip=True)
     assert result["validation"]["patients"] == 3

@@ -191,3 +191,69 @@ def test_a_neighbours_model_gets_the_flair_of_the_slices_around_each_one_in_its_
     flipped = inference.predict_probs(model, images, engine=engine, patients=ids, tta_flip=True)
     mirrored = keras.ops.convert_to_numpy(model(preprocess.to_model_input(x[:, :, ::-1], 32)))[..., 0][:, :, ::-1]
     assert np.allclose(flipped, 0.5 * (expected + mirrored), atol=1e-5)  # the neighbours are mirrored with the slice
+
+
+def flair_members(biases, size=16):
+    """Segmenters sigmoid(40 FLAIR - bias), one per bias: a lower bias calls fainter pixels tumour."""
+    members = []
+    for bias in biases:
+        member = flair_model(size)
+        member.get_layer("mask").set_weights([np.array([0.0, 40.0, 0.0]).reshape(1, 1, 3, 1), np.array([-bias])])
+        members.append(member)
+    return members
+
+
+@pytest.mark.parametrize("engine", ["keras", "auto"])
+def test_a_cascade_runs_the_other_members_only_on_slices_the_first_calls_tumour_somewhere_and_beside_them(engine):
+    from stages.models import average
+
+    x = images(6)
+    for i, level in enumerate([0, 40, 80, 120, 160, 255]):
+        x[i, 4:10, 5:9, 1] = level  # the FLAIR spot: only the last slice's reaches the first member's 0.5
+    members = flair_members([30.0, 10.0, 10.0])
+    ensemble = average(members)
+    alone = [inference.predict_probs(m, x, engine="keras") for m in members]
+    gated = alone[0].reshape(6, -1).max(axis=1) >= 0.5
+    assert gated.tolist() == [False] * 5 + [True]
+
+    before = inference.cascade_share(ensemble)
+    probs = inference.predict_probs(ensemble, x, batch_size=4, engine=engine, cascade=0.5)
+    assert np.subtract(inference.cascade_share(ensemble), before).tolist() == [6, 2]  # the last and its neighbour
+    np.testing.assert_allclose(probs[:4], alone[0][:4], atol=1e-5)  # the first member's map stands
+    np.testing.assert_allclose(probs[4:], np.mean([a[4:] for a in alone], axis=0), atol=1e-5)
+    # a gate of 0 passes every slice on: the ensemble's own mean
+    np.testing.assert_allclose(inference.predict_probs(ensemble, x, engine=engine, cascade=0.0),
+                               inference.predict_probs(ensemble, x, engine="keras"), atol=1e-5)
+    assert inference.predict_probs(ensemble, x[:0], engine=engine, cascade=0.5).shape == (0, 16, 16)
+    if engine == "auto":
+        from stages import engines
+
+        assert all(engines.engine_in_use(part) == "litert" for part in inference.cascade_parts(ensemble)[:2])
+
+
+def test_a_cascade_takes_the_neighbours_of_a_screened_slice_within_its_patient_only():
+    screened = np.array([False, False, True, False, False, False])
+    assert inference.with_neighbours(screened, np.array(["a"] * 3 + ["b"] * 3)).tolist() == \
+        [False, True, True, False, False, False]
+    assert inference.with_neighbours(screened).tolist() == [False, True, True, True, False, False]
+    assert inference.with_neighbours(np.array([True])).tolist() == [True]
+
+
+def test_a_cascade_leaves_one_network_and_a_classifier_ensemble_as_they_are():
+    from stages.models import average
+
+    x = images(4)
+    one = flair_model(16)
+    np.testing.assert_array_equal(inference.predict_probs(one, x, engine="keras", cascade=0.9),
+                                  inference.predict_probs(one, x, engine="keras"))
+    assert inference.cascade_parts(one) is None
+    classifiers = average([classifier(), classifier()])
+    assert inference.cascade_parts(classifiers) is None
+    np.testing.assert_array_equal(inference.predict_probs(classifiers, x, engine="keras", cascade=0.9),
+                                  inference.predict_probs(classifiers, x, engine="keras"))
+
+
+@pytest.mark.parametrize("gate", [1.5, -0.1, "high", True])
+def test_a_cascade_gate_that_is_not_a_probability_names_the_param(gate):
+    with pytest.raises(BrainsegError, match=r"evaluate\.cascade.*params\.yaml"):
+        inference.predict_probs(flair_model(16), images(2), engine="keras", cascade=gate)
