@@ -307,7 +307,8 @@ def main() -> None:
           f"({infer / infer_keras:.2f}x Keras; {target}first call {first:.1f} s)")
     if seeds:
         print(f"inference, the default's {len(seeds)} networks averaged (train.members {seeds}), pipeline engine "
-              f"{served_engine}  {infer_served:8.1f} slices/s  (target >= 150; first call {first_served:.1f} s)")
+              f"{served_engine}  {infer_served:8.1f} slices/s  (target >= 150; first call {first_served:.1f} s; every "
+              f"member on every slice: evaluate.cascade's saving depends on real slices, python -m benchmarks.cascade)")
     networks = len(seeds) or 1
     flops = gflop * networks * graph
     print(f"  {'their' if seeds else 'its'} float32 LiteRT graph alone (model-size input, no resizing or "
