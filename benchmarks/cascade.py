@@ -1,7 +1,8 @@
 """Benchmark: a seed ensemble served as a cascade (`evaluate.cascade`), against the whole ensemble on every slice.
 
 The first member screens each slice; the other members run only on the slices where its probability map reaches
-the gate somewhere and on their neighbours in the patient's volume (stages.inference.cascade_parts). For the whole ensemble and each gate this prints, in the same run:
+the gate somewhere and on their neighbours in the patient's volume (stages.inference.cascade_parts). For the whole
+ensemble and each gate this prints, in the same run:
 - the validation patients' per-volume Dice with every post-processing of postprocess_compare, as the evaluate
   stage scores them, and the one validation chooses; how far each patient's Dice moved from the whole ensemble's;
 - the share of slices every member ran on, and inference slices/s through stages.inference.predict_probs (what
