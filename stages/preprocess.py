@@ -65,11 +65,11 @@ Z_ZERO, Z_STEP = 128, 32  # standardise_volume's uint8 code: z = (value - 128) /
 
 
 def _planes(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 slices (N,H,W,3) as one (N*H, W, 3) image for OpenCV, and its head mask (uint8 0/1, any channel
-    above HEAD)."""
+    """uint8 slices (N,H,W,3) as one (N*H, W, 3) image for OpenCV, and its head mask (uint8 255 where any channel
+    is above HEAD, else 0)."""
     flat = np.ascontiguousarray(images).reshape(-1, images.shape[-2], 3)
-    head = np.maximum(np.maximum(flat[..., 0], flat[..., 1]), flat[..., 2]) > HEAD
-    return flat, head.view(np.uint8)
+    # one OpenCV pass over the interleaved channels (numpy's per-channel maximum took 0.09 ms a slice)
+    return flat, cv2.bitwise_not(cv2.inRange(flat, (0, 0, 0), (HEAD, HEAD, HEAD)))
 
 
 def volume_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -196,11 +196,15 @@ def network_input(model: keras.Model, images: np.ndarray, ids: np.ndarray) -> np
     the neighbours' FLAIR and the slice's place as more channels, as the model asks (one id per slice, each
     patient's slices in slice order; see stages.inference.predict_probs)."""
     if volume_normalised(model):
-        standardised = np.empty_like(images)
-        for patient in dict.fromkeys(ids):
-            rows = np.flatnonzero(ids == patient)
-            standardised[rows] = standardise_volume(images[rows])
-        images = standardised
+        patients = dict.fromkeys(ids)
+        if len(patients) == 1:  # evaluation's case, a patient at a time: no copies in and out
+            images = standardise_volume(images)
+        else:
+            standardised = np.empty_like(images)
+            for patient in patients:
+                rows = np.flatnonzero(ids == patient)
+                standardised[rows] = standardise_volume(images[rows])
+            images = standardised
     if neighbour_count(model):
         images = add_neighbours(images, neighbour_rows(ids, neighbour_count(model)))
     if slice_positioned(model):
