@@ -91,3 +91,24 @@ def test_warp_slices_rotates_about_the_centre_and_its_inverse_undoes_it():
         assert np.abs(there - maps).max() > 0.15   # the blob moved
         back = warp_slices(there, angle, scale, inverse=True)
         assert np.abs(back - maps).max() < 0.05     # and came back, up to two bilinear interpolations
+
+
+def test_a_pixel_is_head_when_any_one_channel_is_above_the_threshold():
+    from stages.preprocess import HEAD
+    images = np.zeros((1, 2, 3, 3), np.uint8)
+    images[0, 0, 0] = (HEAD, HEAD, HEAD)  # at the threshold in every channel: background
+    images[0, 0, 1] = (0, 0, HEAD + 1)  # one channel above it: head
+    images[0, 1] = (HEAD + 50, 0, HEAD + 100)
+    out = standardise_volume(images)
+    assert (out[0, 0, 0] == 0).all() and (out[0, 0, 2] == 0).all()
+    assert (out[0, 0, 1] > 0).all() and (out[0, 1] > 0).all()
+
+
+def test_network_input_standardises_each_patients_volume_on_its_own():
+    from stages.models import build_model
+    from stages.preprocess import network_input
+    model = build_model("unet", (16, 16, 3), 4, input_norm="volume")
+    a, b = volume(1), volume(2) * 2 // 3
+    assert np.array_equal(network_input(model, a, np.zeros(5)), standardise_volume(a))
+    both = network_input(model, np.concatenate([a, b]), np.array(["A"] * 5 + ["B"] * 5))
+    assert np.array_equal(both, np.concatenate([standardise_volume(a), standardise_volume(b)]))
